@@ -1,0 +1,1 @@
+"""Image loading, validation, preprocessing and the EVA ViT-g vision tower (see issue: vision/model)."""

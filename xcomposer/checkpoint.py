@@ -1,0 +1,418 @@
+"""Strict, shard-at-a-time reading and writing of upstream checkpoint folders.
+
+Generic over the model: the decoder loads its keys as they are, the vision-language model maps
+its own prefixes through `key_map`. Layouts understood (the ones upstream publishes):
+
+* `model.safetensors.index.json` + `model-0000K-of-0000N.safetensors`
+* `pytorch_model.bin.index.json` + `pytorch_model-0000K-of-0000N.bin`
+* a single `model.safetensors` or `pytorch_model.bin`
+
+Loading is strict: a key the model lacks, a model key the checkpoint lacks, a wrong shape or a
+key stored twice is a `CheckpointError`, because a silently half-loaded model produces fluent
+garbage that is much harder to diagnose than an error at load time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch import nn
+
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+SAFE_SINGLE = "model.safetensors"
+BIN_SINGLE = "pytorch_model.bin"
+_LOOKED_FOR = (SAFE_INDEX, BIN_INDEX, SAFE_SINGLE, BIN_SINGLE)
+
+# "owner/name" with hub-legal characters; anything else is treated as a local path
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$")
+_MAX_LISTED = 10
+
+
+class CheckpointError(Exception):
+    """A checkpoint folder, file or key that cannot be used; the message names it and the fix."""
+
+
+def _listing(items: list[str], limit: int = _MAX_LISTED) -> str:
+    shown = ", ".join(repr(s) for s in items[:limit])
+    return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
+# -- locating a checkpoint ------------------------------------------------------------------
+
+def _hub_offline() -> bool:
+    # read the variable at call time too: huggingface_hub only reads it once, at import
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    try:
+        from huggingface_hub import constants
+        return env or bool(constants.HF_HUB_OFFLINE)
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        return env
+
+
+def resolve_checkpoint(path_or_hub_id: str | os.PathLike, *, allow_patterns: list[str] | None = None) -> Path:
+    """A local checkpoint folder, downloading `owner/name` hub ids into the hub cache first."""
+    text = os.fspath(path_or_hub_id)
+    local = Path(text).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise CheckpointError(
+            f"{local} is a file, not a checkpoint folder: pass the folder that holds config.json and the weights")
+    looks_local = isinstance(path_or_hub_id, os.PathLike) or text.startswith(("/", "./", "../", "~", "\\")) \
+        or not _HUB_ID.match(text)
+    if looks_local:
+        raise CheckpointError(f"checkpoint folder not found: {local.absolute()}; check the path")
+    return _download(text, allow_patterns)
+
+
+def _download(repo_id: str, allow_patterns: list[str] | None) -> Path:
+    import huggingface_hub
+    from huggingface_hub import errors as hf_errors
+
+    offline = _hub_offline()
+    fix = (f"To use a local copy instead, download it where the hub is reachable with "
+           f"`huggingface-cli download {repo_id} --local-dir DIR`, then pass DIR (a folder path) here.")
+    tried = f"'{repo_id}' is not a local folder, so it was looked up as a Hugging Face hub repo"
+    try:
+        # offline: only the local hub cache is consulted, so a cached snapshot still works
+        got = huggingface_hub.snapshot_download(repo_id, allow_patterns=allow_patterns, local_files_only=offline)
+    except (hf_errors.RepositoryNotFoundError, hf_errors.GatedRepoError, hf_errors.RevisionNotFoundError) as e:
+        raise CheckpointError(f"{tried}, but the repo was not found or access was denied ({type(e).__name__}). "
+                              f"Check the id and your token. {fix}") from e
+    except hf_errors.LocalEntryNotFoundError as e:
+        why = ("offline mode is on (HF_HUB_OFFLINE=1) and it is not in the local hub cache" if offline
+               else "the hub could not be reached and it is not in the local hub cache")
+        raise CheckpointError(f"{tried}, but {why}. {fix}") from e
+    except Exception as e:  # connection errors come from whichever HTTP client the hub library uses
+        raise CheckpointError(f"{tried}, but the hub could not be reached or the download failed "
+                              f"({type(e).__name__}: {e}). {fix}") from e
+    folder = Path(got)
+    if not folder.is_dir():
+        raise CheckpointError(f"downloading '{repo_id}' gave {folder}, which is not a folder; {fix}")
+    return folder
+
+
+# -- listing and reading shards ------------------------------------------------------------
+
+def _read_index(folder: Path) -> tuple[list[Path], dict[str, str] | None, Path | None]:
+    """Shard paths in load order, the index's key -> file map and the index path (None without index)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {folder}; pass the folder holding the weights")
+    for index_name in (SAFE_INDEX, BIN_INDEX):
+        index = folder / index_name
+        if not index.is_file():
+            continue
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+            weight_map = data["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map is not a mapping of key -> file name")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"index {index} is unreadable ({type(e).__name__}: {e}); "
+                                  f"re-download {index_name} with the shards") from e
+        shards = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [p.name for p in shards if not p.is_file()]
+        if missing:
+            raise CheckpointError(f"index {index} lists shard file(s) missing from {folder}: {_listing(missing)}; "
+                                  f"the download is incomplete: re-download them")
+        return shards, weight_map, index
+    for single in (SAFE_SINGLE, BIN_SINGLE):
+        if (folder / single).is_file():
+            return [folder / single], None, None
+    present = sorted(p.name for p in folder.iterdir())
+    raise CheckpointError(
+        f"no weights in {folder}: looked for {', '.join(_LOOKED_FOR)}; the folder holds "
+        f"{_listing(present) if present else 'nothing'}. Pass the folder that holds the checkpoint shards")
+
+
+def list_shards(folder: Path) -> list[Path]:
+    """Weight files of a checkpoint folder, preferring safetensors and indexed layouts."""
+    return _read_index(Path(folder))[0]
+
+
+def _load_shard(path: Path) -> dict[str, torch.Tensor]:
+    fix = f"the file is corrupted or truncated: re-download {path.name}"
+    if path.suffix == ".safetensors":
+        try:
+            return safetensors.torch.load_file(str(path), device="cpu")
+        except Exception as e:
+            raise CheckpointError(f"cannot read shard {path} ({type(e).__name__}: {e}); {fix}") from e
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        # legacy (pre-zip) files cannot be memory-mapped; a damaged file fails again below
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"cannot read shard {path} ({type(e).__name__}: {e}); {fix}") from e
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise CheckpointError(f"shard {path} is not a flat dict of name -> tensor ({type(sd).__name__}); "
+                              f"it is not a state-dict checkpoint: re-export it with save_checkpoint")
+    return sd
+
+
+def iter_shards(folder: Path) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
+    """(shard path, its tensors) one shard at a time; the caller drops each dict before the next."""
+    shards, weight_map, index = _read_index(Path(folder))
+    expected: dict[str, list[str]] = {}
+    for key, name in (weight_map or {}).items():
+        expected.setdefault(name, []).append(key)
+    for path in shards:
+        sd = _load_shard(path)
+        absent = [k for k in expected.get(path.name, []) if k not in sd]
+        if absent:
+            raise CheckpointError(f"index {index} maps key(s) {_listing(absent)} to shard {path} but the shard "
+                                  f"does not contain them; the shard and index disagree: re-download both")
+        yield path, sd
+        del sd  # the next shard is read only after this one is released
+
+
+# -- loading into a model ------------------------------------------------------------------
+
+def _default_skip(key: str) -> bool:
+    # upstream shards carry the rotary inverse frequencies, which the model derives itself
+    return key.endswith("rotary_emb.inv_freq")
+
+
+class _Slots:
+    """Every parameter / persistent buffer name of a model, with ties found by tensor identity."""
+
+    def __init__(self, model: nn.Module):
+        self.where: dict[str, tuple[nn.Module, str, bool]] = {}  # name -> (module, attr, is_param)
+        self.shape: dict[str, torch.Size] = {}
+        groups: dict[int, list[str]] = {}
+        for mod_name, mod in model.named_modules(remove_duplicate=False):
+            prefix = f"{mod_name}." if mod_name else ""
+            for attr, p in mod._parameters.items():
+                if p is not None:
+                    self._add(prefix + attr, mod, attr, True, p, groups)
+            for attr, b in mod._buffers.items():
+                if b is not None and attr not in mod._non_persistent_buffers_set:
+                    self._add(prefix + attr, mod, attr, False, b, groups)
+        self.group: dict[str, list[str]] = {n: g for g in groups.values() for n in g}
+
+    def _add(self, name: str, mod: nn.Module, attr: str, is_param: bool, t: torch.Tensor,
+             groups: dict[int, list[str]]) -> None:
+        if name in self.where:  # a module registered twice under one path
+            return
+        self.where[name] = (mod, attr, is_param)
+        self.shape[name] = t.shape
+        groups.setdefault(id(t), []).append(name)
+
+    def assign(self, name: str, t: torch.Tensor) -> None:
+        # one new object for the whole tie group keeps tied weights tied
+        _, _, is_param = self.where[name]
+        value = nn.Parameter(t, requires_grad=False) if is_param else t
+        for n in self.group[name]:
+            mod, attr, _ = self.where[n]
+            (mod._parameters if is_param else mod._buffers)[attr] = value
+
+    def current(self, name: str) -> torch.Tensor:
+        mod, attr, is_param = self.where[name]
+        return (mod._parameters if is_param else mod._buffers)[attr]
+
+
+def _mismatch_message(folder: Path, unexpected: list[str], missing: list[str]) -> str:
+    parts = [f"checkpoint {folder} does not match the model:"]
+    if unexpected:
+        parts.append(f"{len(unexpected)} checkpoint key(s) the model does not have: {_listing(unexpected)};")
+    if missing:
+        parts.append(f"{len(missing)} model key(s) the checkpoint does not provide: {_listing(missing)};")
+    parts.append("the checkpoint is incomplete or of another architecture: check config.json against the "
+                 "weights, re-download missing shards, or map/skip the keys with key_map/skip")
+    return " ".join(parts)
+
+
+def load_checkpoint_into(
+    model: nn.Module,
+    folder: Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    key_map: Callable[[str], str | None] | None = None,
+    skip: Callable[[str], bool] | None = None,
+) -> None:
+    """Fill every parameter and persistent buffer of `model` (typically built on `meta`) from `folder`.
+
+    `key_map` renames a checkpoint key to the model's name (None drops it); `skip` is asked about the
+    checkpoint key as stored (default: derivable `rotary_emb.inv_freq`). Floating tensors become
+    `dtype` when given. Loaded tensors do not require grad. Non-persistent buffers are left alone:
+    the model rebuilds them (e.g. `setup_rope`).
+    """
+    folder = Path(folder)
+    key_map = key_map or (lambda k: k)
+    skip = skip or _default_skip
+    slots = _Slots(model)
+
+    def target(key: str) -> str | None:
+        return None if skip(key) else key_map(key)
+
+    # with an index the key sets are known before any tensor is read: fail fast and completely
+    _, weight_map, _ = _read_index(folder)
+    if weight_map is not None:
+        names: dict[str, str] = {}  # model name -> the first "key (shard)" that provides it
+        for key, shard in weight_map.items():
+            if (name := target(key)) is not None:
+                names.setdefault(name, f"{name} (shard {shard})" if name == key
+                                 else f"{name} (from {key}, shard {shard})")
+        unexpected = [where for n, where in names.items() if n not in slots.where]
+        covered = {m for n in names if n in slots.group for m in slots.group[n]}
+        missing = [n for n in slots.where if n not in covered]
+        if unexpected or missing:
+            raise CheckpointError(_mismatch_message(folder, unexpected, missing))
+
+    loaded: dict[str, tuple[str, str]] = {}  # model name -> (checkpoint key, shard name)
+    unexpected = []
+    for path, sd in iter_shards(folder):
+        for key in list(sd):
+            tensor = sd.pop(key)  # release source tensors as they are consumed
+            name = target(key)
+            if name is None:
+                continue
+            if name not in slots.where:
+                unexpected.append(f"{name} (shard {path.name})" if name == key
+                                  else f"{name} (from {key}, shard {path.name})")
+                continue
+            if name in loaded:
+                first_key, first_shard = loaded[name]
+                raise CheckpointError(f"key {name!r} is stored twice: as {first_key!r} in shard {first_shard} and "
+                                      f"as {key!r} in shard {path.name}; the checkpoint folder mixes files "
+                                      f"from different exports: re-download it")
+            if tensor.shape != slots.shape[name]:
+                raise CheckpointError(f"shape mismatch for {name!r} in shard {path}: checkpoint has "
+                                      f"{tuple(tensor.shape)}, the model expects {tuple(slots.shape[name])}; "
+                                      f"config.json does not describe these weights")
+            convert = dtype if dtype is not None and tensor.is_floating_point() else None
+            tensor = tensor.to(device=device, dtype=convert)
+            tied_done = [n for n in slots.group[name] if n in loaded]
+            if tied_done:
+                # the checkpoint stores a tied tensor under a second name: it must be the same tensor
+                if not torch.equal(slots.current(name).data, tensor):
+                    raise CheckpointError(
+                        f"{name!r} (shard {path.name}) and {tied_done[0]!r} are tied in the model but differ "
+                        f"in the checkpoint; the weights are untied: set tie_word_embeddings=False in config.json")
+            else:
+                slots.assign(name, tensor)
+            loaded[name] = (key, path.name)
+            del tensor
+        del sd  # drop this shard before iter_shards reads the next one
+
+    covered = {m for n in loaded for m in slots.group[n]}
+    missing = [n for n in slots.where if n not in covered]
+    if unexpected or missing:
+        raise CheckpointError(_mismatch_message(folder, unexpected, missing))
+
+
+# -- saving --------------------------------------------------------------------------------
+
+def _plan_shards(state_dict: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, t in state_dict.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += n
+    return shards if shards[0] else []
+
+
+def _owned(t: torch.Tensor, seen: set[int]) -> torch.Tensor:
+    # safetensors refuses shared storage and torch.save writes a view's whole storage: give every
+    # tensor its own exact-size contiguous storage
+    t = t.detach()
+    if t.device.type == "meta":
+        raise CheckpointError("cannot save a tensor on the meta device: load or initialise the weights first")
+    t = t.cpu().contiguous()
+    storage = t.untyped_storage()
+    if storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    seen.add(t.untyped_storage().data_ptr())
+    return t
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def save_checkpoint(
+    state_dict: dict[str, torch.Tensor],
+    folder: str | os.PathLike,
+    *,
+    fmt: str = "safetensors",
+    max_shard_bytes: int = 5 * 2**30,
+) -> list[Path]:
+    """Write `state_dict` in the upstream layout for `fmt` ("safetensors" or "bin"); returns the shard paths.
+
+    More than one shard also writes the index JSON. Every file is written under a temporary name
+    and renamed only once all shards are complete, so an interrupted save leaves no shard or index
+    under a final name. Older files of the same format in `folder` are removed afterwards so they
+    cannot shadow the new ones.
+    """
+    if fmt not in ("safetensors", "bin"):
+        raise CheckpointError(f"unknown checkpoint format {fmt!r}: use 'safetensors' or 'bin'")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if fmt == "bin" and any((folder / n).exists() for n in (SAFE_INDEX, SAFE_SINGLE)):
+        raise CheckpointError(f"{folder} already holds safetensors weights, which loading prefers over .bin: "
+                              f"save into an empty folder or delete them first")
+    stem, ext, index_name = (("model", "safetensors", SAFE_INDEX) if fmt == "safetensors"
+                             else ("pytorch_model", "bin", BIN_INDEX))
+    plan = _plan_shards(state_dict, max_shard_bytes)
+    if not plan:
+        raise CheckpointError("refusing to save an empty state dict: there are no tensors to write")
+    n = len(plan)
+    names = [f"{stem}.{ext}"] if n == 1 else [f"{stem}-{i:05d}-of-{n:05d}.{ext}" for i in range(1, n + 1)]
+
+    done: list[tuple[Path, Path]] = []  # (temporary, final)
+    weight_map: dict[str, str] = {}
+    total = 0
+    seen: set[int] = set()
+    try:
+        for keys, name in zip(plan, names):
+            shard = {k: _owned(state_dict[k], seen) for k in keys}
+            total += sum(t.numel() * t.element_size() for t in shard.values())
+            weight_map.update((k, name) for k in keys)
+            if fmt == "safetensors":
+                def write(p: Path, shard=shard) -> None:
+                    safetensors.torch.save_file(shard, str(p), metadata={"format": "pt"})
+            else:
+                def write(p: Path, shard=shard) -> None:
+                    torch.save(shard, p)
+            done.append((_write_atomic(folder / name, write), folder / name))
+            del shard
+        if n > 1:
+            text = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            done.append((_write_atomic(folder / index_name, lambda p: p.write_text(text + "\n")),
+                         folder / index_name))
+    except BaseException:
+        for tmp, _ in done:
+            tmp.unlink(missing_ok=True)
+        raise
+    # index last, so a reader never sees an index naming shards that are not there yet
+    for tmp, final in done:
+        os.replace(tmp, final)
+    keep = {final.name for _, final in done}
+    stale = [folder / f"{stem}.{ext}", folder / index_name, *folder.glob(f"{stem}-*-of-*.{ext}")]
+    for p in stale:
+        if p.name not in keep:
+            p.unlink(missing_ok=True)
+    return [folder / name for name in names]
+
+
+__all__ = ["CheckpointError", "resolve_checkpoint", "list_shards", "iter_shards", "load_checkpoint_into",
+           "save_checkpoint"]

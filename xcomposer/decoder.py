@@ -1,0 +1,271 @@
+"""The InternLM v1 decoder: RMSNorm, rotary embeddings, biased attention, SwiGLU MLP.
+
+Module names follow the upstream checkpoint (`model.layers.N.self_attn.q_proj` ...) so a
+state dict loads without renaming. Two ways to run it:
+
+* without caches: `model(input_ids, attention_mask=...)` attends among the given tokens
+  (left padding allowed), as a plain causal LM does;
+* with static caches (`setup_caches`): the generation engine passes the cache positions to
+  write and a boolean mask over the whole cache. Shapes never change between decode steps,
+  which is what CUDA graphs and `torch.compile` need later.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import InternLMConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # statistics in fp32 whatever the activation dtype, like the reference implementations
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_tables(head_dim: int, length: int, base: float, max_position: int, dynamic: bool,
+                device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (length, head_dim) in fp32.
+
+    With dynamic NTK scaling, a table longer than the trained window uses a larger base,
+    base * (length / max_position) ** (d / (d - 2)), so positions past the window stay in the
+    frequency range the model saw in training.
+    """
+    if dynamic and length > max_position:
+        base = base * (length / max_position) ** (head_dim / (head_dim - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    t = torch.arange(length, dtype=torch.int64, device=device).float()
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); cos/sin: (B, 1, T, D) already in x's dtype."""
+    return x * cos + _rotate_half(x) * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated (B, H, S, D) key/value buffers for one layer."""
+
+    def __init__(self, batch: int, heads: int, length: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, heads, length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Beam search: row i takes the cache of row index[i]."""
+        self.k.copy_(self.k.index_select(0, index))
+        self.v.copy_(self.v.index_select(0, index))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: InternLMConfig):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.head_dim = cfg.head_dim
+        h = cfg.hidden_size
+        self.q_proj = nn.Linear(h, h, bias=cfg.bias)
+        self.k_proj = nn.Linear(h, h, bias=cfg.bias)
+        self.v_proj = nn.Linear(h, h, bias=cfg.bias)
+        self.o_proj = nn.Linear(h, h, bias=cfg.bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, cache_pos=None):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        if self.kv_cache is not None and cache_pos is not None:
+            k, v = self.kv_cache.update(cache_pos, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: InternLMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: InternLMConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache_pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class InternLMModel(nn.Module):
+    def __init__(self, cfg: InternLMConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=None)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class InternLMForCausalLM(nn.Module):
+    """Decoder plus LM head. State-dict keys equal the upstream checkpoint's."""
+
+    def __init__(self, cfg: InternLMConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = InternLMModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # the longest sequence generation may build; dynamic rotary scaling allows going past
+        # max_position_embeddings when a caller raises it
+        self.context_window = cfg.max_position_embeddings
+        self._rope_len = 0
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.cache_batch = 0
+        self.cache_len = 0
+
+    # -- buffers ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def setup_rope(self, length: int) -> None:
+        """Build rotary tables covering positions [0, length)."""
+        cfg = self.config
+        length = max(length, cfg.max_position_embeddings)
+        if length == self._rope_len and self.rope_cos.device == self.device:
+            return
+        cos, sin = rope_tables(cfg.head_dim, length, cfg.rope_base, cfg.max_position_embeddings,
+                               cfg.rope_dynamic, device=self.device)
+        self.rope_cos, self.rope_sin, self._rope_len = cos, sin, length
+
+    def setup_caches(self, batch: int, length: int, dtype=None) -> None:
+        """Allocate static KV caches of (batch, heads, length, head_dim) in every layer."""
+        cfg = self.config
+        dtype = dtype or self.dtype
+        if batch == self.cache_batch and length == self.cache_len:
+            first = self.model.layers[0].self_attn.kv_cache
+            if first is not None and first.k.dtype == dtype and first.k.device == self.device:
+                return
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = KVCache(batch, cfg.num_attention_heads, length, cfg.head_dim, dtype, self.device)
+        self.cache_batch, self.cache_len = batch, length
+        self.setup_rope(length)
+
+    def clear_caches(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+        self.cache_batch = self.cache_len = 0
+
+    def reorder_caches(self, index: torch.Tensor) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache.reorder(index)
+
+    # -- forward ---------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        *,
+        cache_pos: torch.Tensor | None = None,
+        kv_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab), or (B, 1, vocab) with `last_only`.
+
+        Without `cache_pos`: attention among the T given tokens; `attention_mask` (B, T) marks
+        real tokens (0 for left padding). With `cache_pos` (T,) and `kv_mask` (B, 1, T, S):
+        keys/values are written to the static caches at `cache_pos` and queries attend over
+        the whole cache where `kv_mask` is True; `position_ids` (B, T) must be given.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        if cache_pos is None:
+            if attention_mask is None:
+                attention_mask = torch.ones(B, T, dtype=torch.bool, device=x.device)
+            valid = attention_mask.bool()
+            if position_ids is None:
+                position_ids = (valid.long().cumsum(-1) - 1).clamp_min(0)
+            idx = torch.arange(T, device=x.device)
+            causal = idx[None, :] <= idx[:, None]
+            mask = causal[None] & valid[:, None, :]
+            mask = (mask | torch.eye(T, dtype=torch.bool, device=x.device)[None])[:, None]
+        else:
+            if position_ids is None or kv_mask is None:
+                raise ValueError("cached forward needs position_ids and kv_mask")
+            mask = kv_mask
+        needed = int(position_ids.max()) + 1 if position_ids.numel() else 0
+        if cache_pos is None or needed > self._rope_len or self.rope_cos.device != x.device:
+            # uncached calls size the table to their own length (dynamic scaling depends on it);
+            # cached calls use the table that setup_caches built for the whole generation
+            self.setup_rope(needed)
+        cos = self.rope_cos[position_ids].to(x.dtype)[:, None]
+        sin = self.rope_sin[position_ids].to(x.dtype)[:, None]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache_pos)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random initialisation: normal(0, std) for matrices and biases, ones for norms."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or ".input_layernorm." in name or ".post_attention_layernorm." in name:
+                p.fill_(1.0)
+            else:  # biases too: random biases exercise the bias paths in parity tests
+                p.normal_(0.0, std, generator=generator)
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def kv_cache_bytes(cfg: InternLMConfig, batch: int, length: int, dtype=torch.float16) -> int:
+    elem = torch.empty(0, dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * batch * length * cfg.hidden_size * elem
+
+
+__all__ = ["InternLMForCausalLM", "RMSNorm", "KVCache", "rope_tables", "apply_rope", "kv_cache_bytes",
+           "num_parameters"]
