@@ -6,8 +6,10 @@ state dict loads without renaming. Two ways to run it:
 * without caches: `model(input_ids, attention_mask=...)` attends among the given tokens
   (left padding allowed), as a plain causal LM does;
 * with static caches (`setup_caches`): the generation engine passes the cache positions to
-  write and a boolean mask over the whole cache. Shapes never change between decode steps,
-  which is what CUDA graphs and `torch.compile` need later.
+  write and a boolean mask over the first L cache slots; attention reads only those L slots.
+  A mask over the whole cache keeps shapes fixed between decode steps, which is what CUDA
+  graphs and `torch.compile` need; the eager engine passes masks over the filled prefix only,
+  so a step does not read (and mask out) the empty tail of the cache.
 """
 from __future__ import annotations
 
@@ -72,10 +74,11 @@ class KVCache(nn.Module):
         self.v.index_copy_(2, pos, v)
         return self.k, self.v
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Beam search: row i takes the cache of row index[i]."""
-        self.k.copy_(self.k.index_select(0, index))
-        self.v.copy_(self.v.index_select(0, index))
+    def reorder(self, index: torch.Tensor, length: int | None = None) -> None:
+        """Beam search: row i takes the cache of row index[i] (only slots [0, length) if given)."""
+        k, v = (self.k, self.v) if length is None else (self.k[:, :, :length], self.v[:, :, :length])
+        k.copy_(k.index_select(0, index))
+        v.copy_(v.index_select(0, index))
 
 
 class Attention(nn.Module):
@@ -99,6 +102,8 @@ class Attention(nn.Module):
         k = apply_rope(k, cos, sin)
         if self.kv_cache is not None and cache_pos is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)
+            if mask.shape[-1] < k.shape[2]:  # the mask covers the filled prefix: skip the empty tail
+                k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -191,9 +196,9 @@ class InternLMForCausalLM(nn.Module):
             layer.self_attn.kv_cache = None
         self.cache_batch = self.cache_len = 0
 
-    def reorder_caches(self, index: torch.Tensor) -> None:
+    def reorder_caches(self, index: torch.Tensor, length: int | None = None) -> None:
         for layer in self.model.layers:
-            layer.self_attn.kv_cache.reorder(index)
+            layer.self_attn.kv_cache.reorder(index, length)
 
     # -- forward ---------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -213,9 +218,10 @@ class InternLMForCausalLM(nn.Module):
         """Logits (B, T, vocab), or (B, 1, vocab) with `last_only`.
 
         Without `cache_pos`: attention among the T given tokens; `attention_mask` (B, T) marks
-        real tokens (0 for left padding). With `cache_pos` (T,) and `kv_mask` (B, 1, T, S):
-        keys/values are written to the static caches at `cache_pos` and queries attend over
-        the whole cache where `kv_mask` is True; `position_ids` (B, T) must be given.
+        real tokens (0 for left padding). With `cache_pos` (T,) and `kv_mask` (B, 1, T, L),
+        L <= cache length: keys/values are written to the static caches at `cache_pos` and
+        queries attend over the first L cache slots where `kv_mask` is True; `position_ids`
+        (B, T) must be given.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -235,11 +241,14 @@ class InternLMForCausalLM(nn.Module):
             if position_ids is None or kv_mask is None:
                 raise ValueError("cached forward needs position_ids and kv_mask")
             mask = kv_mask
-        needed = int(position_ids.max()) + 1 if position_ids.numel() else 0
-        if cache_pos is None or needed > self._rope_len or self.rope_cos.device != x.device:
+        if cache_pos is None or self.cache_len == 0 or self._rope_len < self.cache_len \
+                or self.rope_cos.device != x.device:
             # uncached calls size the table to their own length (dynamic scaling depends on it);
-            # cached calls use the table that setup_caches built for the whole generation
-            self.setup_rope(needed)
+            # cached calls use the table that setup_caches built for the whole generation (a
+            # position never exceeds its cache slot), so decode steps skip this host sync
+            needed = int(position_ids.max()) + 1 if position_ids.numel() else 0
+            if cache_pos is None or needed > self._rope_len or self.rope_cos.device != x.device:
+                self.setup_rope(needed)
         cos = self.rope_cos[position_ids].to(x.dtype)[:, None]
         sin = self.rope_sin[position_ids].to(x.dtype)[:, None]
         for layer in self.model.layers:

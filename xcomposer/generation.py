@@ -207,9 +207,9 @@ class _Batch:
         self.model.setup_caches(self.N, self.S)
         T = self.T
         pos = (self.kv_valid[:, :T].long().cumsum(1) - 1).clamp_min(0)
-        cache_pos = self.slots[:T]
-        mask = self.kv_valid[:, None, None, :] & (self.slots[None, None, None, :] <= cache_pos[None, None, :, None])
-        mask = mask | (self.slots[None, :] == cache_pos[:, None])[None, None]  # pad rows see themselves: no NaN
+        cache_pos = slots = self.slots[:T]  # the mask covers the T filled slots only
+        mask = self.kv_valid[:, None, None, :T] & (slots[None, None, None, :] <= cache_pos[None, None, :, None])
+        mask = mask | (slots[None, :] == cache_pos[:, None])[None, None]  # pad rows see themselves: no NaN
         kw = {"inputs_embeds": self.x} if self.embeds else {"input_ids": self.x}
         logits = self.model(**kw, position_ids=pos, cache_pos=cache_pos, kv_mask=mask, last_only=True)
         return logits[:, -1].float()
@@ -220,7 +220,7 @@ class _Batch:
         self.n_real += 1
         pos = (self.n_real - 1)[:, None]
         cache_pos = self.slots[t:t + 1]
-        mask = (self.kv_valid & (self.slots <= t))[:, None, None, :]
+        mask = self.kv_valid[:, None, None, :t + 1]  # slots past t are empty: attend to [0, t] only
         logits = self.model(tokens[:, None], position_ids=pos, cache_pos=cache_pos, kv_mask=mask)
         return logits[:, -1].float()
 
@@ -228,8 +228,8 @@ class _Batch:
         self.hist[:, t] = tokens
         self.seen[:, t] = True
 
-    def reorder(self, index: torch.Tensor) -> None:
-        self.model.reorder_caches(index)
+    def reorder(self, index: torch.Tensor, filled: int) -> None:
+        self.model.reorder_caches(index, filled)  # slots [filled, S) hold nothing yet: leave them
         self.hist, self.seen = self.hist[index], self.seen[index]
 
 
@@ -269,7 +269,7 @@ def _greedy_or_sample(batch: _Batch, cfg: GenerationConfig, stream: bool):
             yield [int(nxt[0])] if bool(unfinished[0]) else []
         if stop.numel():
             unfinished &= ~torch.isin(nxt, stop)
-        if not bool(unfinished.any()) or i == batch.max_new - 1:
+        if i == batch.max_new - 1 or (stop.numel() and not bool(unfinished.any())):  # no sync without stops
             n_out = i + 1
             break
         logits = batch.step(nxt, t)
@@ -339,7 +339,7 @@ def _beam_search(batch: _Batch, cfg: GenerationConfig, stream: bool):
         fin_score, fin_len, fin_done = m_score.gather(1, best), m_len.gather(1, best), m_done.gather(1, best)
 
         flat = (offsets + parent).view(-1)
-        batch.reorder(flat)
+        batch.reorder(flat, t)  # the cache holds slots [0, t); the step below writes slot t
         nxt = run_seq[:, :, i].reshape(-1)
         batch.record(nxt, t)
 
