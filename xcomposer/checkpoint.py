@@ -71,6 +71,16 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike, *, allow_patterns: lis
     return _download(text, allow_patterns)
 
 
+def checkpoint_folder(path_or_hub_id: str | os.PathLike, kind: str) -> tuple[Path, Path]:
+    """(folder, its config.json) for a local folder or hub id holding a `kind` checkpoint."""
+    folder = resolve_checkpoint(path_or_hub_id, allow_patterns=["*.json", "*.bin", "*.safetensors",
+                                                                 "tokenizer.model"])
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file} not found: an {kind} checkpoint folder needs its config.json")
+    return folder, cfg_file
+
+
 def _download(repo_id: str, allow_patterns: list[str] | None) -> Path:
     import huggingface_hub
     from huggingface_hub import errors as hf_errors
@@ -219,7 +229,60 @@ class _Slots:
         return (mod._parameters if is_param else mod._buffers)[attr]
 
 
-def _mismatch_message(folder: Path, unexpected: list[str], missing: list[str]) -> str:
+class LoRAMerge:
+    """Folds LoRA adapters into their base weights while a checkpoint streams in.
+
+    Upstream XComposer stores some LLM projections as `X.weight` (+ `X.bias`) with adapters
+    `X.lora_A.weight` (r, in) and `X.lora_B.weight` (out, r); the layer computes
+    `x W^T + b + scale * (x A^T) B^T` with `scale = lora_alpha / lora_r`. Merging gives one plain
+    weight `W + scale * B @ A` (done in float32), so the decoder needs no adapter code. The three
+    tensors may sit in different shards: the first ones wait until the last arrives.
+    """
+
+    SUFFIX_A, SUFFIX_B = ".lora_A.weight", ".lora_B.weight"
+
+    def __init__(self, scale: float):
+        self.scale = float(scale)
+
+    def base_of(self, key: str) -> str | None:
+        """The base weight key an adapter key belongs to; None for any other key."""
+        for suffix in (self.SUFFIX_A, self.SUFFIX_B):
+            if key.endswith(suffix):
+                return key[: -len(suffix)] + ".weight"
+        return None
+
+    def bases(self, keys) -> set[str]:
+        return {b for k in keys if (b := self.base_of(k)) is not None}
+
+    def check_complete(self, keys, where: str) -> None:
+        """Every adapter has its partner and its base weight (with an index: before any read)."""
+        keys = set(keys)
+        for base in sorted(self.bases(keys)):
+            stem = base[: -len(".weight")]
+            need = [base, stem + self.SUFFIX_A, stem + self.SUFFIX_B]
+            absent = [k for k in need if k not in keys]
+            if absent:
+                raise CheckpointError(f"LoRA weights for {stem!r} are incomplete in {where}: missing "
+                                      f"{_listing(absent)}; the checkpoint is damaged or mixes exports: "
+                                      f"re-download it")
+
+    def merge(self, base: str, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] or (b.shape[0], a.shape[1]) != tuple(w.shape):
+            raise CheckpointError(f"LoRA shapes do not fit {base!r}: weight {tuple(w.shape)}, lora_A "
+                                  f"{tuple(a.shape)}, lora_B {tuple(b.shape)} (expected (out, in), (r, in), "
+                                  f"(out, r)); config.json does not describe these weights")
+        merged = w.float() + self.scale * (b.float() @ a.float())
+        return merged.to(w.dtype)
+
+
+def _mismatch_message(folder: Path, unexpected: list[str], missing: list[str],
+                      ckpt_name: Callable[[str], str | None] | None = None) -> str:
+    if ckpt_name is not None:  # name missing tensors the way the checkpoint would have stored them
+        named = []
+        for n in missing:
+            k = ckpt_name(n)
+            named.append(n if not k or k == n else f"{k} (our {n})")
+        missing = named
     parts = [f"checkpoint {folder} does not match the model:"]
     if unexpected:
         parts.append(f"{len(unexpected)} checkpoint key(s) the model does not have: {_listing(unexpected)};")
@@ -230,6 +293,32 @@ def _mismatch_message(folder: Path, unexpected: list[str], missing: list[str]) -
     return " ".join(parts)
 
 
+def _entries(folder: Path, weight_map: dict[str, str] | None, lora: LoRAMerge | None):
+    """(shard path, checkpoint key, tensor) one at a time, with LoRA adapters merged when asked."""
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # base key -> the pieces seen so far
+    with_lora: set[str] | None = None if weight_map is None or lora is None else lora.bases(weight_map)
+    for path, sd in iter_shards(folder):
+        if lora is not None and with_lora is None:  # a single file: its own keys are all the keys
+            lora.check_complete(sd, str(path))
+            with_lora = lora.bases(sd)
+        for key in list(sd):
+            tensor = sd.pop(key)  # release source tensors as they are consumed
+            if lora is None or (key not in with_lora and lora.base_of(key) is None):
+                yield path, key, tensor
+                continue
+            base = lora.base_of(key) or key
+            role = "w" if base == key else ("a" if key.endswith(lora.SUFFIX_A) else "b")
+            pieces = pending.setdefault(base, {})
+            pieces[role] = tensor
+            if len(pieces) == 3:
+                del pending[base]
+                yield path, base, lora.merge(base, pieces["w"], pieces["a"], pieces["b"])
+        del sd  # drop this shard before iter_shards reads the next one
+    if pending:
+        raise CheckpointError(f"LoRA weights never completed for {_listing(sorted(pending))}; the shards and "
+                              f"index disagree: re-download the checkpoint")
+
+
 def load_checkpoint_into(
     model: nn.Module,
     folder: Path,
@@ -238,13 +327,18 @@ def load_checkpoint_into(
     dtype: torch.dtype | None = None,
     key_map: Callable[[str], str | None] | None = None,
     skip: Callable[[str], bool] | None = None,
+    lora: LoRAMerge | None = None,
+    checkpoint_name: Callable[[str], str | None] | None = None,
 ) -> None:
     """Fill every parameter and persistent buffer of `model` (typically built on `meta`) from `folder`.
 
     `key_map` renames a checkpoint key to the model's name (None drops it); `skip` is asked about the
     checkpoint key as stored (default: derivable `rotary_emb.inv_freq`). Floating tensors become
     `dtype` when given. Loaded tensors do not require grad. Non-persistent buffers are left alone:
-    the model rebuilds them (e.g. `setup_rope`).
+    the model rebuilds them (e.g. `setup_rope`). With `lora`, adapter keys are merged into their
+    base weights (named by the checkpoint key) before `skip`/`key_map` see them.
+    `checkpoint_name` (the inverse of `key_map`) lets errors name missing tensors by their
+    checkpoint key.
     """
     folder = Path(folder)
     key_map = key_map or (lambda k: k)
@@ -255,10 +349,14 @@ def load_checkpoint_into(
         return None if skip(key) else key_map(key)
 
     # with an index the key sets are known before any tensor is read: fail fast and completely
-    _, weight_map, _ = _read_index(folder)
+    _, weight_map, index = _read_index(folder)
     if weight_map is not None:
+        if lora is not None:
+            lora.check_complete(weight_map, str(index))
         names: dict[str, str] = {}  # model name -> the first "key (shard)" that provides it
         for key, shard in weight_map.items():
+            if lora is not None and lora.base_of(key) is not None:
+                continue  # an adapter: it ends up inside its base weight
             if (name := target(key)) is not None:
                 names.setdefault(name, f"{name} (shard {shard})" if name == key
                                  else f"{name} (from {key}, shard {shard})")
@@ -266,48 +364,45 @@ def load_checkpoint_into(
         covered = {m for n in names if n in slots.group for m in slots.group[n]}
         missing = [n for n in slots.where if n not in covered]
         if unexpected or missing:
-            raise CheckpointError(_mismatch_message(folder, unexpected, missing))
+            raise CheckpointError(_mismatch_message(folder, unexpected, missing, checkpoint_name))
 
     loaded: dict[str, tuple[str, str]] = {}  # model name -> (checkpoint key, shard name)
     unexpected = []
-    for path, sd in iter_shards(folder):
-        for key in list(sd):
-            tensor = sd.pop(key)  # release source tensors as they are consumed
-            name = target(key)
-            if name is None:
-                continue
-            if name not in slots.where:
-                unexpected.append(f"{name} (shard {path.name})" if name == key
-                                  else f"{name} (from {key}, shard {path.name})")
-                continue
-            if name in loaded:
-                first_key, first_shard = loaded[name]
-                raise CheckpointError(f"key {name!r} is stored twice: as {first_key!r} in shard {first_shard} and "
-                                      f"as {key!r} in shard {path.name}; the checkpoint folder mixes files "
-                                      f"from different exports: re-download it")
-            if tensor.shape != slots.shape[name]:
-                raise CheckpointError(f"shape mismatch for {name!r} in shard {path}: checkpoint has "
-                                      f"{tuple(tensor.shape)}, the model expects {tuple(slots.shape[name])}; "
-                                      f"config.json does not describe these weights")
-            convert = dtype if dtype is not None and tensor.is_floating_point() else None
-            tensor = tensor.to(device=device, dtype=convert)
-            tied_done = [n for n in slots.group[name] if n in loaded]
-            if tied_done:
-                # the checkpoint stores a tied tensor under a second name: it must be the same tensor
-                if not torch.equal(slots.current(name).data, tensor):
-                    raise CheckpointError(
-                        f"{name!r} (shard {path.name}) and {tied_done[0]!r} are tied in the model but differ "
-                        f"in the checkpoint; the weights are untied: set tie_word_embeddings=False in config.json")
-            else:
-                slots.assign(name, tensor)
-            loaded[name] = (key, path.name)
-            del tensor
-        del sd  # drop this shard before iter_shards reads the next one
+    for path, key, tensor in _entries(folder, weight_map, lora):
+        name = target(key)
+        if name is None:
+            continue
+        if name not in slots.where:
+            unexpected.append(f"{name} (shard {path.name})" if name == key
+                              else f"{name} (from {key}, shard {path.name})")
+            continue
+        if name in loaded:
+            first_key, first_shard = loaded[name]
+            raise CheckpointError(f"key {name!r} is stored twice: as {first_key!r} in shard {first_shard} and "
+                                  f"as {key!r} in shard {path.name}; the checkpoint folder mixes files "
+                                  f"from different exports: re-download it")
+        if tensor.shape != slots.shape[name]:
+            raise CheckpointError(f"shape mismatch for {name!r} in shard {path}: checkpoint has "
+                                  f"{tuple(tensor.shape)}, the model expects {tuple(slots.shape[name])}; "
+                                  f"config.json does not describe these weights")
+        convert = dtype if dtype is not None and tensor.is_floating_point() else None
+        tensor = tensor.to(device=device, dtype=convert)
+        tied_done = [n for n in slots.group[name] if n in loaded]
+        if tied_done:
+            # the checkpoint stores a tied tensor under a second name: it must be the same tensor
+            if not torch.equal(slots.current(name).data, tensor):
+                raise CheckpointError(
+                    f"{name!r} (shard {path.name}) and {tied_done[0]!r} are tied in the model but differ "
+                    f"in the checkpoint; the weights are untied: set tie_word_embeddings=False in config.json")
+        else:
+            slots.assign(name, tensor)
+        loaded[name] = (key, path.name)
+        del tensor
 
     covered = {m for n in loaded for m in slots.group[n]}
     missing = [n for n in slots.where if n not in covered]
     if unexpected or missing:
-        raise CheckpointError(_mismatch_message(folder, unexpected, missing))
+        raise CheckpointError(_mismatch_message(folder, unexpected, missing, checkpoint_name))
 
 
 # -- saving --------------------------------------------------------------------------------
@@ -414,5 +509,5 @@ def save_checkpoint(
     return [folder / name for name in names]
 
 
-__all__ = ["CheckpointError", "resolve_checkpoint", "list_shards", "iter_shards", "load_checkpoint_into",
-           "save_checkpoint"]
+__all__ = ["CheckpointError", "LoRAMerge", "checkpoint_folder", "resolve_checkpoint", "list_shards", "iter_shards",
+           "load_checkpoint_into", "save_checkpoint"]

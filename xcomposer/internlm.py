@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 
 from .chat import Turn, build_chat_ids, check_history
-from .checkpoint import CheckpointError, load_checkpoint_into, resolve_checkpoint
+from .checkpoint import CheckpointError, checkpoint_folder, load_checkpoint_into
 from .config import InternLMConfig
 from .decoder import InternLMForCausalLM
 from .generation import GenerationConfig, generate, stream_generate
@@ -54,11 +54,7 @@ class InternLM(InternLMForCausalLM):
         The model is built on the meta device and filled shard by shard, so memory peaks at
         the model plus one shard.
         """
-        folder = resolve_checkpoint(path_or_hub_id, allow_patterns=["*.json", "*.bin", "*.safetensors",
-                                                                     "tokenizer.model"])
-        cfg_file = folder / "config.json"
-        if not cfg_file.is_file():
-            raise CheckpointError(f"{cfg_file} not found: an InternLM checkpoint folder needs its config.json")
+        folder, cfg_file = checkpoint_folder(path_or_hub_id, "InternLM")
         cfg = InternLMConfig.from_json(cfg_file)
         device = torch.device(device)
         dtype = resolve_dtype(dtype, device, cfg.torch_dtype)

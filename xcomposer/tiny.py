@@ -59,3 +59,120 @@ def write_tiny_internlm(folder: str | Path, *, fmt: str = "safetensors", max_sha
         {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id},
         indent=2), encoding="utf-8")
     return folder
+
+
+# -- XComposer -------------------------------------------------------------------------------
+
+TINY_VISION = dict(img_size=28, patch_size=14, width=32, depth=2, heads=4)
+TINY_QFORMER = dict(num_query_token=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                    intermediate_size=64)
+_LORA_TARGETS = {"q": ["self_attn.q_proj"], "k": ["self_attn.k_proj"], "v": ["self_attn.v_proj"],
+                 "o": ["self_attn.o_proj"], "ffn": ["mlp.up_proj", "mlp.down_proj"]}
+
+
+def tiny_xcomposer_config_dict(vocab_size: int, *, learn_param=("q", "v"), lora_r: int = 4,
+                               lora_alpha: float = 8.0, **overrides) -> dict:
+    """config.json as upstream's internlm-xcomposer-7b writes it, at tiny sizes.
+
+    `vision_config` / `qformer_config` are our extension (upstream's shapes are fixed in code)."""
+    llm = {**TINY_SHAPE, "vocab_size": vocab_size, **{k: v for k, v in overrides.items()
+                                                      if k not in ("vision_config", "qformer_config")}}
+    d = {
+        "architectures": ["InternLMXComposerForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_InternLM_XComposer.InternLMXComposerConfig",
+                     "AutoModel": "modeling_InternLM_XComposer.InternLMXComposerForCausalLM"},
+        "model_type": "InternLMXComposer",
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "rms_norm_eps": 1e-6,
+        "use_cache": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "tie_word_embeddings": False,
+        "bias": True,
+        "num_query_token": TINY_QFORMER["num_query_token"],
+        "num_quant": 32,
+        "intern_converted_llm": True,
+        "kqvo_bias": True,
+        "device": "cuda",
+        "internlm_lora": None if not learn_param else {
+            "freeze": False, "learn_param": list(learn_param), "lora_alpha": lora_alpha, "lora_dropout": 0.05,
+            "lora_r": lora_r},
+        "torch_dtype": "float32",
+        "transformers_version": "4.33.1",
+        **llm,
+        "vision_config": {**TINY_VISION, **overrides.get("vision_config", {})},
+        "qformer_config": {k: v for k, v in {**TINY_QFORMER, **overrides.get("qformer_config", {})}.items()
+                           if k != "num_query_token"},
+    }
+    return d
+
+
+def upstream_xcomposer_state_dict(model, lora: dict | None, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """`model`'s weights under upstream's key names, with LoRA adapters split off the LLM weights
+    (base = merged - scale * B @ A) so that loading and merging gives `model` back."""
+    from projector.sampler import sampler_to_checkpoint
+    from vision.eva import vision_to_checkpoint
+
+    sd: dict[str, torch.Tensor] = {}
+    for k, v in model.vision.state_dict().items():
+        sd[vision_to_checkpoint(k)] = v.clone()
+    for k, v in model.sampler.state_dict().items():
+        sd[sampler_to_checkpoint(k)] = v.clone()
+    sd["Qformer.bert.embeddings.position_ids"] = torch.arange(512).expand(1, -1).clone()
+    cfg = model.config.llm
+    targets = [t for p in (lora or {}).get("learn_param", []) for t in _LORA_TARGETS[p]]
+    scale = (lora["lora_alpha"] / lora["lora_r"]) if lora else 0.0
+    for k, v in model.llm.state_dict().items():
+        key = "internlm_model." + k
+        stem = key[: -len(".weight")] if key.endswith(".weight") else None
+        if stem is not None and any(stem.endswith(t) for t in targets):
+            w = v.float()
+            a = torch.randn(lora["lora_r"], w.shape[1], generator=generator) * 0.1
+            b = torch.randn(w.shape[0], lora["lora_r"], generator=generator) * 0.1
+            sd[key] = (w - scale * (b @ a)).to(v.dtype)
+            sd[stem + ".lora_A.weight"] = a
+            sd[stem + ".lora_B.weight"] = b
+        else:
+            sd[key] = v.clone()
+    inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
+    for i in range(cfg.num_hidden_layers):
+        sd[f"internlm_model.model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
+    return sd
+
+
+def build_tiny_xcomposer(config_dict: dict, seed: int = 0, std: float = 0.2):
+    """A randomly initialised XComposer for `config_dict` (no tokenizer attached)."""
+    from projector.sampler import init_sampler_weights
+    from vision.eva import init_vision_weights
+
+    from .model import XComposer, XComposerConfig
+
+    model = XComposer(XComposerConfig.from_dict(config_dict)).eval()
+    g = torch.Generator().manual_seed(seed)
+    model.llm.init_weights(std=std, generator=g)
+    init_vision_weights(model.vision, generator=g)
+    init_sampler_weights(model.sampler, generator=g)
+    model.finish_loading("cpu")
+    return model
+
+
+def write_tiny_xcomposer(folder: str | Path, *, fmt: str = "safetensors", max_shard_bytes: int = 200_000,
+                         seed: int = 0, std: float = 0.2, vocab_size: int = 1000, learn_param=("q", "v"),
+                         lora_r: int = 4, lora_alpha: float = 8.0, **overrides) -> Path:
+    """Write a random tiny internlm-xcomposer checkpoint (upstream key names, LoRA adapters,
+    config.json fields, sharded weights with index, tokenizer with `<TOKENS_UNUSED_0/1>` as
+    eoh/eoa and the `<ImageHere>` piece) to `folder`, and return the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    train_tiny_tokenizer(folder / "tokenizer.model", vocab_size=vocab_size, extra_pieces=["<ImageHere>"],
+                         xcomposer_names=True)
+    tok = load_tokenizer(folder)
+    d = tiny_xcomposer_config_dict(tok.vocab_size, learn_param=learn_param, lora_r=lora_r, lora_alpha=lora_alpha,
+                                   **overrides)
+    model = build_tiny_xcomposer(d, seed=seed, std=std)
+    sd = upstream_xcomposer_state_dict(model, d["internlm_lora"], torch.Generator().manual_seed(seed + 1))
+    save_checkpoint(sd, folder, fmt=fmt, max_shard_bytes=max_shard_bytes)
+    (folder / "config.json").write_text(json.dumps(d, indent=2), encoding="utf-8")
+    return folder

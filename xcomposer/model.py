@@ -1,0 +1,432 @@
+"""`XComposer`: EVA ViT-g + perceive sampler + InternLM decoder, loading the public checkpoints.
+
+    from xcomposer import XComposer
+    model = XComposer.from_pretrained("internlm/internlm-xcomposer-7b", device="cuda", dtype=torch.float16)
+    text = model.generate("Describe the image", image="cat.jpg")
+    reply, history = model.chat("Who is this?", image="a.jpg")
+    stream = model.stream_chat("And then?", history=history)
+    for piece in stream: print(piece, end="")
+    history = stream.history
+
+The checkpoint is read with upstream's own key names (`visual_encoder.*`, `ln_vision.*`,
+`Qformer.bert.*`, `query_tokens`, `internlm_proj.*`, `flag_image_*`, `internlm_model.*`) and
+mapped explicitly onto our modules; LoRA adapters in the LLM are merged into the base weights at
+load time. Facts and sources: docs/checkpoint-format.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from projector.sampler import PerceiveSampler, SamplerConfig, sampler_key_map, sampler_to_checkpoint
+from vision.eva import EvaConfig, VisionTower, vision_key_map, vision_to_checkpoint
+from vision.image import IMAGE_SIZE, ImageError, load_image, preprocess, to_data_uri
+
+from .checkpoint import CheckpointError, LoRAMerge, checkpoint_folder, load_checkpoint_into
+from .config import InternLMConfig
+from .decoder import InternLMForCausalLM
+from .generation import GenerationConfig, GenerationOutput, PromptTooLongError, generate, stream_generate
+from .internlm import resolve_dtype
+from .tokenizer import IncrementalDecoder, InternLMTokenizer, load_tokenizer
+from .vl_prompt import (ImageSlot, bot_turn, check_history, prompt_segments, segments_length, user_turn)
+
+# upstream InternLMXComposerForCausalLM.gen_config; min_length=1 over an embeddings-only prompt
+# is one new token at least
+GEN_DEFAULTS = dict(num_beams=5, do_sample=False, min_new_tokens=1, repetition_penalty=1.5, length_penalty=1.0,
+                    temperature=1.0, max_new_tokens=200)
+
+# InternLMXComposerConfig's defaults (configuration_InternLM_XComposer.py) for fields a
+# config.json may leave out
+_UPSTREAM_DEFAULTS = dict(rms_norm_eps=1e-5, num_query_token=32, intern_converted_llm=True, kqvo_bias=True,
+                          internlm_lora=None, pad_token_id=-1)
+
+
+@dataclass
+class XComposerConfig:
+    """The three parts' shapes, read from an upstream XComposer `config.json`.
+
+    Upstream's file describes the LLM (InternLM field names), `num_query_token`, `kqvo_bias`,
+    `intern_converted_llm` and `internlm_lora`; the vision tower and Q-Former have fixed
+    shapes there (EVA ViT-g, BERT-base). Our optional `vision_config` / `qformer_config` entries
+    override those shapes; upstream ignores them, and tiny test checkpoints use them.
+    """
+
+    llm: InternLMConfig
+    vision: EvaConfig = field(default_factory=EvaConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    lora: dict[str, Any] | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def lora_scale(self) -> float | None:
+        if not self.lora:
+            return None
+        return float(self.lora["lora_alpha"]) / float(self.lora["lora_r"])
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.sampler.tokens_per_image
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "XComposerConfig":
+        if "num_query_token" not in d and "internlm_lora" not in d and d.get("model_type") != "InternLMXComposer":
+            raise CheckpointError(
+                f"config.json describes model_type={d.get('model_type')!r}, not an InternLM-XComposer checkpoint "
+                f"(no num_query_token / internlm_lora fields); for a plain InternLM chat checkpoint use "
+                f"xcomposer.InternLM.from_pretrained")
+        full = {**_UPSTREAM_DEFAULTS, **d}
+        llm_fields = dict(full)
+        # the converted attention (intern_converted_llm) carries biases on q/k/v/o when kqvo_bias is set;
+        # the other attention class has none
+        llm_fields["bias"] = bool(full["kqvo_bias"]) if full["intern_converted_llm"] else False
+        # upstream's XComposer attention applies plain RoPE (base 10000), no dynamic NTK scaling
+        llm_fields.setdefault("rotary", {"base": 10000, "type": "origin"})
+        if llm_fields.get("pad_token_id", 0) < 0:
+            llm_fields["pad_token_id"] = 0
+        llm = InternLMConfig.from_dict(llm_fields)
+        vision = EvaConfig.from_dict(full.get("vision_config") or {})
+        qf = {"num_query_token": full["num_query_token"], "encoder_width": vision.width,
+              "llm_hidden_size": llm.hidden_size, **(full.get("qformer_config") or {})}
+        sampler = SamplerConfig.from_dict(qf)
+        lora = full["internlm_lora"]
+        if lora is not None:
+            for name in ("lora_r", "lora_alpha"):
+                if not isinstance(lora.get(name), (int, float)) or lora[name] <= 0:
+                    raise CheckpointError(f"config.json internlm_lora.{name}={lora.get(name)!r} must be a positive "
+                                          f"number; the file is damaged")
+        return cls(llm=llm, vision=vision, sampler=sampler, lora=lora, raw=dict(d))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "XComposerConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path} is not valid JSON ({e}); re-download config.json") from e
+        return cls.from_dict(d)
+
+
+def checkpoint_key_map(key: str) -> str | None:
+    """Upstream checkpoint key -> our module path (None drops it; unknown keys pass through so the
+    strict loader reports them)."""
+    if key.startswith("internlm_model."):
+        return "llm." + key[len("internlm_model."):]
+    if key.startswith(("visual_encoder.", "ln_vision.")):
+        mapped = vision_key_map(key)
+        return None if mapped is None else "vision." + mapped
+    if key.startswith(("Qformer.", "internlm_proj.")) or key in ("query_tokens", "flag_image_start",
+                                                                   "flag_image_end"):
+        mapped = sampler_key_map(key)
+        return None if mapped is None else "sampler." + mapped
+    return key
+
+
+def checkpoint_name(our_key: str) -> str | None:
+    """Our module path -> the upstream checkpoint key (for error messages)."""
+    part, _, rest = our_key.partition(".")
+    try:
+        if part == "llm":
+            return "internlm_model." + rest
+        if part == "vision":
+            return vision_to_checkpoint(rest)
+        if part == "sampler":
+            return sampler_to_checkpoint(rest)
+    except KeyError:
+        return None
+    return None
+
+
+def _skip_derived(key: str) -> bool:
+    # upstream shards carry the rotary inverse frequencies, which the model derives itself
+    return key.endswith("rotary_emb.inv_freq")
+
+
+class ChatStream:
+    """Iterates over the reply's text pieces; `reply` and `history` are set once it is exhausted."""
+
+    def __init__(self, pieces: Iterator[str]):
+        self._pieces = pieces
+        self.reply: str | None = None
+        self.history: list[dict[str, Any]] | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._pieces
+
+
+class XComposer(nn.Module):
+    """The vision-language model. Submodules: `vision` (EVA ViT-g + ln_vision), `sampler` (Q-Former,
+    projection and image flags) and `llm` (our InternLM decoder)."""
+
+    def __init__(self, config: XComposerConfig):
+        super().__init__()
+        self.config = config
+        self.vision = VisionTower(config.vision)
+        self.sampler = PerceiveSampler(config.sampler)
+        self.llm = InternLMForCausalLM(config.llm)
+        self.tokenizer: InternLMTokenizer | None = None
+        self.image_cache_size = 32
+        self._image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    # -- loading -----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | str | None = None) -> "XComposer":
+        """Load an internlm-xcomposer-7b / -vl-7b folder or hub id strictly, shard by shard.
+
+        Every checkpoint key must map onto the model and every model tensor must be provided;
+        LoRA adapters (`*.lora_A.weight`, `*.lora_B.weight`) are merged into their base weights.
+        """
+        folder, cfg_file = checkpoint_folder(path_or_hub_id, "XComposer")
+        cfg = XComposerConfig.from_json(cfg_file)
+        if not (folder / "tokenizer.model").is_file():
+            raise CheckpointError(f"{folder / 'tokenizer.model'} not found: the checkpoint folder must hold the "
+                                  f"sentencepiece tokenizer.model shipped with the weights")
+        device = torch.device(device)
+        dtype = resolve_dtype(dtype, device, cfg.llm.torch_dtype)
+        with torch.device("meta"):
+            model = cls(cfg)
+        lora = LoRAMerge(cfg.lora_scale) if cfg.lora else None
+        load_checkpoint_into(model, folder, device=device, dtype=dtype, key_map=checkpoint_key_map,
+                             skip=_skip_derived, lora=lora, checkpoint_name=checkpoint_name)
+        model.finish_loading(device)
+        model.tokenizer = load_tokenizer(folder)
+        model.source = Path(folder)
+        return model.eval()
+
+    def finish_loading(self, device: torch.device | str) -> None:
+        """Rebuild what checkpoints do not store (rotary tables, non-persistent buffers)."""
+        self.vision.init_non_persistent(torch.device(device))
+        self.llm.setup_rope(self.config.llm.max_position_embeddings)
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.lm_head.weight.dtype
+
+    # -- images ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 224, 224) preprocessed pixels -> (B, 66, hidden): start flag, 64 queries, end flag."""
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise ValueError(f"encode_image expects preprocessed pixels of shape (B, 3, H, W), got {got}; "
+                             f"use vision.image.preprocess(images) to make them")
+        size = self.config.vision.img_size
+        if tuple(pixel_values.shape[2:]) != (size, size):
+            raise ValueError(f"encode_image expects {size}x{size} pixels, got {tuple(pixel_values.shape[2:])}; "
+                             f"preprocess(images, size={size}) resizes them")
+        x = pixel_values.to(device=self.device, dtype=self.vision_dtype)
+        feats = self.vision(x)
+        return self.sampler(feats).to(self.dtype)
+
+    @property
+    def vision_dtype(self) -> torch.dtype:
+        return next(self.vision.parameters()).dtype
+
+    def _image_embeds(self, refs: Sequence[str], fresh: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """(66, hidden) per image reference; recent ones come from a small cache."""
+        out: list[torch.Tensor | None] = [None] * len(refs)
+        todo: list[int] = []
+        for i, ref in enumerate(refs):
+            if ref in fresh:
+                out[i] = fresh[ref]
+            elif (key := self._cache_key(ref)) in self._image_cache:
+                self._image_cache.move_to_end(key)
+                out[i] = self._image_cache[key]
+            else:
+                todo.append(i)
+        if todo:
+            try:
+                images = [load_image(refs[i]) for i in todo]
+            except ImageError as e:
+                raise ImageError(f"an image of the conversation cannot be loaded again: {e.reason}",
+                                 source=e.source) from e
+            embeds = self.encode_image(preprocess(images, size=self.config.vision.img_size))
+            for i, e in zip(todo, embeds):
+                out[i] = e
+                self._remember(refs[i], e)
+        return out  # type: ignore[return-value]
+
+    def _cache_key(self, ref: str) -> str:
+        if ref.startswith("data:"):
+            return ref
+        try:
+            st = os.stat(ref)
+            return f"{ref}|{st.st_mtime_ns}|{st.st_size}"
+        except OSError:
+            return ref
+
+    def _remember(self, ref: str, embeds: torch.Tensor) -> None:
+        if self.image_cache_size <= 0:
+            return
+        self._image_cache[self._cache_key(ref)] = embeds
+        while len(self._image_cache) > self.image_cache_size:
+            self._image_cache.popitem(last=False)
+
+    def _store_images(self, image) -> tuple[list[str], dict[str, torch.Tensor]]:
+        """References to keep in the history for `image` (one or a list), plus embeddings computed
+        now for inputs that are already tensors of pixels."""
+        if image is None:
+            return [], {}
+        items = list(image) if isinstance(image, (list, tuple)) else [image]
+        refs: list[str] = []
+        fresh: dict[str, torch.Tensor] = {}
+        for k, item in enumerate(items):
+            try:
+                ref = self._store_one(item, fresh)
+            except ImageError as e:
+                if len(items) == 1:
+                    raise
+                raise ImageError(e.reason, source=e.source, index=k, total=len(items)) from e
+            except ValueError as e:
+                raise ValueError(f"image {k + 1} of {len(items)}: {e}" if len(items) > 1 else str(e)) from e
+            refs.append(ref)
+        return refs, fresh
+
+    def _store_one(self, item, fresh: dict[str, torch.Tensor]) -> str:
+        if isinstance(item, torch.Tensor) and item.dim() == 4:
+            # upstream accepts preprocessed pixels; the history keeps the picture they show (8-bit)
+            if item.shape[0] != 1:
+                raise ValueError(f"a pixel tensor must hold one image, shape (1, 3, H, W); got "
+                                 f"{tuple(item.shape)}")
+            ref = to_data_uri(_unnormalize(item[0]))
+            fresh[ref] = self.encode_image(item)[0]
+            return ref
+        if isinstance(item, (str, os.PathLike)) and not str(item).startswith("data:"):
+            path = Path(item).expanduser().absolute()
+            load_image(path)  # refuse a bad file now, with its name, not deep inside generation
+            return str(path)
+        picture = load_image(item)
+        # the model sees a (224, 224) bicubic resize; storing exactly that keeps replays identical
+        size = self.config.vision.img_size
+        return to_data_uri(picture.resize((size, size), _bicubic()))
+
+    # -- prompts -----------------------------------------------------------------------------
+    def _require_tokenizer(self) -> InternLMTokenizer:
+        if self.tokenizer is None:
+            raise RuntimeError("this model has no tokenizer: load it with XComposer.from_pretrained, or set "
+                               "model.tokenizer = xcomposer.load_tokenizer(folder)")
+        return self.tokenizer
+
+    def _gen_config(self, options: dict[str, Any]) -> GenerationConfig:
+        tok = self._require_tokenizer()
+        options = dict(options)
+        if "min_length" in options:  # upstream's name: over an embeddings-only prompt it counts new tokens
+            options["min_new_tokens"] = options.pop("min_length")
+        merged = {**GEN_DEFAULTS, **options}
+        base = GenerationConfig(eos_token_id=[tok.eos_token_id, tok.eoa_token_id], pad_token_id=tok.pad_token_id)
+        return base.replace(**merged)
+
+    def build_prompt(self, turns: Sequence[dict[str, Any]], cfg: GenerationConfig,
+                     fresh: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
+        """Embeddings (L, hidden) of `turns` (history + the new user turn) and how many of the oldest
+        exchanges were left out so the prompt plus the reply fit the context window."""
+        tok = self._require_tokenizer()
+        per_image = self.config.tokens_per_image
+        window = self.llm.context_window
+        turns = list(turns)
+        dropped = 0
+        while True:
+            segs, refs = prompt_segments(tok, turns[2 * dropped:])
+            n = segments_length(segs, per_image)
+            if n + cfg.max_new_tokens <= window or 2 * dropped + 1 >= len(turns):
+                break
+            dropped += 1
+        if n >= window:
+            raise PromptTooLongError(
+                f"the question is {n} tokens (images count {per_image} each) but the context window is {window}: "
+                f"shorten the question or send fewer images")
+        images = self._image_embeds(refs, fresh or {})
+        emb = self.llm.model.embed_tokens
+        parts = [images[s.index] if isinstance(s, ImageSlot)
+                 else emb(torch.tensor(s, dtype=torch.long, device=self.device)) for s in segs if
+                 isinstance(s, ImageSlot) or s]
+        return torch.cat([p.to(self.dtype) for p in parts]), dropped
+
+    def _answer(self, tokens: list[int]) -> str:
+        tok = self._require_tokenizer()
+        stops = {tok.eos_token_id, tok.eoa_token_id}
+        cut = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
+        return tok.decode(tokens[:cut], skip_special_tokens=True)
+
+    # -- the chat API --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, text: str, image=None, **options: Any) -> str:
+        """One question (with optional image(s)) -> the answer. Upstream's defaults: 5 beams,
+        repetition penalty 1.5, up to 200 new tokens; any option can be overridden."""
+        reply, _ = self.chat(text, image=image, history=None, **options)
+        return reply
+
+    @torch.inference_mode()
+    def chat(self, text: str, image=None, history: list[dict[str, Any]] | None = None,
+             **options: Any) -> tuple[str, list[dict[str, Any]]]:
+        """One turn: `(reply, history + [user turn, bot turn])`. The given list is not modified."""
+        turns, fresh, cfg = self._prepare(text, image, history, options)
+        embeds, _ = self.build_prompt(turns, cfg, fresh)
+        out: GenerationOutput = generate(self.llm, inputs_embeds=[embeds], config=cfg)
+        reply = self._answer(out.tokens[0])
+        return reply, turns + [bot_turn(reply)]
+
+    def stream_chat(self, text: str, image=None, history: list[dict[str, Any]] | None = None,
+                    **options: Any) -> ChatStream:
+        """Like `chat`, but iterate over the reply as text pieces (whole characters only);
+        afterwards `stream.reply` and `stream.history` hold what `chat` would have returned."""
+        turns, fresh, cfg = self._prepare(text, image, history, options)
+        with torch.inference_mode():
+            embeds, _ = self.build_prompt(turns, cfg, fresh)
+        tok = self._require_tokenizer()
+        stops = {tok.eos_token_id, tok.eoa_token_id}
+
+        def pieces() -> Iterator[str]:
+            dec = IncrementalDecoder(tok, skip_special_tokens=True)
+            reply = ""
+            for ids in stream_generate(self.llm, inputs_embeds=embeds, config=cfg):
+                cut = next((i for i, t in enumerate(ids) if t in stops), None)
+                new = dec.push(ids if cut is None else ids[:cut])
+                if new:
+                    reply += new
+                    yield new
+                if cut is not None:
+                    break
+            tail = dec.flush()
+            if tail:
+                reply += tail
+                yield tail
+            stream.reply, stream.history = reply, turns + [bot_turn(reply)]
+
+        stream = ChatStream(pieces())
+        return stream
+
+    def _prepare(self, text, image, history, options):
+        self._require_tokenizer()
+        cfg = self._gen_config(options)
+        past = check_history(history)
+        refs, fresh = self._store_images(image)
+        return past + [user_turn(text, refs)], fresh, cfg
+
+
+def _bicubic():
+    from PIL import Image
+    return Image.Resampling.BICUBIC
+
+
+def _unnormalize(pixels: torch.Tensor) -> torch.Tensor:
+    """Normalized (3, H, W) CLIP pixels back to a [0, 1] image tensor."""
+    from vision.image import CLIP_MEAN, CLIP_STD
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(CLIP_STD, dtype=torch.float32)[:, None, None]
+    return (pixels.detach().float().cpu() * std + mean).clamp(0, 1)
+
+
+__all__ = ["XComposer", "XComposerConfig", "ChatStream", "GEN_DEFAULTS", "checkpoint_key_map", "IMAGE_SIZE"]

@@ -1,0 +1,133 @@
+"""XComposer's prompt layout and a chat history that can be stored as JSON.
+
+One user turn, as upstream's `wrap_prompt` builds it (each piece tokenized on its own):
+
+    <s> <|User|>:  [image embeddings]  {text}  \\n<eoh> <|Bot|>:
+
+`<s>` only at the start of the whole prompt. Images go right after the user tag (upstream puts
+its single image there), or at `<ImageHere>` placeholders written in the text, one per image.
+A finished turn continues with the reply and `<eoa>`, and the next turn follows directly:
+
+    ... <|Bot|>:{reply}<eoa> <|User|>: ...
+
+so turn 2's prompt is exactly turn 1's prompt, the reply, `<eoa>` and the new turn. (Upstream's
+remote code instead rebuilds earlier turns without `<eoh>`/`<eoa>` and with a second `<s>` before
+each reply; see docs/checkpoint-format.md.)
+
+History is a list of plain dicts, alternating
+
+    {"role": "user", "text": "...", "images": ["/abs/path.jpg" or "data:image/png;base64,..."]}
+    {"role": "bot", "text": "..."}
+
+which `json.dumps` stores and `json.loads` gives back unchanged; images are references a later
+process can load again, never tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence, Union
+
+IMAGE_PLACEHOLDER = "<ImageHere>"
+USER_TAG = " <|User|>:"
+BOT_TAG = " <|Bot|>:"
+
+
+@dataclass(frozen=True)
+class ImageSlot:
+    """Where image number `index` of the prompt's image list goes."""
+
+    index: int
+
+
+Segment = Union[list, ImageSlot]  # token ids or an image slot
+
+
+def user_turn(text: str, images: Sequence[str] = ()) -> dict[str, Any]:
+    """A checked user turn. `images` are stored references (paths or data URIs)."""
+    if not isinstance(text, str):
+        raise TypeError(f"the question must be a string, got {type(text).__name__}")
+    images = list(images)
+    if not text.strip() and not images:
+        raise ValueError("the question is empty and no image was given: type a question or pass an image")
+    n = text.count(IMAGE_PLACEHOLDER)
+    if n and n != len(images):
+        raise ValueError(f"the text has {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s) were "
+                         f"given: write one {IMAGE_PLACEHOLDER} per image, or none to put the images right "
+                         f"after the user tag")
+    return {"role": "user", "text": text, "images": images}
+
+
+def bot_turn(text: str) -> dict[str, Any]:
+    return {"role": "bot", "text": text}
+
+
+def check_history(history) -> list[dict[str, Any]]:
+    """A copy of `history` after checking its shape; the message names the bad entry."""
+    if history is None:
+        return []
+    if not isinstance(history, (list, tuple)):
+        raise TypeError(f"history must be a list of turns (dicts), got {type(history).__name__}")
+    if len(history) % 2:
+        raise ValueError(f"history has {len(history)} entries; it must alternate user and bot turns and end "
+                         f"with a bot turn")
+    out = []
+    for i, turn in enumerate(history):
+        want = "user" if i % 2 == 0 else "bot"
+        if not isinstance(turn, dict) or turn.get("role") != want or not isinstance(turn.get("text"), str):
+            raise ValueError(f"history[{i}] must be a {{'role': '{want}', 'text': str, ...}} dict, got {turn!r}")
+        if want == "user":
+            images = turn.get("images", [])
+            if not isinstance(images, list) or not all(isinstance(s, str) for s in images):
+                raise ValueError(f"history[{i}]['images'] must be a list of path or data-URI strings, "
+                                 f"got {images!r}")
+            try:
+                out.append(user_turn(turn["text"], images))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"history[{i}]: {e}") from e
+        else:
+            out.append(bot_turn(turn["text"]))
+    return out
+
+
+def turn_segments(tokenizer, turn: dict[str, Any], first_image: int, at_start: bool) -> list[Segment]:
+    """Token pieces and image slots of one user turn (up to and including the bot tag)."""
+    segs: list[Segment] = [tokenizer.encode(USER_TAG, add_bos=at_start)]
+    text, images = turn["text"], turn["images"]
+    if IMAGE_PLACEHOLDER in text:
+        parts = text.split(IMAGE_PLACEHOLDER)
+        for k, part in enumerate(parts):
+            if part:
+                segs.append(tokenizer.encode(part, add_bos=False))
+            if k < len(parts) - 1:
+                segs.append(ImageSlot(first_image + k))
+    else:
+        segs += [ImageSlot(first_image + k) for k in range(len(images))]
+        if text:
+            segs.append(tokenizer.encode(text, add_bos=False))
+    segs.append(tokenizer.encode(f"\n{tokenizer.eoh}{BOT_TAG}", add_bos=False))
+    return segs
+
+
+def reply_segment(tokenizer, reply: str) -> list[int]:
+    return tokenizer.encode(reply, add_bos=False) + [tokenizer.eoa_token_id]
+
+
+def prompt_segments(tokenizer, turns: Sequence[dict[str, Any]]) -> tuple[list[Segment], list[str]]:
+    """Segments of a whole prompt (history + the new user turn) and its image references in order."""
+    segs: list[Segment] = []
+    images: list[str] = []
+    for i, turn in enumerate(turns):
+        if turn["role"] == "user":
+            segs += turn_segments(tokenizer, turn, len(images), at_start=(i == 0))
+            images += turn["images"]
+        else:
+            segs.append(reply_segment(tokenizer, turn["text"]))
+    return segs, images
+
+
+def segments_length(segs: Sequence[Segment], tokens_per_image: int) -> int:
+    return sum(tokens_per_image if isinstance(s, ImageSlot) else len(s) for s in segs)
+
+
+__all__ = ["IMAGE_PLACEHOLDER", "USER_TAG", "BOT_TAG", "ImageSlot", "user_turn", "bot_turn", "check_history",
+           "turn_segments", "reply_segment", "prompt_segments", "segments_length"]
