@@ -36,7 +36,8 @@ from .decoder import InternLMForCausalLM
 from .generation import GenerationConfig, GenerationOutput, PromptTooLongError, generate, stream_generate
 from .internlm import resolve_dtype
 from .tokenizer import IncrementalDecoder, InternLMTokenizer, load_tokenizer
-from .vl_prompt import (ImageSlot, bot_turn, check_history, prompt_segments, segments_length, user_turn)
+from .vl_prompt import (IMAGE_PLACEHOLDER, ImageSlot, bot_turn, check_history, prompt_segments, segments_length,
+                        user_turn)
 
 # upstream InternLMXComposerForCausalLM.gen_config; min_length=1 over an embeddings-only prompt
 # is one new token at least
@@ -347,16 +348,78 @@ class XComposer(nn.Module):
             raise PromptTooLongError(
                 f"the question is {n} tokens (images count {per_image} each) but the context window is {window}: "
                 f"shorten the question or send fewer images")
+        return self._embed_segments(segs, refs, fresh), dropped
+
+    def _embed_segments(self, segs, refs: Sequence[str], fresh: dict[str, torch.Tensor] | None) -> torch.Tensor:
         images = self._image_embeds(refs, fresh or {})
         emb = self.llm.model.embed_tokens
         parts = [images[s.index] if isinstance(s, ImageSlot)
                  else emb(torch.tensor(s, dtype=torch.long, device=self.device)) for s in segs if
                  isinstance(s, ImageSlot) or s]
-        return torch.cat([p.to(self.dtype) for p in parts]), dropped
+        return torch.cat([p.to(self.dtype) for p in parts])
+
+    def raw_prompt(self, prompt: str, image=None, max_new_tokens: int = 0) -> torch.Tensor:
+        """Embeddings (L, hidden) of a complete prompt string, template included, with one image per
+        `<ImageHere>`; pieces are tokenized on their own and `<s>` starts the prompt (upstream's
+        composition prompts are built this way)."""
+        tok = self._require_tokenizer()
+        refs, fresh = self._store_images(image)
+        parts = prompt.split(IMAGE_PLACEHOLDER)
+        if len(parts) - 1 != len(refs):
+            raise ValueError(f"the prompt has {len(parts) - 1} {IMAGE_PLACEHOLDER} placeholder(s) but "
+                             f"{len(refs)} image(s) were given: pass one image per placeholder")
+        segs: list = []
+        for k, part in enumerate(parts):
+            if part or k == 0:
+                segs.append(tok.encode(part, add_bos=(k == 0)))
+            if k < len(refs):
+                segs.append(ImageSlot(k))
+        n = segments_length(segs, self.config.tokens_per_image)
+        if n + max_new_tokens > self.llm.context_window:
+            raise PromptTooLongError(f"the prompt is {n} tokens (images count {self.config.tokens_per_image} "
+                                     f"each); with {max_new_tokens} new tokens it exceeds the context window of "
+                                     f"{self.llm.context_window}: shorten it")
+        return self._embed_segments(segs, refs, fresh)
+
+    def _completion_config(self, options: dict[str, Any]) -> GenerationConfig:
+        tok = self._require_tokenizer()
+        cfg = self._gen_config(options)
+        if "eos_token_id" not in options:  # composition prompts also stop on <eoh>, as upstream's demo
+            cfg = cfg.replace(eos_token_id=[tok.eos_token_id, tok.eoa_token_id, tok.eoh_token_id])
+        return cfg
+
+    @torch.inference_mode()
+    def complete(self, prompt: str, image=None, **options: Any) -> str:
+        """Continue a complete prompt string (see `raw_prompt`); the text up to the first stop token."""
+        cfg = self._completion_config(options)
+        embeds = self.raw_prompt(prompt, image, cfg.max_new_tokens)
+        return self._answer(generate(self.llm, inputs_embeds=[embeds], config=cfg).tokens[0])
+
+    def stream_complete(self, prompt: str, image=None, **options: Any) -> Iterator[str]:
+        """`complete`, as text pieces while they are generated (whole characters only)."""
+        cfg = self._completion_config(options)
+        with torch.inference_mode():
+            embeds = self.raw_prompt(prompt, image, cfg.max_new_tokens)
+        return self._stream_text(embeds, cfg)
+
+    def _stream_text(self, embeds: torch.Tensor, cfg: GenerationConfig) -> Iterator[str]:
+        tok = self._require_tokenizer()
+        stops = set(cfg.stop_ids)
+        dec = IncrementalDecoder(tok, skip_special_tokens=True)
+        for ids in stream_generate(self.llm, inputs_embeds=embeds, config=cfg):
+            cut = next((i for i, t in enumerate(ids) if t in stops), None)
+            new = dec.push(ids if cut is None else ids[:cut])
+            if new:
+                yield new
+            if cut is not None:
+                break
+        tail = dec.flush()
+        if tail:
+            yield tail
 
     def _answer(self, tokens: list[int]) -> str:
         tok = self._require_tokenizer()
-        stops = {tok.eos_token_id, tok.eoa_token_id}
+        stops = {tok.eos_token_id, tok.eoa_token_id, tok.eoh_token_id}
         cut = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
         return tok.decode(tokens[:cut], skip_special_tokens=True)
 
@@ -385,28 +448,25 @@ class XComposer(nn.Module):
         turns, fresh, cfg = self._prepare(text, image, history, options)
         with torch.inference_mode():
             embeds, _ = self.build_prompt(turns, cfg, fresh)
-        tok = self._require_tokenizer()
-        stops = {tok.eos_token_id, tok.eoa_token_id}
 
         def pieces() -> Iterator[str]:
-            dec = IncrementalDecoder(tok, skip_special_tokens=True)
             reply = ""
-            for ids in stream_generate(self.llm, inputs_embeds=embeds, config=cfg):
-                cut = next((i for i, t in enumerate(ids) if t in stops), None)
-                new = dec.push(ids if cut is None else ids[:cut])
-                if new:
-                    reply += new
-                    yield new
-                if cut is not None:
-                    break
-            tail = dec.flush()
-            if tail:
-                reply += tail
-                yield tail
+            for new in self._stream_text(embeds, cfg):
+                reply += new
+                yield new
             stream.reply, stream.history = reply, turns + [bot_turn(reply)]
 
         stream = ChatStream(pieces())
         return stream
+
+    # -- composition ---------------------------------------------------------------------------
+    def compose(self, title: str, *, num_images: int | None = None, library=None, lang: str = "zh",
+                select: bool = True, on_text=None, progress=None, **gen: Any):
+        """Write an illustrated article from `title` (see `xcomposer.compose.pipeline`): text, image
+        spots, captions, candidates from `library` (an `ImageLibrary`), the model's choice."""
+        from .compose.pipeline import compose
+        return compose(self, title, library=library, num_images=num_images, lang=lang, select=select,
+                       on_text=on_text, progress=progress, **gen)
 
     def _prepare(self, text, image, history, options):
         self._require_tokenizer()
