@@ -1,0 +1,4 @@
+"""`python -m xcomposer ...`: see `xcomposer.cli`."""
+from .cli import main
+
+raise SystemExit(main())

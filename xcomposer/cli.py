@@ -1,0 +1,221 @@
+"""Command line: `python -m xcomposer <group> <command> ...`.
+
+Each command group registers itself through an `add_<group>_commands(subparsers)` function and sets
+`func` on its parsers; `main` parses, calls `func(args)`, and turns expected failures into
+`error: ...` on stderr with exit status 2. Heavy imports (torch models, open_clip) happen inside
+the command functions, so `--help` and argument errors stay fast.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+EXIT_ERROR = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):  # a group named without a command: show that group's help
+        (getattr(args, "group_parser", None) or parser).print_help(sys.stderr)
+        return EXIT_ERROR
+    from vision.image import ImageError
+
+    from .checkpoint import CheckpointError
+    from .library import LibraryError
+
+    try:
+        return args.func(args)
+    except (LibraryError, ImageError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m xcomposer", description="InternLM-XComposer tools.")
+    groups = parser.add_subparsers(title="commands", metavar="COMMAND")
+    add_library_commands(groups)
+    add_compose_commands(groups)
+    return parser
+
+
+# --- library ------------------------------------------------------------------------------------
+
+def add_library_commands(groups: argparse._SubParsersAction) -> None:
+    from .library import DEFAULT_MODEL, DEFAULT_PRETRAINED  # constants only: open_clip loads lazily
+
+    group = groups.add_parser("library", help="build, update and search a local image library",
+                              description="A local image library searched by caption (open_clip).")
+    group.set_defaults(group_parser=group)
+    commands = group.add_subparsers(title="library commands", metavar="COMMAND")
+
+    build = commands.add_parser("build", help="embed every image under DIR into a new library LIB")
+    build.add_argument("folder", metavar="DIR", help="folder of images (searched recursively)")
+    build.add_argument("--out", required=True, metavar="LIB", help="folder to write the library to")
+    build.add_argument("--model", default=None,
+                       help=f"open_clip model name (default {DEFAULT_MODEL}, or the --model-config file's stem)")
+    build.add_argument("--pretrained", default=DEFAULT_PRETRAINED,
+                       help=f"open_clip tag (needs the network once) or a local weights file (default "
+                            f"{DEFAULT_PRETRAINED})")
+    build.add_argument("--model-config", default=None, metavar="JSON",
+                       help="open_clip model-config JSON for a model open_clip does not ship")
+    build.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    build.add_argument("--batch-size", type=int, default=32, help="images per encoder batch (default 32)")
+    build.set_defaults(func=_library_build)
+
+    update = commands.add_parser("update", help="embed new and changed images, drop deleted ones")
+    update.add_argument("library", metavar="LIB")
+    update.add_argument("--device", default="cpu")
+    update.add_argument("--pretrained", default=None, help="new location of the library's weights file")
+    update.set_defaults(func=_library_update)
+
+    search = commands.add_parser("search", help="the images closest to a caption")
+    search.add_argument("library", metavar="LIB")
+    search.add_argument("text", help="caption to search for")
+    search.add_argument("-k", type=int, default=4, help="number of hits (default 4)")
+    search.add_argument("--device", default="cpu")
+    search.add_argument("--pretrained", default=None, help="new location of the library's weights file")
+    search.set_defaults(func=_library_search)
+
+
+def _library_build(args: argparse.Namespace) -> int:
+    from .library import ImageLibrary
+
+    with _Progress("embedding") as progress:
+        lib = ImageLibrary.build(args.folder, args.out, model=args.model, pretrained=args.pretrained,
+                                 model_config=args.model_config, device=args.device,
+                                 batch_size=args.batch_size, progress=progress)
+    print(f"built {lib.path}: {len(lib)} images ({lib.last_report}) with {lib.model_name} / {lib.pretrained}",
+          file=sys.stderr)
+    return 0
+
+
+def _library_update(args: argparse.Namespace) -> int:
+    from .library import ImageLibrary
+
+    lib = ImageLibrary.open(args.library, device=args.device, pretrained=args.pretrained)
+    with _Progress("embedding") as progress:
+        report = lib.update(progress=progress)
+    print(f"updated {lib.path}: {len(lib)} images ({report})", file=sys.stderr)
+    return 0
+
+
+def _library_search(args: argparse.Namespace) -> int:
+    from .library import ImageLibrary
+
+    lib = ImageLibrary.open(args.library, device=args.device, pretrained=args.pretrained)
+    hits = lib.search(args.text, k=args.k)
+    if not hits:
+        print("no images in the library", file=sys.stderr)
+    for rank, hit in enumerate(hits, 1):
+        print(f"{rank}\t{hit.score:.4f}\t{hit.path}")
+    return 0
+
+
+# --- compose ------------------------------------------------------------------------------------
+
+def add_compose_commands(groups: argparse._SubParsersAction) -> None:
+    c = groups.add_parser("compose", help="write an illustrated article from a title",
+                          description="Text, image spots, captions, library search and the model's choice "
+                                      "(docs/composition.md).")
+    c.add_argument("title", help="the article's title")
+    c.add_argument("--folder", required=True, help="XComposer checkpoint folder or hub id")
+    c.add_argument("--library", default=None, metavar="LIB",
+                   help="image library (python -m xcomposer library build); without it slots get captions only")
+    c.add_argument("--out", required=True, metavar="DIR", help="folder for article.md/.html/.json and images/")
+    c.add_argument("--num-images", type=int, default=None, help="how many images (default: the model decides)")
+    c.add_argument("--max-new-tokens", type=int, default=1000, help="article length in tokens (default 1000)")
+    c.add_argument("--num-beams", type=int, default=5)
+    c.add_argument("--repetition-penalty", type=float, default=5.0)
+    c.add_argument("--sample", action="store_true", help="sample the text instead of beam search")
+    c.add_argument("--no-select", action="store_true", help="take each slot's first candidate (no model choice)")
+    c.add_argument("--lang", default="zh", choices=["zh", "en"], help="prompt language (upstream's: zh)")
+    c.add_argument("--device", default=None, help="torch device (default cuda when available)")
+    c.add_argument("--dtype", default=None, help="float16, bfloat16 or float32")
+    c.add_argument("--zip", action="store_true", help="also write DIR.zip")
+    c.set_defaults(func=_compose)
+
+
+def _compose(args: argparse.Namespace) -> int:
+    import torch
+
+    from .compose.pipeline import Composer
+    from .library import ImageLibrary
+    from .model import XComposer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = XComposer.from_pretrained(args.folder, device=device, dtype=args.dtype)
+    library = ImageLibrary.open(args.library, device=device) if args.library else None
+    composer = Composer(model, library, lang=args.lang)
+    gen = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+               repetition_penalty=args.repetition_penalty, do_sample=args.sample)
+    article, bars = None, {}
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with transformers
+        tqdm = None
+    for ev in composer.run(args.title, num_images=args.num_images, select=not args.no_select, **gen):
+        if ev.kind == "text":
+            print(ev.text, end="", flush=True)
+        elif ev.kind == "stage" and ev.stage != "text" and ev.total:
+            if tqdm is None:
+                print(f"{ev.stage}: {ev.done}/{ev.total}", file=sys.stderr)
+                continue
+            bar = bars.get(ev.stage) or bars.setdefault(ev.stage, tqdm(total=ev.total, desc=ev.stage, file=sys.stderr))
+            bar.update(ev.done - bar.n)
+            if ev.done == ev.total:
+                bar.close()
+        elif ev.kind == "stage" and ev.stage == "text" and ev.done:
+            print(file=sys.stderr)
+        elif ev.kind == "done":
+            article = ev.article
+    out = article.save_zip(args.out) if args.zip else article.save(args.out)
+    for note in article.fallbacks:
+        print(f"note: {note}", file=sys.stderr)
+    placed = sum(1 for s in article.slots if s.chosen is not None)
+    print(f"wrote {out}: {len(article.paragraphs)} paragraphs, {placed} images", file=sys.stderr)
+    return 0
+
+
+class _Progress:
+    """A `progress(done, total, message)` callback drawing a tqdm bar on stderr (plain lines when
+    tqdm is missing); messages about skipped files are always printed."""
+
+    def __init__(self, label: str) -> None:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        self._tqdm = tqdm
+        self.label = label
+        self._bar = None
+        self._last_percent = -1
+
+    def __enter__(self) -> Callable[[int, int, str], None]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def __call__(self, done: int, total: int, message: str) -> None:
+        if self._tqdm is None:
+            self._plain(done, total, message)
+            return
+        if self._bar is None:
+            self._bar = self._tqdm(total=total, desc=self.label, unit="img", file=sys.stderr)
+        if message.startswith("skipped "):
+            self._bar.write(message, file=sys.stderr)
+        self._bar.update(done - self._bar.n)
+
+    def _plain(self, done: int, total: int, message: str) -> None:
+        if message.startswith("skipped "):
+            print(message, file=sys.stderr)
+        percent = 100 * done // max(total, 1)
+        if percent // 10 != self._last_percent // 10 or done == total:  # a line per 10%, not per image
+            print(f"{self.label}: {done}/{total}", file=sys.stderr)
+            self._last_percent = percent
