@@ -13,14 +13,6 @@ import argparse
 import sys
 from pathlib import Path
 
-# photographs shipped inside scikit-image's wheel (no download): name -> file name
-PHOTOS = {
-    "astronaut": "astronaut", "camera": "cameraman", "chelsea": "cat_chelsea", "coffee": "coffee_cup",
-    "coins": "coins", "hubble_deep_field": "hubble_deep_field", "immunohistochemistry": "immunohistochemistry",
-    "moon": "moon_surface", "rocket": "rocket_launch", "page": "text_page", "text": "text_on_sign",
-    "grass": "grass", "gravel": "gravel", "brick": "brick_wall", "retina": "retina", "clock": "clock",
-    "stereo_motorcycle": "motorcycle",
-}
 QUERIES = ("a cat", "a cup of coffee", "a rocket launch", "an astronaut")
 
 
@@ -34,55 +26,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny-clip", action="store_true", help="tiny random CLIP: offline, rankings are noise")
     args = parser.parse_args(argv)
 
+    from xcomposer.demo import build_demo_library
+    from xcomposer.library import LibraryError
+
     try:
-        import skimage.data
+        import skimage.data  # noqa: F401
     except ImportError:
         print('error: the demo needs scikit-image: pip install -e ".[demo]"', file=sys.stderr)
         return 2
-
-    from xcomposer.library import ImageLibrary, LibraryError
-
     out = Path(args.out)
-    images = out / "images"
-    written = save_photos(skimage.data, images)
-    print(f"{len(written)} photos in {images}", file=sys.stderr)
-
-    model, pretrained, config = args.model, args.pretrained, None
-    if args.tiny_clip:
-        from xcomposer.tiny_clip import write_tiny_clip
-
-        model, config, weights = write_tiny_clip(out / "tiny_clip")
-        pretrained = str(weights)
     try:
-        lib = ImageLibrary.build(images, out / "library", model=model, pretrained=pretrained, model_config=config)
+        lib = build_demo_library(out, tiny_clip=args.tiny_clip, model=args.model, pretrained=args.pretrained)
     except LibraryError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(f"{len(lib)} photos in {out / 'images'}", file=sys.stderr)
     print(f"library {lib.path}: {len(lib)} images ({lib.last_report})", file=sys.stderr)
     for query in QUERIES:
         for best in lib.search(query, k=1):  # none when every photo was skipped
             print(f"{query!r}: {best.id} ({best.score:.3f})")
     return 0
-
-
-def save_photos(data, folder: Path) -> list[Path]:
-    """Save each bundled photo in PHOTOS as PNG; a photo this scikit-image lacks is left out."""
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for func, name in PHOTOS.items():
-        try:
-            pixels = getattr(data, func)()
-        except Exception as e:  # renamed or moved to an optional download in some version
-            print(f"skipping {func}: {e}", file=sys.stderr)
-            continue
-        if isinstance(pixels, tuple):  # stereo pairs: keep the left view
-            pixels = pixels[0]
-        path = folder / f"{name}.png"
-        Image.fromarray(pixels).save(path)
-        written.append(path)
-    return written
 
 
 if __name__ == "__main__":

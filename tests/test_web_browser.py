@@ -1,0 +1,300 @@
+"""The web demo end to end in a real browser: `web_demo.py --demo` in a subprocess, driven by
+Playwright through Debian's Chromium (`/usr/bin/chromium`, installed by `.ci/run`; another binary
+can be named with XCOMPOSER_CHROMIUM). Screenshots of each tab go to `artifacts/` (or
+XCOMPOSER_ARTIFACTS)."""
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+playwright_sync = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[test]' installs playwright")
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("XCOMPOSER_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(os.environ.get("XCOMPOSER_ARTIFACTS", REPO / "artifacts"))
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+JOB_TIMEOUT_MS = 120_000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("web")
+    (root / "tmp").mkdir()
+    port = _free_port()
+    env = {**os.environ, "TMPDIR": str(root / "tmp"), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "PYTHONUNBUFFERED": "1"}
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "web_demo.py"), "--demo", "--port", str(port),
+                             "--out", str(root / "out")], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 240
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"web_demo.py --demo exited with {proc.returncode}:\n{(root / 'server.log').read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"web_demo.py --demo did not serve {url} in time:\n{(root / 'server.log').read_text()}")
+        time.sleep(0.5)
+    yield {"url": url, "root": root, "out": root / "out", "proc": proc}
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"no Chromium at {CHROMIUM}: install Debian's package (apt-get install chromium) or set "
+                    f"XCOMPOSER_CHROMIUM to a Chromium binary")
+    with playwright_sync.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def _open(browser, server):
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    page = ctx.new_page()
+    page.set_default_timeout(JOB_TIMEOUT_MS)
+    page.goto(server["url"])
+    page.wait_for_selector("#title textarea")
+    return ctx, page
+
+
+@pytest.fixture
+def page(browser, server):
+    ctx, page = _open(browser, server)
+    yield page
+    ctx.close()
+
+
+def _picture(path: Path, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+# -- chat helpers -------------------------------------------------------------------------------
+
+WATCH_BOT = """() => {
+  window.__botTexts = [];
+  const root = document.querySelector('#chatbot');
+  new MutationObserver(() => {
+    const bots = root.querySelectorAll('[data-testid=bot]');
+    if (bots.length) window.__botTexts.push(bots[bots.length - 1].innerText);
+  }).observe(root, {subtree: true, childList: true, characterData: true});
+}"""
+
+CHAT_IDLE = """([bots]) => {
+  const root = document.querySelector('#chatbot');
+  const tracker = root.querySelector('[data-testid=status-tracker]');
+  const msgs = root.querySelectorAll('[data-testid=bot]');
+  return msgs.length === bots && tracker && tracker.classList.contains('hide')
+         && msgs[msgs.length - 1].innerText.trim().length > 0;
+}"""
+
+
+def _chat_tab(page):
+    page.get_by_role("tab", name="Chat").click()
+    page.wait_for_selector("#chat-input textarea")
+
+
+def _attach(page, files):
+    before = page.locator("#chat-input .thumbnail-item").count()
+    page.set_input_files("#chat-input input[type=file]", [str(f) for f in files])
+    page.wait_for_function(f"() => document.querySelectorAll('#chat-input .thumbnail-item').length >= "
+                           f"{before + len(files)}")
+
+
+def _ask(page, text, files=(), bots_after=None):
+    if files:
+        _attach(page, files)
+    page.fill("#chat-input textarea", text)
+    page.press("#chat-input textarea", "Enter")
+    if bots_after is not None:
+        page.wait_for_function(CHAT_IDLE, arg=[bots_after])
+
+
+def _bot_texts(page):
+    return [t.strip() for t in page.locator("#chatbot [data-testid=bot]").all_inner_texts()]
+
+
+def _user_texts(page):
+    """The user's questions (a picture shows as a message of its own, with no text)."""
+    return [t.strip() for t in page.locator("#chatbot [data-testid=user]").all_inner_texts() if t.strip()]
+
+
+# -- chat -----------------------------------------------------------------------------------------
+
+def test_chat_upload_ask_streamed_reply_multi_turn_regenerate_clear(page, tmp_path):
+    _chat_tab(page)
+    page.evaluate(WATCH_BOT)
+    _ask(page, "What is in the image?", [_picture(tmp_path / "noise.png")], bots_after=1)
+    first = _bot_texts(page)[0]
+    assert first
+    seen = [t for t in page.evaluate("window.__botTexts") if t.strip()]
+    assert len(set(seen)) >= 2, f"the reply arrived in one piece, not streamed: {seen!r}"
+    assert page.locator("#chatbot [data-testid=user] img").count() == 1  # the uploaded picture is shown
+    assert page.input_value("#chat-input textarea") == ""
+
+    _ask(page, "And what colour is it?", bots_after=2)
+    assert len(_user_texts(page)) == 2 and all(_bot_texts(page))
+
+    page.click("#chat-regenerate")
+    page.wait_for_function(CHAT_IDLE, arg=[2])
+    assert len(_bot_texts(page)) == 2 and len(_user_texts(page)) == 2  # the last answer replaced, not added
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web-chat.png"), full_page=True)
+
+    page.click("#chat-clear")
+    page.wait_for_function("() => document.querySelectorAll('#chatbot [data-testid=bot]').length === 0")
+    _ask(page, "A fresh start?", bots_after=1)  # history really cleared: one exchange shown
+    assert len(_user_texts(page)) == 1
+
+
+def test_corrupt_upload_shows_an_error_and_the_next_request_works(page, tmp_path):
+    _chat_tab(page)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    _ask(page, "Describe this", [bad])
+    page.wait_for_selector("#chat-error:has-text('broken.png')")
+    assert "cannot be used" in page.inner_text("#chat-error")
+    assert page.locator("#chatbot [data-testid=user]").count() == 0  # nothing was added
+    assert page.input_value("#chat-input textarea") == "Describe this"  # the user's text is kept
+
+    assert page.locator("#chat-input .thumbnail-item").count() == 1  # the upload is kept to be replaced
+    page.get_by_role("button", name="Remove file").click()
+    page.wait_for_function("() => !document.querySelector('#chat-input .thumbnail-item')")
+    _ask(page, "Describe this one", [_picture(tmp_path / "ok.png", seed=3)], bots_after=1)
+    assert _bot_texts(page)[0] and page.inner_text("#chat-error").strip() == ""
+
+
+def test_two_browser_sessions_keep_separate_histories(browser, server, tmp_path):
+    ctx_a, a = _open(browser, server)
+    ctx_b, b = _open(browser, server)
+    try:
+        _chat_tab(a)
+        _chat_tab(b)
+        _ask(a, "Question from A", bots_after=1)
+        assert b.locator("#chatbot [data-testid=user]").count() == 0
+        _ask(b, "Question from B", bots_after=1)
+        _ask(a, "Second question from A", bots_after=2)
+        assert _user_texts(a) == ["Question from A", "Second question from A"]
+        assert _user_texts(b) == ["Question from B"]
+    finally:
+        ctx_a.close()
+        ctx_b.close()
+
+
+# -- composition -------------------------------------------------------------------------------------
+
+def _status(page) -> str:
+    return page.inner_text("#compose-status")
+
+
+def _wait_status(page, text: str):
+    page.wait_for_selector(f"#compose-status:has-text('{text}')")
+
+
+def test_compose_edit_and_download(page, server, tmp_path):
+    page.fill("#title textarea", "山间小路")
+    page.click("#compose-btn")
+    _wait_status(page, "done")
+    paragraphs = page.locator("#article p.xc-par").count()
+    figures = page.locator("#article figure img").count()
+    assert paragraphs >= 1 and figures >= 1
+    assert figures == min(3, paragraphs)  # the demo asks for 3 images, one per paragraph at most
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web-compose.png"), full_page=True)
+
+    # pick another candidate for the first image: the picture in the article changes
+    first_src = page.locator("#article figure img").first.get_attribute("src")
+    thumbs = page.locator("#candidates .thumbnail-item")
+    assert thumbs.count() >= 2
+    thumbs.nth(1).click()
+    _wait_status(page, "candidate 2 chosen")
+    assert page.locator("#article figure img").first.get_attribute("src") != first_src
+
+    # edit the caption and search again
+    page.fill("#caption-edit textarea", "a cup of coffee on a table")
+    page.click("#search-again")
+    _wait_status(page, "new candidates")
+    assert "a cup of coffee on a table" in page.inner_text("#article")
+
+    # remove that image, then add one at the first paragraph without an image
+    page.click("#remove-image")
+    _wait_status(page, "image removed")
+    assert page.locator("#article figure").count() == figures - 1
+    page.click("#add-image")
+    _wait_status(page, "image added")
+    assert page.locator("#article figure").count() == figures
+
+    # rewrite the paragraph that now has the new image
+    page.click("#regenerate-paragraph")
+    _wait_status(page, "rewritten")
+    assert page.locator("#article figure").count() == figures
+
+    # download: a zip with the article in Markdown, HTML and JSON and its pictures
+    with page.expect_download() as dl:
+        page.click("#download-article")
+    data = Path(dl.value.path()).read_bytes()
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        names = z.namelist()
+        top = names[0].split("/")[0]
+        assert {f"{top}/article.md", f"{top}/article.html", f"{top}/article.json"} <= set(names)
+        pictures = [n for n in names if n.startswith(f"{top}/images/") and not n.endswith("/")]
+        assert len(pictures) == figures
+        md = z.read(f"{top}/article.md").decode()
+        html = z.read(f"{top}/article.html").decode()
+        for pic in pictures:
+            rel = pic[len(top) + 1:]
+            assert f"({rel})" in md and f'src="{rel}"' in html
+            Image.open(io.BytesIO(z.read(pic))).verify()
+    # the article folder is inside this session's folder under --out, nowhere else
+    saved = list(server["out"].glob("*/*/article.json"))
+    assert saved and all(p.parent.parent.parent == server["out"] for p in saved)
+
+
+def test_compose_refuses_an_empty_title_and_keeps_serving(page):
+    page.fill("#title textarea", "   ")
+    page.click("#compose-btn")
+    _wait_status(page, "type a title")
+    page.fill("#title textarea", "雨后")
+    page.click("#compose-btn")
+    _wait_status(page, "done")
+
+
+def test_output_folder_is_not_served_by_path(page, server):
+    page.fill("#title textarea", "文件")
+    page.click("#compose-btn")
+    _wait_status(page, "done")
+    md = next(server["out"].glob("*/*/article.md"))
+    for target in (md, Path("/etc/passwd")):
+        r = page.request.get(f"{server['url']}gradio_api/file={target}")
+        assert r.status in (403, 404), f"{target} was served ({r.status})"

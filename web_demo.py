@@ -1,0 +1,120 @@
+"""InternLM-XComposer web demo: article composition and multimodal chat in the browser.
+
+    python web_demo.py --num_gpus 1 --port 6006                          # internlm/internlm-xcomposer-7b
+    python web_demo.py --folder /path/to/internlm-xcomposer-7b --library lib/
+    python web_demo.py --demo                                             # tiny random model, any machine
+
+The server listens on 127.0.0.1 unless `--host` says otherwise (use `--host 0.0.0.0` to expose it
+on purpose). Articles and uploads are written under `--out`, one folder per browser session.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+DEFAULT_FOLDER = "internlm/internlm-xcomposer-7b"
+EXIT_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--folder", default=DEFAULT_FOLDER,
+                   help=f"local checkpoint folder or hub id (default {DEFAULT_FOLDER})")
+    p.add_argument("--num_gpus", "--num-gpus", dest="num_gpus", type=int, default=1,
+                   help="GPUs to shard the model over (default 1; 0 runs on the CPU)")
+    p.add_argument("--port", type=int, default=6006, help="port to listen on (default 6006)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
+    p.add_argument("--library", default=None, help="image library folder for composition "
+                   "(built with `python -m xcomposer library build DIR --out LIB`)")
+    p.add_argument("--out", default="web_demo_output", help="folder for articles and uploads (default "
+                   "web_demo_output)")
+    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                   help="weights dtype (default: float16 on GPU, float32 on CPU)")
+    p.add_argument("--max-concurrency", "--max_concurrency", dest="max_concurrency", type=int, default=1,
+                   help="model jobs running at once; the rest wait in the queue (default 1)")
+    p.add_argument("--demo", action="store_true",
+                   help="tiny random model and demo library built on the fly: try the interface anywhere "
+                        "(its output is noise)")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.num_gpus < 0:
+        raise SystemExit(f"error: --num_gpus {args.num_gpus} must be 0 (CPU) or more")
+    if not 0 <= args.port <= 65535:
+        raise SystemExit(f"error: --port {args.port} is not a port number (0-65535)")
+    if args.max_concurrency < 1:
+        raise SystemExit(f"error: --max-concurrency {args.max_concurrency} must be at least 1")
+
+
+def load_model(args: argparse.Namespace):
+    """The model for the demo; on failure exit with what was tried and what to pass instead."""
+    import torch
+
+    from xcomposer import XComposer
+    from xcomposer.checkpoint import CheckpointError
+
+    device = "cuda" if args.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    if args.num_gpus > 0 and device == "cpu":
+        print(f"warning: --num_gpus {args.num_gpus} but no CUDA device is visible; running on the CPU "
+              f"(slow for the 7B model)", file=sys.stderr)
+    kwargs = {"device": device, "dtype": args.dtype}
+    if args.num_gpus > 1:
+        kwargs["num_gpus"] = args.num_gpus
+    try:
+        return XComposer.from_pretrained(args.folder, **kwargs)
+    except (CheckpointError, OSError) as e:
+        raise SystemExit(
+            f"error: could not load the model from --folder {args.folder!r}: {e}\n"
+            f"Pass --folder with a local internlm-xcomposer-7b (or -vl-7b) folder holding config.json, "
+            f"tokenizer.model and the weights, or a hub id that can be downloaded; or run with --demo to "
+            f"try the interface on a tiny random model.") from None
+
+
+def load_library(path: str | None):
+    if path is None:
+        return None
+    from xcomposer.library import ImageLibrary, LibraryError
+
+    try:
+        return ImageLibrary.open(path)
+    except LibraryError as e:
+        raise SystemExit(f"error: --library {path!r}: {e}") from None
+
+
+def demo_setup(args: argparse.Namespace):
+    """A tiny random model and the demo library, cached in a temporary folder."""
+    from xcomposer import XComposer
+    from xcomposer.demo import build_demo_library, build_demo_model
+
+    cache = Path(tempfile.gettempdir()) / "xcomposer-web-demo"
+    model = XComposer.from_pretrained(build_demo_model(cache / "model"))
+    library = load_library(args.library) if args.library else build_demo_library(cache / "library")
+    return model, library
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    from xcomposer.webui import CHAT_DEFAULTS, DEMO_BANNER, DemoApp, launch
+
+    if args.demo:
+        model, library = demo_setup(args)
+        app = DemoApp(model, library, args.out, banner=DEMO_BANNER, max_concurrency=args.max_concurrency,
+                      compose_defaults=dict(max_new_tokens=200, num_beams=1, num_images=3),
+                      chat_defaults={**CHAT_DEFAULTS, "max_new_tokens": 64, "num_beams": 1})
+    else:
+        library = load_library(args.library)  # a bad library fails before the long model load
+        model = load_model(args)
+        app = DemoApp(model, library, args.out, max_concurrency=args.max_concurrency)
+    if library is None:
+        print("note: no --library given: articles get captions but no pictures", file=sys.stderr)
+    launch(app, host=args.host, port=args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
