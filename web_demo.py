@@ -56,16 +56,19 @@ def load_model(args: argparse.Namespace):
 
     from xcomposer import XComposer
     from xcomposer.checkpoint import CheckpointError
+    from xcomposer.sharding import ShardingError
 
     device = "cuda" if args.num_gpus > 0 and torch.cuda.is_available() else "cpu"
     if args.num_gpus > 0 and device == "cpu":
         print(f"warning: --num_gpus {args.num_gpus} but no CUDA device is visible; running on the CPU "
               f"(slow for the 7B model)", file=sys.stderr)
     kwargs = {"device": device, "dtype": args.dtype}
-    if args.num_gpus > 1:
+    if args.num_gpus > 1 and device == "cuda":
         kwargs["num_gpus"] = args.num_gpus
     try:
         return XComposer.from_pretrained(args.folder, **kwargs)
+    except ShardingError as e:
+        raise SystemExit(f"error: --num_gpus {args.num_gpus}: {e}") from None
     except (CheckpointError, OSError) as e:
         raise SystemExit(
             f"error: could not load the model from --folder {args.folder!r}: {e}\n"

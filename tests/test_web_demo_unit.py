@@ -243,3 +243,15 @@ def test_saving_twice_replaces_the_same_folder_and_downloads_are_private_copies(
     assert not Path(s2.zip_path).is_relative_to(app.out_root) and Path(s2.zip_path).is_file()
     assert sorted(p.name for p in (app.out_root / "sess").iterdir()) == sorted([s1.folder.name,
                                                                                 s1.folder.name + ".zip"])
+
+
+def test_several_gpus_without_cuda_load_on_the_cpu_with_a_warning(model, tmp_path, capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the warning is for machines without it")
+    folder = write_tiny_xcomposer(tmp_path / "xc")
+    args = web_demo.build_parser().parse_args(["--folder", str(folder), "--num_gpus", "2"])
+    loaded = web_demo.load_model(args)
+    assert loaded.device.type == "cpu"
+    assert "--num_gpus 2 but no CUDA device is visible" in capsys.readouterr().err
+

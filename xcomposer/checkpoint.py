@@ -323,7 +323,7 @@ def load_checkpoint_into(
     model: nn.Module,
     folder: Path,
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | Callable[[str], str | torch.device] = "cpu",
     dtype: torch.dtype | None = None,
     key_map: Callable[[str], str | None] | None = None,
     skip: Callable[[str], bool] | None = None,
@@ -338,7 +338,8 @@ def load_checkpoint_into(
     the model rebuilds them (e.g. `setup_rope`). With `lora`, adapter keys are merged into their
     base weights (named by the checkpoint key) before `skip`/`key_map` see them.
     `checkpoint_name` (the inverse of `key_map`) lets errors name missing tensors by their
-    checkpoint key.
+    checkpoint key. `device` may be a function of the model name (a multi-GPU placement): each
+    tensor then goes straight to its own device.
     """
     folder = Path(folder)
     key_map = key_map or (lambda k: k)
@@ -386,7 +387,7 @@ def load_checkpoint_into(
                                   f"{tuple(tensor.shape)}, the model expects {tuple(slots.shape[name])}; "
                                   f"config.json does not describe these weights")
         convert = dtype if dtype is not None and tensor.is_floating_point() else None
-        tensor = tensor.to(device=device, dtype=convert)
+        tensor = tensor.to(device=device(name) if callable(device) else device, dtype=convert)
         tied_done = [n for n in slots.group[name] if n in loaded]
         if tied_done:
             # the checkpoint stores a tied tensor under a second name: it must be the same tensor

@@ -77,6 +77,7 @@ class KVCache(nn.Module):
     def reorder(self, index: torch.Tensor, length: int | None = None) -> None:
         """Beam search: row i takes the cache of row index[i] (only slots [0, length) if given)."""
         k, v = (self.k, self.v) if length is None else (self.k[:, :, :length], self.v[:, :, :length])
+        index = index.to(k.device)  # the cache may sit on another GPU than the generation bookkeeping
         k.copy_(k.index_select(0, index))
         v.copy_(v.index_select(0, index))
 
@@ -105,7 +106,8 @@ class Attention(nn.Module):
             if mask.shape[-1] < k.shape[2]:  # the mask covers the filled prefix: skip the empty tail
                 k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+        # -1, not C: under tensor parallelism this rank holds n_heads * head_dim < C features
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -179,15 +181,19 @@ class InternLMForCausalLM(nn.Module):
         self.rope_cos, self.rope_sin, self._rope_len = cos, sin, length
 
     def setup_caches(self, batch: int, length: int, dtype=None) -> None:
-        """Allocate static KV caches of (batch, heads, length, head_dim) in every layer."""
-        cfg = self.config
+        """Allocate static KV caches of (batch, heads, length, head_dim) in every layer.
+
+        Each layer's cache lives on that layer's own device (layers may be spread over several
+        GPUs by a device map) and holds that layer's heads (fewer under tensor parallelism)."""
         dtype = dtype or self.dtype
-        if batch == self.cache_batch and length == self.cache_len:
-            first = self.model.layers[0].self_attn.kv_cache
-            if first is not None and first.k.dtype == dtype and first.k.device == self.device:
-                return
+        if batch == self.cache_batch and length == self.cache_len and all(
+                (c := layer.self_attn.kv_cache) is not None and c.k.dtype == dtype
+                and c.k.device == layer.self_attn.q_proj.weight.device for layer in self.model.layers):
+            return
         for layer in self.model.layers:
-            layer.self_attn.kv_cache = KVCache(batch, cfg.num_attention_heads, length, cfg.head_dim, dtype, self.device)
+            attn = layer.self_attn
+            attn.kv_cache = None  # free the old buffers before allocating the new ones
+            attn.kv_cache = KVCache(batch, attn.n_heads, length, attn.head_dim, dtype, attn.q_proj.weight.device)
         self.cache_batch, self.cache_len = batch, length
         self.setup_rope(length)
 
@@ -251,11 +257,14 @@ class InternLMForCausalLM(nn.Module):
                 self.setup_rope(needed)
         cos = self.rope_cos[position_ids].to(x.dtype)[:, None]
         sin = self.rope_sin[position_ids].to(x.dtype)[:, None]
+        home = x.device
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache_pos)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.model.norm(x))
+        # with layers spread over GPUs (xcomposer.sharding) the head sits on the last one: hand the
+        # logits back where the inputs came from, next to the generation loop's bookkeeping
+        return self.lm_head(self.model.norm(x)).to(home)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,12 +180,19 @@ class XComposer(nn.Module):
     # -- loading -----------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | str | None = None) -> "XComposer":
+                        dtype: torch.dtype | str | None = None, num_gpus: int = 1) -> "XComposer":
         """Load an internlm-xcomposer-7b / -vl-7b folder or hub id strictly, shard by shard.
 
         Every checkpoint key must map onto the model and every model tensor must be provided;
         LoRA adapters (`*.lora_A.weight`, `*.lora_B.weight`) are merged into their base weights.
+        `num_gpus` > 1 spreads the model over cuda:0 .. cuda:N-1 (`device` is then not used) by the
+        balanced placement of `xcomposer.sharding`, printing its memory report before any weight
+        is read; each tensor is loaded straight onto its GPU.
         """
+        if num_gpus != 1:
+            from . import sharding
+            sharding.require_gpus(num_gpus)
+            device = "cuda:0"
         folder, cfg_file = checkpoint_folder(path_or_hub_id, "XComposer")
         cfg = XComposerConfig.from_json(cfg_file)
         if not (folder / "tokenizer.model").is_file():
@@ -192,12 +200,22 @@ class XComposer(nn.Module):
                                   f"sentencepiece tokenizer.model shipped with the weights")
         device = torch.device(device)
         dtype = resolve_dtype(dtype, device, cfg.llm.torch_dtype)
+        plan = None
+        if num_gpus != 1:  # fail on memory before reading gigabytes
+            plan = sharding.memory_report(cfg, num_gpus, dtype, batch=sharding.DEFAULT_KV_BATCH,
+                                          budgets=sharding.cuda_budgets(num_gpus))
+            print(plan, file=sys.stderr)
+            sharding.check_fits(plan, cfg)
         with torch.device("meta"):
             model = cls(cfg)
         lora = LoRAMerge(cfg.lora_scale) if cfg.lora else None
-        load_checkpoint_into(model, folder, device=device, dtype=dtype, key_map=checkpoint_key_map,
+        target = device if plan is None else (lambda name: f"cuda:{sharding.device_of(name, plan.device_map)}")
+        load_checkpoint_into(model, folder, device=target, dtype=dtype, key_map=checkpoint_key_map,
                              skip=_skip_derived, lora=lora, checkpoint_name=checkpoint_name)
         model.finish_loading(device)
+        if plan is not None:
+            sharding.dispatch(model, plan.device_map, main_device=0)
+            model.memory_report = plan
         model.tokenizer = load_tokenizer(folder)
         model.source = Path(folder)
         return model.eval()

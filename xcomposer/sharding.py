@@ -1,0 +1,396 @@
+"""Placing XComposer on several GPUs, and what it needs in memory on each.
+
+A pipeline split at decoder-layer boundaries, run by `accelerate` hooks (docs/sharding.md):
+
+* device 0 holds the vision tower, the perceive sampler, the token embeddings and the first
+  decoder layers (images and the prompt are embedded where the decoder starts);
+* the decoder layers are cut into contiguous runs, one per device, so that every device's bytes
+  (weights + its layers' share of the KV cache + a fixed reserve) are as balanced as the
+  budgets allow;
+* the final norm and the LM head go with the last layers.
+
+Byte counts come from the model itself, built on the `meta` device (no memory, exact shapes),
+never from hand formulas. Everything here is a pure function of the config: no GPU is needed to
+plan, report or test a placement. Upstream's `auto_configure_device_map` (InternLM-XComposer,
+examples/utils.py) counts the vision tower as 4 "layers" and keeps norm and lm_head on GPU 0;
+we weigh real bytes and put the head with the last layers instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Sequence, Union
+
+import torch
+from torch import nn
+
+from .config import InternLMConfig
+
+GiB = 1 << 30
+# held back on every device for what weights and caches do not count: the CUDA context and its
+# kernels (~0.5 GiB), allocator slack, activations of a 2k-token prefill (the MLP's 2048 x 11008
+# intermediate, attention workspace) and the vision tower's activations. An estimate, not measured.
+DEFAULT_RESERVE = 1 * GiB
+# upstream's default generation runs 5 beams: the cache holds 5 rows per prompt
+DEFAULT_KV_BATCH = 5
+
+AnyConfig = Union["XComposerConfig", InternLMConfig]  # noqa: F821  (XComposerConfig: .model)
+
+
+class ShardingError(RuntimeError):
+    """The model does not fit the devices, or the placement request is invalid; the message says
+    how many bytes are needed and available and what to change."""
+
+
+def xcomposer_7b_config():
+    """The full-size internlm-xcomposer-7b shapes (docs/checkpoint-format.md): InternLM-7B (32 layers,
+    hidden 4096, 32 heads, SwiGLU 11008, vocab 103168, q/k/v/o biases), EVA ViT-g/14 at 224 px
+    (39 blocks, width 1408), the BERT-base Q-Former with 64 queries, fp16."""
+    from .model import XComposerConfig
+    return XComposerConfig.from_dict({"model_type": "InternLMXComposer", "num_query_token": 64,
+                                      "internlm_lora": None, "torch_dtype": "float16"})
+
+
+# -- sizes from a meta-device model ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Part:
+    name: str  # module path in the model, as accelerate's device_map expects it
+    params: int  # parameter elements
+    buffer_bytes_fp32: tuple[tuple[int, int, bool], ...]  # (numel, element size, floating) per buffer
+
+
+def _build_meta(config: AnyConfig) -> tuple[nn.Module, str]:
+    """The model on the meta device and the prefix of its decoder ("llm." or "")."""
+    from .decoder import InternLMForCausalLM
+    with torch.device("meta"):
+        if isinstance(config, InternLMConfig):
+            return InternLMForCausalLM(config), ""
+        from .model import XComposer
+        return XComposer(config), "llm."
+
+
+_SIZES: dict[str, tuple[list[_Part], list[_Part], list[_Part]]] = {}
+
+
+def _parts(config: AnyConfig) -> tuple[list[_Part], list[_Part], list[_Part]]:
+    """(head parts for device 0, one part per decoder layer, tail parts for the last device)."""
+    key = repr(config if isinstance(config, InternLMConfig) else (config.llm, config.vision, config.sampler))
+    if key not in _SIZES:
+        model, p = _build_meta(config)
+
+        def part(name: str) -> _Part:
+            mod = model.get_submodule(name)
+            params = sum(t.numel() for t in mod.parameters())
+            bufs = tuple((b.numel(), b.element_size(), b.is_floating_point()) for b in mod.buffers())
+            return _Part(name, params, bufs)
+
+        llm = model if not p else model.llm
+        head = ([part("vision"), part("sampler")] if p else []) + [part(f"{p}model.embed_tokens")]
+        layers = [part(f"{p}model.layers.{i}") for i in range(len(llm.model.layers))]
+        tail = [part(f"{p}model.norm"), part(f"{p}lm_head")]
+        if llm.config.tie_word_embeddings:  # one tensor: the embeddings already count it
+            tail[-1] = dataclasses.replace(tail[-1], params=0)
+        covered = sum(x.params for x in head + layers + tail)
+        if covered != sum(t.numel() for t in model.parameters()):
+            raise AssertionError("the placement parts do not cover every parameter of the model")
+        _SIZES[key] = (head, layers, tail)
+    return _SIZES[key]
+
+
+def _elem(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def _param_bytes(part: _Part, dtype: torch.dtype) -> int:
+    return part.params * _elem(dtype)
+
+
+def _buffer_bytes(part: _Part, dtype: torch.dtype) -> int:
+    # floating buffers are converted to the model dtype at load time like the weights
+    return sum(n * (_elem(dtype) if floating else size) for n, size, floating in part.buffer_bytes_fp32)
+
+
+def _llm_config(config: AnyConfig) -> InternLMConfig:
+    return config if isinstance(config, InternLMConfig) else config.llm
+
+
+def kv_bytes_per_layer(config: AnyConfig, batch: int, cache_len: int, dtype: torch.dtype) -> int:
+    """Keys + values of one decoder layer for `batch` rows of `cache_len` tokens."""
+    c = _llm_config(config)
+    return 2 * batch * cache_len * c.num_attention_heads * c.head_dim * _elem(dtype)
+
+
+# -- the report --------------------------------------------------------------------------------
+
+@dataclass
+class DeviceMemory:
+    """What one device holds."""
+
+    index: int
+    modules: list[str]
+    layers: range  # decoder layers on this device
+    param_bytes: int
+    buffer_bytes: int
+    kv_bytes: int
+    reserve_bytes: int
+    budget: int | None = None  # bytes available on the device, when known
+
+    @property
+    def total(self) -> int:
+        return self.param_bytes + self.buffer_bytes + self.kv_bytes + self.reserve_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.budget is None or self.total <= self.budget
+
+
+@dataclass
+class MemoryReport:
+    """Parameter and KV-cache bytes per device for one placement; `str()` is a readable table."""
+
+    devices: list[DeviceMemory]
+    dtype: torch.dtype
+    batch: int
+    cache_len: int
+    device_map: dict[str, int] = field(repr=False)
+    kv_bytes_per_token: int = 0  # all layers, one row
+
+    @property
+    def num_gpus(self) -> int:
+        return len(self.devices)
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(d.param_bytes for d in self.devices)
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(d.kv_bytes for d in self.devices)
+
+    @property
+    def total(self) -> int:
+        return sum(d.total for d in self.devices)
+
+    @property
+    def fits(self) -> bool:
+        return all(d.fits for d in self.devices)
+
+    def __str__(self) -> str:
+        dt = str(self.dtype).replace("torch.", "")
+        lines = [f"memory plan: {self.num_gpus} device(s), {dt} weights, KV cache for {self.batch} row(s) x "
+                 f"{self.cache_len} tokens ({_size(self.kv_bytes_per_token * self.batch)} per token position)",
+                 f"{'device':>6}  {'layers':>9}  {'params':>10}  {'buffers':>10}  {'KV cache':>10}  "
+                 f"{'reserve':>10}  {'total':>10}  {'budget':>10}  holds"]
+        for d in self.devices:
+            extra = [m for m in d.modules if ".layers." not in m]
+            layers = f"{d.layers.start}-{d.layers.stop - 1}" if len(d.layers) else "-"
+            budget = _gib(d.budget) if d.budget is not None else "?"
+            flag = "" if d.fits else "  OVER BUDGET"
+            lines.append(f"{d.index:>6}  {layers:>9}  {_gib(d.param_bytes):>10}  {_gib(d.buffer_bytes):>10}  "
+                         f"{_gib(d.kv_bytes):>10}  {_gib(d.reserve_bytes):>10}  {_gib(d.total):>10}  "
+                         f"{budget:>10}  {', '.join(extra) or 'layers only'}{flag}")
+        lines.append(f"{'all':>6}  {'':>9}  {_gib(self.param_bytes):>10}  "
+                     f"{_gib(sum(d.buffer_bytes for d in self.devices)):>10}  {_gib(self.kv_bytes):>10}  "
+                     f"{_gib(sum(d.reserve_bytes for d in self.devices)):>10}  {_gib(self.total):>10}")
+        return "\n".join(lines)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+# -- placement ---------------------------------------------------------------------------------
+
+def _split(fixed: list[int], layer_cost: list[int], weight: list[float]) -> list[int]:
+    """Cut points (len N+1) of the layers into N non-empty contiguous runs minimising first the
+    largest per-device load / weight, then (among those) the sum of squared loads / weight: a
+    placement as flat as the largest-load optimum allows. Exact dynamic programming."""
+    n, L = len(fixed), len(layer_cost)
+    pre = [0]
+    for c in layer_cost:
+        pre.append(pre[-1] + c)
+
+    def load(d: int, i: int, j: int) -> float:  # device d holds layers [i, j)
+        return (fixed[d] + pre[j] - pre[i]) / weight[d]
+
+    inf = math.inf
+    # pass 1: the smallest achievable maximum
+    best = [[inf] * (L + 1) for _ in range(n)]
+    for j in range(1, L - n + 2):
+        best[0][j] = load(0, 0, j)
+    for d in range(1, n):
+        for j in range(d + 1, L - (n - 1 - d) + 1):
+            best[d][j] = min(max(best[d - 1][i], load(d, i, j)) for i in range(d, j))
+    cap = best[n - 1][L] * (1 + 1e-12)
+    # pass 2: the flattest placement whose maximum stays at that optimum
+    sq = [[inf] * (L + 1) for _ in range(n)]
+    arg = [[0] * (L + 1) for _ in range(n)]
+    for j in range(1, L - n + 2):
+        if load(0, 0, j) <= cap:
+            sq[0][j] = load(0, 0, j) ** 2
+    for d in range(1, n):
+        for j in range(d + 1, L - (n - 1 - d) + 1):
+            for i in range(d, j):
+                x = load(d, i, j)
+                if x <= cap and sq[d - 1][i] + x * x < sq[d][j]:
+                    sq[d][j], arg[d][j] = sq[d - 1][i] + x * x, i
+    cuts = [L]
+    for d in range(n - 1, 0, -1):
+        cuts.append(arg[d][cuts[-1]])
+    cuts.append(0)
+    return cuts[::-1]
+
+
+def _check_request(config: AnyConfig, num_gpus, batch, cache_len, budgets) -> list[int] | None:
+    layers = _llm_config(config).num_hidden_layers
+    if not isinstance(num_gpus, int) or num_gpus < 1:
+        raise ShardingError(f"num_gpus={num_gpus!r} must be an integer >= 1")
+    if num_gpus > layers:
+        raise ShardingError(f"num_gpus={num_gpus} but the decoder has only {layers} layers to split (every device "
+                            f"gets at least one): use num_gpus <= {layers}")
+    if not isinstance(batch, int) or batch < 1 or not isinstance(cache_len, int) or cache_len < 0:
+        raise ShardingError(f"batch={batch!r} and cache_len={cache_len!r} must be integers >= 1 and >= 0")
+    if budgets is None:
+        return None
+    budgets = list(budgets)
+    if len(budgets) != num_gpus:
+        raise ShardingError(f"{len(budgets)} memory budget(s) given for num_gpus={num_gpus}: give one per device")
+    if any(not isinstance(b, int) or b <= 0 for b in budgets):
+        raise ShardingError(f"memory budgets must be positive byte counts, got {budgets}")
+    return budgets
+
+
+def memory_report(config: AnyConfig, num_gpus: int = 1, dtype: torch.dtype = torch.float16, batch: int = 1,
+                  cache_len: int | None = None, budgets: Sequence[int] | None = None, *,
+                  reserve: int = DEFAULT_RESERVE) -> MemoryReport:
+    """Parameter, buffer and KV-cache bytes per device for the balanced placement over `num_gpus`.
+
+    `config` is an `XComposerConfig` (or an `InternLMConfig` for the decoder alone); `batch` is the
+    number of cache rows (prompts x beams), `cache_len` the cache length in tokens (default: the
+    context window; every image takes `tokens_per_image` of them); `budgets` the bytes available
+    per device. `reserve` bytes are added on every device for activations and the CUDA context.
+    Never raises for lack of memory: `report.fits` says whether it fits (`placement` raises).
+    """
+    cache_len = _llm_config(config).max_position_embeddings if cache_len is None else cache_len
+    budgets = _check_request(config, num_gpus, batch, cache_len, budgets)
+    head, layers, tail = _parts(config)
+    kv = kv_bytes_per_layer(config, batch, cache_len, dtype)
+    w = lambda parts: sum(_param_bytes(p, dtype) + _buffer_bytes(p, dtype) for p in parts)  # noqa: E731
+    fixed = [reserve] * num_gpus
+    fixed[0] += w(head)
+    fixed[-1] += w(tail)
+    cost = [w([p]) + kv for p in layers]
+    cuts = _split(fixed, cost, [float(b) for b in budgets] if budgets else [1.0] * num_gpus)
+
+    devices, device_map = [], {}
+    for d in range(num_gpus):
+        run = layers[cuts[d]:cuts[d + 1]]
+        parts = (head if d == 0 else []) + run + (tail if d == num_gpus - 1 else [])
+        for p in parts:
+            device_map[p.name] = d
+        devices.append(DeviceMemory(
+            index=d, modules=[p.name for p in parts], layers=range(cuts[d], cuts[d + 1]),
+            param_bytes=sum(_param_bytes(p, dtype) for p in parts),
+            buffer_bytes=sum(_buffer_bytes(p, dtype) for p in parts),
+            kv_bytes=kv * len(run), reserve_bytes=reserve, budget=budgets[d] if budgets else None))
+    per_token = kv_bytes_per_layer(config, 1, 1, dtype) * len(layers)
+    return MemoryReport(devices, dtype, batch, cache_len, device_map, per_token)
+
+
+def placement(config: AnyConfig, num_gpus: int = 1, *, dtype: torch.dtype = torch.float16, batch: int = 1,
+              cache_len: int | None = None, budgets: Sequence[int] | None = None,
+              reserve: int = DEFAULT_RESERVE) -> dict[str, int]:
+    """Module name -> device index for `accelerate.dispatch_model`; see `memory_report` for the
+    arguments. Raises `ShardingError` (bytes needed vs available, and what to change) if the
+    balanced placement exceeds a budget."""
+    report = memory_report(config, num_gpus, dtype, batch, cache_len, budgets, reserve=reserve)
+    check_fits(report, config, reserve=reserve)
+    return report.device_map
+
+
+def check_fits(report: MemoryReport, config: AnyConfig, *, reserve: int = DEFAULT_RESERVE) -> None:
+    """Raise `ShardingError` naming the shortfall and the fixes when `report` exceeds a budget."""
+    if report.fits:
+        return
+    over = [d for d in report.devices if not d.fits]
+    budgets = [d.budget for d in report.devices]
+    dt = str(report.dtype).replace("torch.", "")
+    worst = max(over, key=lambda d: d.total - d.budget)
+    fixes = []
+    layers = _llm_config(config).num_hidden_layers
+    per_device = min(budgets)
+    for n in range(report.num_gpus + 1, min(layers, 16) + 1):
+        r = memory_report(config, n, report.dtype, report.batch, report.cache_len, [per_device] * n, reserve=reserve)
+        if r.fits:
+            fixes.append(f"use more GPUs (num_gpus={n} with {_gib(per_device)} each fits)")
+            break
+    else:
+        fixes.append("use more GPUs")
+    per_tok = report.kv_bytes_per_token * report.batch
+    fixes.append(f"shorten the KV cache (it takes {_size(per_tok)} per token position for {report.batch} row(s): "
+                 f"fewer beams, a shorter context or fewer images, {_tokens_per_image(config)} tokens each)")
+    if report.dtype == torch.float32:
+        fixes.append("load in float16 or bfloat16 (half the bytes of float32)")
+    raise ShardingError(
+        f"the model does not fit: {dt} weights ({_gib(report.param_bytes)}) + KV cache ({_gib(report.kv_bytes)} for "
+        f"{report.batch} x {report.cache_len} tokens) + {_gib(reserve)} reserve per device need "
+        f"{_gib(report.total)} in all, the {report.num_gpus} device(s) have {_gib(sum(budgets))}; the best "
+        f"placement needs {_gib(worst.total)} on device {worst.index} which has {_gib(worst.budget)} "
+        f"({_gib(worst.total - worst.budget)} short). To fix: " + "; or ".join(fixes) + f".\n{report}")
+
+
+def _tokens_per_image(config: AnyConfig) -> int:
+    return getattr(config, "tokens_per_image", 0) or 66
+
+
+# -- dispatching a loaded model -----------------------------------------------------------------
+
+def device_of(name: str, device_map: dict[str, object]):
+    """The device a tensor called `name` belongs on: the entry of its longest mapped prefix."""
+    best = None
+    for prefix, dev in device_map.items():
+        if (name == prefix or name.startswith(prefix + ".")) and (best is None or len(prefix) > len(best[0])):
+            best = (prefix, dev)
+    if best is None:
+        raise KeyError(f"{name!r} is not covered by the device map")
+    return best[1]
+
+
+def dispatch(model: nn.Module, device_map: dict[str, object], *, main_device=None, force_hooks: bool = False):
+    """Attach `accelerate`'s device hooks so each mapped module runs on its device (moving its weights
+    there if they are not yet); inputs are moved between devices at module boundaries."""
+    from accelerate import dispatch_model
+    if main_device is None:
+        main_device = device_of(next(iter(device_map)), device_map)
+    return dispatch_model(model, device_map=device_map, main_device=main_device, force_hooks=force_hooks)
+
+
+def cuda_budgets(num_gpus: int) -> list[int]:
+    """Free bytes on cuda:0 .. cuda:num_gpus-1 now."""
+    return [int(torch.cuda.mem_get_info(i)[0]) for i in range(num_gpus)]
+
+
+def require_gpus(num_gpus: int) -> None:
+    """Refuse `num_gpus` > the visible CUDA devices, before anything is read."""
+    if not isinstance(num_gpus, int) or num_gpus < 1:
+        raise ValueError(f"num_gpus={num_gpus!r} must be an integer >= 1 (1 loads on `device`)")
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have < num_gpus:
+        raise ShardingError(
+            f"num_gpus={num_gpus} but torch.cuda.device_count()=={have}: this machine shows {have} CUDA GPU(s) "
+            f"(check CUDA_VISIBLE_DEVICES and the driver); use num_gpus={max(have, 1)}"
+            + (" with device='cpu'" if have == 0 else "") + f", or run on a machine with {num_gpus} GPUs")
+
+
+__all__ = ["ShardingError", "DeviceMemory", "MemoryReport", "memory_report", "placement", "check_fits",
+           "xcomposer_7b_config", "kv_bytes_per_layer", "dispatch", "device_of", "cuda_budgets", "require_gpus",
+           "DEFAULT_RESERVE", "DEFAULT_KV_BATCH"]
