@@ -4,22 +4,31 @@
     python benchmarks/bench_decoder.py --device cuda --mode 7b --json out.json
 
 Both models hold the same random weights (ours is initialised, transformers' loads a copy of
-its state dict) and run in eval mode with the same prompts. Definitions, identical for both:
+its state dict) and run in eval mode with the same prompts. Ours runs in several variants that
+share those weights (see VARIANTS): the eager engine with packed projections (what the loaders
+give), and the fixed-shape decode step of xcomposer.fast_decode, compiled and/or replayed as a
+CUDA graph. Definitions, identical for every model:
 
 * prefill: time to the first new token of a 512-token prompt at batch 1, i.e. the whole call
   `generate(max_new_tokens=1)` (one forward over the prompt plus picking the token);
 * decode: (time of generate(N new tokens) - time of generate(1 new token)) / (N - 1) on a
   16-token prompt, greedy, EOS disabled so all N steps run. generate(N) does the prefill and
   N - 1 one-token forwards, so the difference is the decode loop alone. tokens/s = batch / step;
-* beam: the same difference with num_beams=5 at batch 1.
+* beam: the same difference with num_beams=5 at batch 1;
+* image question, time to first token: preprocessed pixels (1, 3, 224, 224) -> vision tower +
+  sampler -> 66 image embeddings placed between 5 and 20 text-token embeddings -> prefill ->
+  first token. Ours: VisionTower + PerceiveSampler + our decoder; peer: timm Eva + transformers'
+  Blip2QFormerModel + transformers' Llama (benchmarks/bench_vision.py builds both encoders);
+* image encode batch 1 and 8: benchmarks/bench_vision.py's encode rows, same run.
 
-Every figure is the median of --repeats timed runs after one warm-up run, with
-torch.cuda.synchronize() around each timed region on GPU. The ratio column is
-transformers time / our time, so > 1 means ours is faster.
+Every figure is the median of --repeats timed runs after one warm-up run (which also captures
+or compiles what a variant needs), with torch.cuda.synchronize() around each timed region on
+GPU. The ratio is transformers time / our time, so > 1 means ours is faster.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -33,6 +42,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from xcomposer import InternLMConfig, InternLMForCausalLM
+from xcomposer.fast_decode import use_cuda_graphs
 from xcomposer.generation import generate
 
 # -----------------------------------------------------------------------------
@@ -47,6 +57,13 @@ PREFILL_LEN = 512
 DECODE_PROMPT_LEN = 16
 DECODE_STEPS = 128
 NUM_BEAMS = 5
+IMAGE_PROMPT = (5, 20)  # text tokens before and after the image, as in "<s><|User|>:<image>question<eoh>\n<|Bot|>:"
+
+# our variants: name -> None (the eager engine) or use_cuda_graphs() options (the fixed-shape step)
+VARIANTS = {
+    "cpu": {"ours": None, "ours-compiled": dict(compile=True)},
+    "cuda": {"ours": None, "ours-graph": dict(), "ours-graph-compiled": dict(compile=True)},
+}
 
 
 def hf_config(cfg: InternLMConfig) -> LlamaConfig:
@@ -59,11 +76,12 @@ def hf_config(cfg: InternLMConfig) -> LlamaConfig:
                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
-def build_models(cfg: InternLMConfig, device: str, dtype: torch.dtype, seed: int = 0):
+def build_models(cfg: InternLMConfig, device: str, dtype: torch.dtype, seed: int = 0, fuse: bool = True):
     """Ours and transformers', same weights, built directly on `device` in `dtype`.
 
     Weights are created where they live (no fp32 staging copy), so the 7B shape costs two
-    fp16 copies on the card, one per model.
+    fp16 copies on the card, one per model. Ours is then packed as the loaders pack it
+    (`fuse_projections`), unless `fuse` is False.
     """
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -77,7 +95,18 @@ def build_models(cfg: InternLMConfig, device: str, dtype: torch.dtype, seed: int
     missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
     assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
     assert all(p.dtype == dtype for p in hf.parameters()), "transformers' model was not built in the asked dtype"
+    if fuse:
+        ours.fuse_projections()
     return ours, hf
+
+
+def variant(base: InternLMForCausalLM, options: dict | None) -> InternLMForCausalLM:
+    """`base` itself, or a copy sharing its weights (not its caches) running the static step."""
+    if options is None:
+        return base
+    base.clear_caches()
+    shared = {id(t): t for t in [*base.parameters(), *base.buffers()] if t.numel() > 0}
+    return use_cuda_graphs(copy.deepcopy(base, memo=shared), **options)
 
 
 # -----------------------------------------------------------------------------
@@ -118,10 +147,13 @@ def run_hf(model, prompts: torch.Tensor, new: int, beams: int = 1):
     return out[:, prompts.shape[1]:].tolist()
 
 
+def _runner(name: str):
+    return run_hf if name == "hf" else run_ours
+
+
 def time_generate(models: dict, prompts, new: int, beams: int, device: str, repeats: int) -> dict:
-    """Seconds per generate(new) call for each of {"ours": model, "hf": model}."""
-    runners = {"ours": run_ours, "hf": run_hf}
-    fns = {k: (lambda r=runners[k], m=m: r(m, prompts, new, beams)) for k, m in models.items()}
+    """Seconds per generate(new) call for each of {"ours": model, ..., "hf": model}."""
+    fns = {k: (lambda r=_runner(k), m=m: r(m, prompts, new, beams)) for k, m in models.items()}
     return timed(fns, device, repeats)
 
 
@@ -160,15 +192,65 @@ def device_name(device: str) -> str:
 
 
 # -----------------------------------------------------------------------------
+# image question
+
+def image_question(ours, hf, device: str, dtype: torch.dtype, mode: str, repeats: int,
+                   vision_depth: int | None) -> tuple[dict, list, int]:
+    """Time to first token of an image question for ours and the peer; also the encode rows of
+    bench_vision (batch 1 and 8) measured on the same encoders. Returns (ttft seconds, encode rows,
+    EVA depth)."""
+    import bench_vision  # same folder; imported here because it imports this module
+    from vision import EvaConfig
+
+    depth = vision_depth or (EvaConfig().depth if mode == "7b" else bench_vision.CPU_DEPTH)
+    enc_ours, enc_peer = bench_vision.build(device, dtype, depth, llm_hidden=ours.config.hidden_size)
+    g = torch.Generator().manual_seed(2)
+    before, after = (torch.randint(3, ours.config.vocab_size, (n,), generator=g).to(device) for n in IMAGE_PROMPT)
+    px = torch.randn(1, 3, 224, 224, generator=g).to(device, dtype)
+
+    @torch.inference_mode()
+    def ask_ours():
+        img = enc_ours(px)[0]
+        embeds = torch.cat([ours.embed(before), img, ours.embed(after)])
+        return generate(ours, inputs_embeds=[embeds], max_new_tokens=1).tokens
+
+    @torch.inference_mode()
+    def ask_peer():
+        img = enc_peer(px)
+        emb = hf.get_input_embeddings()
+        embeds = torch.cat([emb(before)[None], img, emb(after)[None]], dim=1)
+        out = hf.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long,
+                                                                          device=device),
+                          max_new_tokens=1, do_sample=False, pad_token_id=0)
+        return out[:, -1:].tolist()
+
+    ttft = timed({"ours": ask_ours, "hf": ask_peer}, device, repeats)
+    rows = []
+    for b in (1, 8):
+        pxb = torch.randn(b, 3, 224, 224, generator=g).to(device, dtype)
+        with torch.inference_mode():
+            t = timed({"ours": lambda: enc_ours(pxb), "hf": lambda: enc_peer(pxb)}, device, repeats)
+        rows.append((b, t))
+    del enc_ours, enc_peer
+    return ttft, rows, depth
+
+
+# -----------------------------------------------------------------------------
 # the benchmark
 
-def bench(device: str, mode: str, repeats: int, beam_steps: int, num_layers: int | None = None) -> dict:
-    """Build both models, time them side by side, and return the results as a dict (see print_report)."""
+def bench(device: str, mode: str, repeats: int, beam_steps: int, num_layers: int | None = None,
+          batches=(1, 8, 32), variants: list[str] | None = None, decode_steps: int = DECODE_STEPS,
+          image: bool = True, vision_depth: int | None = None) -> dict:
+    """Build the models, time them side by side, and return the results as a dict (see print_report)."""
     shape = dict(SMALL if mode == "small" else INTERNLM_7B)
     if num_layers:  # a quick smoke run of a shape with fewer layers
         shape["num_hidden_layers"] = num_layers
     cfg = InternLMConfig(**shape)
     dtype = torch.float32 if mode == "small" else torch.float16
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    chosen = {k: v for k, v in VARIANTS[kind].items() if variants is None or k in variants}
+    if not chosen:
+        raise SystemExit(f"no known variant among {variants}: choose from {list(VARIANTS[kind])}")
     ours, hf = build_models(cfg, device, dtype)
     n_params = sum(p.numel() for p in ours.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
@@ -178,27 +260,43 @@ def bench(device: str, mode: str, repeats: int, beam_steps: int, num_layers: int
 
     g = torch.Generator().manual_seed(1)
     long_prompt = torch.randint(3, cfg.vocab_size, (1, PREFILL_LEN), generator=g).to(device)
-    prompt_b1 = torch.randint(3, cfg.vocab_size, (1, DECODE_PROMPT_LEN), generator=g).to(device)
-    prompt_b8 = torch.randint(3, cfg.vocab_size, (8, DECODE_PROMPT_LEN), generator=g).to(device)
+    prompts = {b: torch.randint(3, cfg.vocab_size, (b, DECODE_PROMPT_LEN), generator=g).to(device) for b in batches}
+    if 1 not in prompts:
+        prompts[1] = torch.randint(3, cfg.vocab_size, (1, DECODE_PROMPT_LEN), generator=g).to(device)
 
-    models = {"ours": ours, "hf": hf}
-    res = dict(
-        prefill=time_generate(models, long_prompt, 1, 1, device, repeats),
-        decode_b1=decode_step(models, prompt_b1, DECODE_STEPS, 1, device, repeats),
-        decode_b8=decode_step(models, prompt_b8, DECODE_STEPS, 1, device, repeats),
-        beam5=decode_step(models, prompt_b1, beam_steps, NUM_BEAMS, device, repeats),
-    )
-    o, h = ({k: v[name] for k, v in res.items()} for name in ("ours", "hf"))
+    models = {name: variant(ours, opt) for name, opt in chosen.items()}
+    models["hf"] = hf
+    first = next(iter(chosen))
+    res = {"prefill": time_generate({first: models[first], "hf": hf}, long_prompt, 1, 1, device, repeats)}
+    for b in batches:
+        res[f"decode_b{b}"] = decode_step(models, prompts[b], decode_steps, 1, device, repeats)
+    res["beam5"] = decode_step(models, prompts[1], beam_steps, NUM_BEAMS, device, repeats)
     # same weights, same greedy tokens? (a sanity check, printed, not enforced: fp16 ties may differ)
-    same_tokens = run_ours(ours, prompt_b1, 32)[0] == run_hf(hf, prompt_b1, 32)[0]
-    rows = []  # (name, ours, transformers, transformers time / our time)
+    ref = run_hf(hf, prompts[1], 32)[0]
+    same_tokens = {name: run_ours(m, prompts[1], 32)[0] == ref for name, m in models.items() if name != "hf"}
+
+    encode_rows, image_depth = [], None
+    if image:
+        res["ttft_image"], encode_rows, image_depth = image_question(models[first], hf, device, dtype, mode,
+                                                                     repeats, vision_depth)
+
+    rows = []  # (name, {model: value}, {variant: transformers time / variant time})
+
     def add(name, key, value=lambda t: t * 1e3):  # value: seconds -> what the row shows
-        rows.append((name, value(o[key]), value(h[key]), h[key] / o[key]))
+        times = res[key]
+        rows.append((name, {k: value(t) for k, t in times.items()},
+                     {k: times["hf"] / t for k, t in times.items() if k != "hf"}))
+
     add(f"prefill {PREFILL_LEN} tok, batch 1: time to first token (ms)", "prefill")
-    for b in (1, 8):
-        add(f"decode batch {b}, {DECODE_STEPS} steps (ms/step)", f"decode_b{b}")
+    for b in batches:
+        add(f"decode batch {b}, {decode_steps} steps (ms/step)", f"decode_b{b}")
         add(f"decode batch {b}{' aggregate' if b > 1 else ''} (tokens/s)", f"decode_b{b}", lambda t, b=b: b / t)
     add(f"{NUM_BEAMS}-beam decode batch 1, {beam_steps} steps (ms/step)", "beam5")
+    if image:
+        add(f"image question: time to first token, 1 image + {sum(IMAGE_PROMPT)} text tokens (ms)", "ttft_image")
+        for b, t in encode_rows:
+            res[f"encode_b{b}"] = t
+            add(f"image encode batch {b}: pixels -> 66 embeddings/image (ms)", f"encode_b{b}")
 
     out = dict(
         date=datetime.date.today().isoformat(),
@@ -206,17 +304,19 @@ def bench(device: str, mode: str, repeats: int, beam_steps: int, num_layers: int
         threads=torch.get_num_threads(), torch=torch.__version__, transformers=transformers.__version__,
         mode=mode, dtype=str(dtype).replace("torch.", ""), config=shape, bias=cfg.bias, params=n_params,
         weight_bytes=weight_bytes, read_bytes=read_bytes, hf_attn=hf.config._attn_implementation, repeats=repeats,
-        greedy_tokens_match=same_tokens,
-        rows=[dict(name=n, ours=a, transformers=b, ratio=r) for n, a, b, r in rows],
+        variants={k: v for k, v in chosen.items()}, greedy_tokens_match=same_tokens, vision_depth=image_depth,
+        rows=[dict(name=n, values=v, ratios=r) for n, v, r in rows],
+        beam_over_greedy={k: res["beam5"][k] / res["decode_b1"][k] for k in res["beam5"]} if 1 in batches else {},
     )
-    del hf, models  # free one copy before allocating the copy-bandwidth buffers
+    del hf, models, ours  # free the weights before allocating the copy-bandwidth buffers
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     bw = copy_bandwidth(device, 2 * 2**30 if device.startswith("cuda") else 256 * 2**20)
     out["copy_bandwidth"] = bw
     out["decode_limit_b1"] = bw / weight_bytes  # every weight read once per token
-    out["ours_pct_of_limit"] = 100 * (1 / o["decode_b1"]) / out["decode_limit_b1"]
     out["decode_limit_b1_no_embedding"] = bw / read_bytes
+    if 1 in batches:
+        out["pct_of_limit"] = {k: 100 * (1 / t) / out["decode_limit_b1"] for k, t in res["decode_b1"].items()}
     return out
 
 
@@ -226,16 +326,27 @@ def print_report(r: dict) -> None:
     print(f"mode {r['mode']}  dtype {r['dtype']}  config {r['config']}  q/k/v/o bias {r['bias']}")
     print(f"parameters {r['params'] / 1e6:.1f} M  weights {r['weight_bytes'] / 1e9:.3f} GB  "
           f"median of {r['repeats']} runs after 1 warm-up")
-    print(f"greedy tokens identical (first 32, batch 1): {r['greedy_tokens_match']}")
+    print("our variants: " + "; ".join(f"{k}: {'eager engine, packed projections' if v is None else 'fixed-shape step ' + json.dumps(v)}"
+                                       for k, v in r["variants"].items()))
+    print(f"greedy tokens identical to transformers (first 32, batch 1): {r['greedy_tokens_match']}")
+    if r.get("vision_depth"):
+        print(f"image rows: EVA-g with {r['vision_depth']} blocks, peer = timm Eva + transformers Blip2QFormerModel "
+              f"(+ transformers' Llama for time to first token)")
     print()
-    print("| measurement | ours | transformers | ratio (transformers time / ours) |")
-    print("|---|---:|---:|---:|")
+    names = list(r["variants"])
+    print("| measurement | transformers | " + " | ".join(f"{n} (ratio)" for n in names) + " |")
+    print("|---|---:|" + "---:|" * len(names))
     for row in r["rows"]:
-        print(f"| {row['name']} | {row['ours']:.2f} | {row['transformers']:.2f} | {row['ratio']:.2f} |")
+        cells = [f"{row['values'][n]:.2f} ({row['ratios'][n]:.2f})" if n in row["values"] else "-" for n in names]
+        print(f"| {row['name']} | {row['values']['hf']:.2f} | " + " | ".join(cells) + " |")
     print()
+    print("ratio = transformers time / ours (> 1: ours faster); '-': the variant does not change that path")
+    if r["beam_over_greedy"]:
+        print("5-beam step / greedy step: " + ", ".join(f"{k} {v:.2f}" for k, v in r["beam_over_greedy"].items()))
     print(f"copy bandwidth (read + written) {r['copy_bandwidth'] / 1e9:.1f} GB/s; decode limit at batch 1 = "
-          f"bandwidth / weight bytes = {r['decode_limit_b1']:.1f} tokens/s; ours at batch 1 = "
-          f"{r['ours_pct_of_limit']:.0f}% of that limit")
+          f"bandwidth / weight bytes = {r['decode_limit_b1']:.1f} tokens/s")
+    if r.get("pct_of_limit"):
+        print("decode batch 1 as % of that limit: " + ", ".join(f"{k} {v:.0f}%" for k, v in r["pct_of_limit"].items()))
     print(f"(not counting the embedding table, of which a step reads one row: {r['read_bytes'] / 1e9:.3f} GB, "
           f"limit {r['decode_limit_b1_no_embedding']:.1f} tokens/s)")
 
@@ -246,12 +357,20 @@ def main(argv=None) -> dict:
     p.add_argument("--mode", choices=["small", "7b"], default=None, help="default: small on CPU, 7b on CUDA")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 5)")
     p.add_argument("--beam-steps", type=int, default=None, help="5-beam decode steps (default 32 CPU, 128 CUDA)")
+    p.add_argument("--decode-steps", type=int, default=DECODE_STEPS, help=f"decode steps (default {DECODE_STEPS})")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="decode batch sizes (default 1 8 32)")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help=f"our variants to run (default all: CPU {list(VARIANTS['cpu'])}, CUDA {list(VARIANTS['cuda'])})")
+    p.add_argument("--no-image", action="store_true", help="skip the image question and image encode rows")
+    p.add_argument("--vision-depth", type=int, default=None, help="EVA blocks for the image rows (default: 39 "
+                   "for 7b, 2 for small)")
     p.add_argument("--num-layers", type=int, default=None, help="override the layer count (smoke runs only)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     a = p.parse_args(argv)
     cuda = a.device == "cuda"
     r = bench(a.device, a.mode or ("7b" if cuda else "small"), a.repeats or 5,
-              a.beam_steps or (DECODE_STEPS if cuda else 32), a.num_layers)
+              a.beam_steps or (DECODE_STEPS if cuda else 32), a.num_layers, tuple(a.batches), a.variants,
+              a.decode_steps, not a.no_image, a.vision_depth)
     print_report(r)
     if a.json:
         with open(a.json, "w") as f:

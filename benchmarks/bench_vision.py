@@ -75,8 +75,11 @@ class OursEncoder(nn.Module):
         return self.sampler(self.tower(pixels))
 
 
-def build(device: str, dtype: torch.dtype, depth: int, seed: int = 0):
-    ecfg, scfg = EvaConfig(depth=depth), SamplerConfig()
+def build(device: str, dtype: torch.dtype, depth: int, seed: int = 0, llm_hidden: int | None = None):
+    """Ours and the peer encoder with the same random weights; `llm_hidden` sets the width of the
+    embeddings they produce (default 4096, InternLM-7B's)."""
+    ecfg = EvaConfig(depth=depth)
+    scfg = SamplerConfig() if llm_hidden is None else SamplerConfig(llm_hidden_size=llm_hidden)
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.device(device):
         tower = init_vision_weights(VisionTower(ecfg), g).eval()

@@ -39,7 +39,24 @@ def hf_twin(model: InternLMForCausalLM):
     return hf
 
 
-@pytest.fixture(scope="module")
-def pair():
+# the decoder as the loaders leave it (fused, transposed on CPU), the plain upstream layout, and
+# the fused decoder running the fixed-shape decode step of xcomposer.fast_decode (on CPU that
+# step runs eagerly: the same math a CUDA graph replays)
+DECODER_VARIANTS = ["plain", "fused", "fused+static"]
+
+
+def apply_variant(m: InternLMForCausalLM, variant: str) -> InternLMForCausalLM:
+    from xcomposer.fast_decode import use_cuda_graphs
+    if variant != "plain":
+        m.fuse_projections()
+    if variant == "fused+static":
+        use_cuda_graphs(m)
+    return m
+
+
+@pytest.fixture(scope="module", params=DECODER_VARIANTS)
+def pair(request):
+    """(our tiny decoder in one of DECODER_VARIANTS, transformers' twin with the same weights)."""
     m = tiny_model()
-    return m, hf_twin(m)
+    hf = hf_twin(m)
+    return apply_variant(m, request.param), hf

@@ -49,7 +49,8 @@ def _worker(rank: int, folder: str, xc_folder: str, rendezvous: str, results: st
         llm = shard_decoder(InternLM.from_pretrained(folder))
         xc = tensor_parallel(XComposer.from_pretrained(xc_folder))
         res = run_all(llm, xc)
-        res["local_q_rows"] = llm.model.layers[0].self_attn.q_proj.weight.shape[0]
+        res["local_q_rows"] = llm.model.layers[0].self_attn.qkv_proj.sizes[0]  # loaders fuse q/k/v
+        res["fused"] = (llm.fused, xc.llm.fused)
         res["row_parallel"] = isinstance(llm.model.layers[0].mlp.down_proj, RowParallelLinear)
         try:  # 3 heads cannot be split over 2 ranks
             shard_decoder(InternLMForCausalLM(InternLMConfig(hidden_size=24, num_attention_heads=3,
@@ -85,6 +86,7 @@ def ranks(folders, tmp_path_factory) -> list[dict]:
 def test_split_shapes_and_cache(ranks, reference):
     for res in ranks:
         assert res["local_q_rows"] == 64 // WORLD and res["row_parallel"]
+        assert res["fused"] == ({"transpose": True},) * 2  # the split projections are packed again
         assert res["cache_heads"] == reference["cache_heads"] // WORLD == 4 // WORLD
 
 

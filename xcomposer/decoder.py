@@ -82,6 +82,73 @@ class KVCache(nn.Module):
         v.copy_(v.index_select(0, index))
 
 
+class PackedLinear(nn.Module):
+    """One or more linear maps of the same input in one matrix product, optionally stored transposed.
+
+    `fuse_projections` packs q/k/v into `qkv_proj` and gate/up into `gate_up_proj` (one kernel
+    instead of three or two, one read of the input), and may store a wide matrix as (in, out)
+    rather than (out, in). On the CPU a (1, in) x (in, out) product streams the weights about
+    twice as fast as the (out, in) dot-product kernel for matrices wider than they are tall
+    (docs/performance.md); on CUDA the usual layout is kept. `state_dict()` still names and
+    shapes every tensor as upstream does (`q_proj.weight` ...), so a fused model saves in the
+    checkpoint layout.
+    """
+
+    def __init__(self, parts: dict[str, nn.Linear], transposed: bool = False):
+        super().__init__()
+        linears = list(parts.values())
+        if len({m.in_features for m in linears}) != 1 or len({m.bias is None for m in linears}) != 1:
+            raise ValueError("packed linears must share their input size and all have (or lack) a bias")
+        self.names = tuple(parts)
+        self.sizes = tuple(m.out_features for m in linears)
+        self.in_features, self.out_features = linears[0].in_features, sum(self.sizes)
+        self.transposed = transposed
+        w = torch.cat([m.weight.detach() for m in linears]) if len(linears) > 1 else linears[0].weight.detach()
+        self.weight = nn.Parameter(w.t().contiguous() if transposed else w.contiguous(), requires_grad=False)
+        self.bias = None
+        if linears[0].bias is not None:
+            self.bias = nn.Parameter(torch.cat([m.bias.detach() for m in linears]), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.transposed:
+            return F.linear(x, self.weight, self.bias)
+        x2 = x.reshape(-1, self.in_features)
+        y = x2 @ self.weight if self.bias is None else torch.addmm(self.bias, x2, self.weight)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The outputs of the packed maps, in packing order."""
+        return y.split(self.sizes, dim=-1)
+
+    def _upstream(self) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+        w = self.weight.t().contiguous() if self.transposed else self.weight
+        biases = self.bias.split(self.sizes) if self.bias is not None else [None] * len(self.sizes)
+        return list(zip(self.names, w.split(self.sizes), biases))
+
+    def unpack(self) -> dict[str, nn.Linear]:
+        """The packed maps as plain `nn.Linear`s again (fresh tensors)."""
+        out = {}
+        for name, w, b in self._upstream():
+            lin = nn.Linear(self.in_features, w.shape[0], bias=b is not None, device="meta")
+            lin.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+            if b is not None:
+                lin.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
+            out[name] = lin
+        return out
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # upstream keys: the parent's prefix + each packed map's own name
+        parent = prefix[:prefix.rstrip(".").rfind(".") + 1]
+        for name, w, b in self._upstream():
+            destination[f"{parent}{name}.weight"] = w if keep_vars else w.detach()
+            if b is not None:
+                destination[f"{parent}{name}.bias"] = b if keep_vars else b.detach()
+
+    def extra_repr(self) -> str:
+        layout = "(in, out)" if self.transposed else "(out, in)"
+        return f"{'+'.join(self.names)}: in={self.in_features}, out={list(self.sizes)}, weight {layout}"
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: InternLMConfig):
         super().__init__()
@@ -91,14 +158,32 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(h, h, bias=cfg.bias)
         self.k_proj = nn.Linear(h, h, bias=cfg.bias)
         self.v_proj = nn.Linear(h, h, bias=cfg.bias)
+        # set by fuse(), which empties q/k/v_proj; registered here so state_dict order stays upstream's
+        self.register_module("qkv_proj", None)
         self.o_proj = nn.Linear(h, h, bias=cfg.bias)
         self.kv_cache: KVCache | None = None
 
+    def fuse(self, transpose: bool) -> None:
+        if self.qkv_proj is None:
+            parts = {"q_proj": self.q_proj, "k_proj": self.k_proj, "v_proj": self.v_proj}
+            self.q_proj = self.k_proj = self.v_proj = None
+            self.qkv_proj = PackedLinear(parts, transposed=transpose)
+
+    def unfuse(self) -> None:
+        if self.qkv_proj is not None:
+            parts = self.qkv_proj.unpack()
+            self.qkv_proj = None
+            self.q_proj, self.k_proj, self.v_proj = parts["q_proj"], parts["k_proj"], parts["v_proj"]
+
     def forward(self, x, cos, sin, mask, cache_pos=None):
         B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         if self.kv_cache is not None and cache_pos is not None:
@@ -115,10 +200,27 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.register_module("gate_up_proj", None)  # set by fuse(), which empties gate/up_proj
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
+    def fuse(self, transpose: bool) -> None:
+        if self.gate_up_proj is None:
+            parts = {"gate_proj": self.gate_proj, "up_proj": self.up_proj}
+            self.gate_proj = self.up_proj = None
+            self.gate_up_proj = PackedLinear(parts, transposed=transpose)
+
+    def unfuse(self) -> None:
+        if self.gate_up_proj is not None:
+            parts = self.gate_up_proj.unpack()
+            self.gate_up_proj = None
+            self.gate_proj, self.up_proj = parts["gate_proj"], parts["up_proj"]
+
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -160,6 +262,12 @@ class InternLMForCausalLM(nn.Module):
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.cache_batch = 0
         self.cache_len = 0
+        self.fused: dict | None = None  # {"transpose": bool} once fuse_projections() ran
+        # bumped whenever caches or rotary tables are reallocated: a captured CUDA graph that
+        # points at the old buffers is then stale (xcomposer.fast_decode)
+        self.cache_generation = 0
+        self.static_decode = None  # fast_decode.StaticDecode when use_cuda_graphs() is on
+        self._decode_step = None
 
     # -- buffers ---------------------------------------------------------------------------
     @property
@@ -179,6 +287,7 @@ class InternLMForCausalLM(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, length, cfg.rope_base, cfg.max_position_embeddings,
                                cfg.rope_dynamic, device=self.device)
         self.rope_cos, self.rope_sin, self._rope_len = cos, sin, length
+        self.cache_generation += 1
 
     def setup_caches(self, batch: int, length: int, dtype=None) -> None:
         """Allocate static KV caches of (batch, heads, length, head_dim) in every layer.
@@ -188,23 +297,74 @@ class InternLMForCausalLM(nn.Module):
         dtype = dtype or self.dtype
         if batch == self.cache_batch and length == self.cache_len and all(
                 (c := layer.self_attn.kv_cache) is not None and c.k.dtype == dtype
-                and c.k.device == layer.self_attn.q_proj.weight.device for layer in self.model.layers):
+                and c.k.device == layer.self_attn.o_proj.weight.device for layer in self.model.layers):
             return
         for layer in self.model.layers:
             attn = layer.self_attn
             attn.kv_cache = None  # free the old buffers before allocating the new ones
-            attn.kv_cache = KVCache(batch, attn.n_heads, length, attn.head_dim, dtype, attn.q_proj.weight.device)
+            attn.kv_cache = KVCache(batch, attn.n_heads, length, attn.head_dim, dtype, attn.o_proj.weight.device)
         self.cache_batch, self.cache_len = batch, length
+        self.cache_generation += 1
         self.setup_rope(length)
 
     def clear_caches(self) -> None:
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
         self.cache_batch = self.cache_len = 0
+        self.cache_generation += 1
+        self._decode_step = None
 
     def reorder_caches(self, index: torch.Tensor, length: int | None = None) -> None:
         for layer in self.model.layers:
             layer.self_attn.kv_cache.reorder(index, length)
+
+    # -- fused layout ----------------------------------------------------------------------
+    @torch.no_grad()
+    def fuse_projections(self, transpose: bool | None = None) -> "InternLMForCausalLM":
+        """Pack q/k/v and gate/up into one matrix each, once, after loading (the loaders do it).
+
+        `transpose` (default: True when the weights are on the CPU) also stores the matrices wider
+        than they are tall (qkv, gate/up, lm_head) as (in, out), the layout CPU kernels stream
+        fastest at batch 1. Results equal the unfused model's up to float rounding; `state_dict()`
+        keeps the upstream names and shapes. `unfuse_projections()` undoes it.
+        """
+        if transpose is None:
+            transpose = self.lm_head.weight.device.type == "cpu"
+        if self.fused is not None:
+            if self.fused["transpose"] == transpose:
+                return self
+            self.unfuse_projections()
+        for layer in self.model.layers:
+            layer.self_attn.fuse(transpose)
+            layer.mlp.fuse(transpose)
+        head = self.lm_head
+        if transpose and not self.config.tie_word_embeddings and isinstance(head, nn.Linear):
+            self.lm_head = PackedLinear({"lm_head": head}, transposed=True)
+        self.fused = {"transpose": transpose}
+        return self
+
+    @torch.no_grad()
+    def unfuse_projections(self) -> "InternLMForCausalLM":
+        """Back to one `nn.Linear` per upstream projection (what tensor parallelism and
+        `load_state_dict` work on)."""
+        for layer in self.model.layers:
+            layer.self_attn.unfuse()
+            layer.mlp.unfuse()
+        if isinstance(self.lm_head, PackedLinear):
+            self.lm_head = self.lm_head.unpack()["lm_head"]
+        self.fused = None
+        return self
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Upstream keys load into a fused model too: it is unfused, loaded and fused again."""
+        fused = self.fused
+        if fused is not None:
+            self.unfuse_projections()
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            if fused is not None:
+                self.fuse_projections(**fused)
 
     # -- forward ---------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -285,5 +445,5 @@ def kv_cache_bytes(cfg: InternLMConfig, batch: int, length: int, dtype=torch.flo
     return 2 * cfg.num_hidden_layers * batch * length * cfg.hidden_size * elem
 
 
-__all__ = ["InternLMForCausalLM", "RMSNorm", "KVCache", "rope_tables", "apply_rope", "kv_cache_bytes",
+__all__ = ["InternLMForCausalLM", "PackedLinear", "RMSNorm", "KVCache", "rope_tables", "apply_rope", "kv_cache_bytes",
            "num_parameters"]

@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import fast_decode
+
 _NEG = -1.0e9  # transformers' "impossible" score for beam bookkeeping; same constant keeps ties identical
 
 
@@ -102,7 +104,7 @@ def apply_repetition_penalty(scores: torch.Tensor, history: torch.Tensor, seen: 
                              penalty: float) -> torch.Tensor:
     """transformers' rule: a seen token's score is divided by `penalty` if positive, multiplied if
     negative. `history` (N, L) ids, `seen` (N, L) marks which entries are real."""
-    if penalty == 1.0 or not bool(seen.any()):
+    if penalty == 1.0:  # (no `seen.any()` test: that would wait for the device every step)
         return scores
     n, v = scores.shape
     # unseen slots point at a scratch column so one gather/scatter handles every row
@@ -198,13 +200,22 @@ class _Batch:
         rep = lambda t: t.repeat_interleave(nb, dim=0)  # noqa: E731  beams of a prompt sit side by side
         self.x = rep(self.x)
         self.hist, self.seen = rep(hist).to(self.device), rep(seen).to(self.device)
-        self.kv_valid = torch.zeros(self.N, self.S, dtype=torch.bool, device=self.device)
+        # the fixed-shape decode step (xcomposer.fast_decode) attends over every cache slot, so the
+        # cache is rounded up to a bucket that many generations share; the eager step reads only
+        # the filled prefix and needs exactly S slots
+        static = getattr(model, "static_decode", None)
+        self.static = static is not None and not fast_decode.is_dispatched(model)
+        self.cache_len = fast_decode.static_cache_length(self.S, window, static.bucket) if self.static else self.S
+        self.kv_valid = torch.zeros(self.N, self.cache_len, dtype=torch.bool, device=self.device)
         self.kv_valid[:, :T] = rep(valid).to(self.device)
         self.n_real = self.kv_valid.sum(1)
-        self.slots = torch.arange(self.S, device=self.device)
+        self.slots = torch.arange(self.cache_len, device=self.device)
+        self.decode_step = None
 
     def prefill(self) -> torch.Tensor:
-        self.model.setup_caches(self.N, self.S)
+        self.model.setup_caches(self.N, self.cache_len)
+        if self.static:  # captured before the prefill: capturing writes scratch into cache slot 0
+            self.decode_step = fast_decode.decode_step_for(self.model, self.N, self.cache_len)
         T = self.T
         pos = (self.kv_valid[:, :T].long().cumsum(1) - 1).clamp_min(0)
         cache_pos = slots = self.slots[:T]  # the mask covers the T filled slots only
@@ -220,8 +231,11 @@ class _Batch:
         self.n_real += 1
         pos = (self.n_real - 1)[:, None]
         cache_pos = self.slots[t:t + 1]
-        mask = self.kv_valid[:, None, None, :t + 1]  # slots past t are empty: attend to [0, t] only
-        logits = self.model(tokens[:, None], position_ids=pos, cache_pos=cache_pos, kv_mask=mask)
+        if self.decode_step is not None:  # fixed shapes: the mask covers every slot, empty ones False
+            logits = self.decode_step(tokens[:, None], pos, cache_pos, self.kv_valid[:, None, None, :])
+        else:
+            mask = self.kv_valid[:, None, None, :t + 1]  # slots past t are empty: attend to [0, t] only
+            logits = self.model(tokens[:, None], position_ids=pos, cache_pos=cache_pos, kv_mask=mask)
         return logits[:, -1].float()
 
     def record(self, tokens: torch.Tensor, t: int) -> None:
@@ -350,8 +364,10 @@ def _beam_search(batch: _Batch, cfg: GenerationConfig, stream: bool):
         best_running = run_score[:, :1] / (best_len ** lp)
         worst_done = torch.where(fin_done, fin_score.min(-1, keepdim=True).values, torch.full_like(fin_score, _NEG))
         improvable = improvable & (best_running > worst_done).any(-1, keepdim=True)
-        going = bool(improvable.any()) and not (bool(fin_done.all()) and cfg.early_stopping is True) \
-            and not bool(hits.all())
+        going = improvable.any() & ~hits.all()
+        if cfg.early_stopping is True:
+            going = going & ~fin_done.all()
+        going = bool(going)  # the one wait for the device per beam step
 
         if stream:
             # every live beam and every finished hypothesis agrees on this prefix, so it is final

@@ -48,11 +48,12 @@ class InternLM(InternLMForCausalLM):
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | str | None = None) -> "InternLM":
+                        dtype: torch.dtype | str | None = None, fuse: bool = True) -> "InternLM":
         """Load a local folder or hub id in the internlm-chat-7b layout, strictly.
 
         The model is built on the meta device and filled shard by shard, so memory peaks at
-        the model plus one shard.
+        the model plus one shard. `fuse` packs q/k/v and gate/up once loaded
+        (`fuse_projections`).
         """
         folder, cfg_file = checkpoint_folder(path_or_hub_id, "InternLM")
         cfg = InternLMConfig.from_json(cfg_file)
@@ -62,6 +63,8 @@ class InternLM(InternLMForCausalLM):
             model = cls(cfg)
         load_checkpoint_into(model, folder, device=device, dtype=dtype)
         model.setup_rope(cfg.max_position_embeddings)
+        if fuse:
+            model.fuse_projections()
         model.eval()
         if (folder / "tokenizer.model").is_file():
             model.tokenizer = load_tokenizer(folder)

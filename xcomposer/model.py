@@ -180,14 +180,16 @@ class XComposer(nn.Module):
     # -- loading -----------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | str | None = None, num_gpus: int = 1) -> "XComposer":
+                        dtype: torch.dtype | str | None = None, num_gpus: int = 1,
+                        fuse: bool = True) -> "XComposer":
         """Load an internlm-xcomposer-7b / -vl-7b folder or hub id strictly, shard by shard.
 
         Every checkpoint key must map onto the model and every model tensor must be provided;
         LoRA adapters (`*.lora_A.weight`, `*.lora_B.weight`) are merged into their base weights.
         `num_gpus` > 1 spreads the model over cuda:0 .. cuda:N-1 (`device` is then not used) by the
         balanced placement of `xcomposer.sharding`, printing its memory report before any weight
-        is read; each tensor is loaded straight onto its GPU.
+        is read; each tensor is loaded straight onto its GPU. `fuse` packs the decoder's q/k/v
+        and gate/up projections once loaded (`InternLMForCausalLM.fuse_projections`).
         """
         if num_gpus != 1:
             from . import sharding
@@ -213,6 +215,8 @@ class XComposer(nn.Module):
         load_checkpoint_into(model, folder, device=target, dtype=dtype, key_map=checkpoint_key_map,
                              skip=_skip_derived, lora=lora, checkpoint_name=checkpoint_name)
         model.finish_loading(device)
+        if fuse:
+            model.llm.fuse_projections()
         if plan is not None:
             sharding.dispatch(model, plan.device_map, main_device=0)
             model.memory_report = plan

@@ -101,6 +101,8 @@ def shard_decoder(model: InternLMForCausalLM, group=None) -> InternLMForCausalLM
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     check_shardable(model.config, world)
     model.clear_caches()  # caches sized for all heads
+    fused = model.fused
+    model.unfuse_projections()  # split the upstream projections, then pack this rank's slices again
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         attn.q_proj, attn.k_proj, attn.v_proj = (_column(m, rank, world) for m in (attn.q_proj, attn.k_proj,
@@ -110,6 +112,8 @@ def shard_decoder(model: InternLMForCausalLM, group=None) -> InternLMForCausalLM
         mlp.gate_proj, mlp.up_proj = _column(mlp.gate_proj, rank, world), _column(mlp.up_proj, rank, world)
         mlp.down_proj = _row(mlp.down_proj, rank, world, group)
     model.tp_group, model.tp_rank, model.tp_world_size = group, rank, world
+    if fused is not None:
+        model.fuse_projections(**fused)
     return model
 
 
