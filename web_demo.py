@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights dtype (default: float16 on GPU, float32 on CPU)")
     p.add_argument("--max-concurrency", "--max_concurrency", dest="max_concurrency", type=int, default=1,
                    help="model jobs running at once; the rest wait in the queue (default 1)")
+    p.add_argument("--cuda-graphs", "--cuda_graphs", dest="cuda_graphs", action="store_true",
+                   help="replay each decode step from a CUDA graph (xcomposer.fast_decode; one GPU only)")
     p.add_argument("--demo", action="store_true",
                    help="tiny random model and demo library built on the fly: try the interface anywhere "
                         "(its output is noise)")
@@ -66,7 +68,7 @@ def load_model(args: argparse.Namespace):
     if args.num_gpus > 1 and device == "cuda":
         kwargs["num_gpus"] = args.num_gpus
     try:
-        return XComposer.from_pretrained(args.folder, **kwargs)
+        model = XComposer.from_pretrained(args.folder, **kwargs)
     except ShardingError as e:
         raise SystemExit(f"error: --num_gpus {args.num_gpus}: {e}") from None
     except (CheckpointError, OSError) as e:
@@ -75,6 +77,13 @@ def load_model(args: argparse.Namespace):
             f"Pass --folder with a local internlm-xcomposer-7b (or -vl-7b) folder holding config.json, "
             f"tokenizer.model and the weights, or a hub id that can be downloaded; or run with --demo to "
             f"try the interface on a tiny random model.") from None
+    if args.cuda_graphs:
+        if device != "cuda" or args.num_gpus > 1:
+            print("warning: --cuda-graphs needs the model on one CUDA GPU; decoding eagerly", file=sys.stderr)
+        else:
+            from xcomposer.fast_decode import use_cuda_graphs
+            use_cuda_graphs(model)
+    return model
 
 
 def load_library(path: str | None):

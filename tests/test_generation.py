@@ -165,3 +165,25 @@ def test_reply_is_cut_to_fit_the_window(pair):
     window = ours.context_window
     r = generate(ours, [[3] * (window - 4)], max_new_tokens=50)
     assert r.truncated and r.max_new_tokens == 4 and len(r.tokens[0]) == 4
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5, 11, 64])
+def test_chunked_prefill_equals_one_pass(pair, chunk):
+    ours, _ = pair
+    from xcomposer.generation import _Batch
+    with torch.inference_mode():
+        whole = _Batch(ours, PROMPTS, None, GenerationConfig(max_new_tokens=4)).prefill()
+        parts = _Batch(ours, PROMPTS, None, GenerationConfig(max_new_tokens=4, prefill_chunk_size=chunk)).prefill()
+    torch.testing.assert_close(parts, whole, atol=1e-4, rtol=1e-4)
+    for kw in (dict(), dict(num_beams=3)):
+        assert generate(ours, PROMPTS, max_new_tokens=16, prefill_chunk_size=chunk, **kw).tokens == \
+            generate(ours, PROMPTS, max_new_tokens=16, **kw).tokens
+    emb = [ours.embed(torch.tensor(p)).detach() for p in PROMPTS]
+    assert generate(ours, inputs_embeds=emb, max_new_tokens=8, prefill_chunk_size=chunk).tokens == \
+        generate(ours, PROMPTS, max_new_tokens=8).tokens
+
+
+def test_prefill_chunk_size_is_validated(pair):
+    ours, _ = pair
+    with pytest.raises(ValueError, match="prefill_chunk_size=0"):
+        generate(ours, PROMPTS, max_new_tokens=2, prefill_chunk_size=0)

@@ -250,8 +250,10 @@ def test_several_gpus_without_cuda_load_on_the_cpu_with_a_warning(model, tmp_pat
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the warning is for machines without it")
     folder = write_tiny_xcomposer(tmp_path / "xc")
-    args = web_demo.build_parser().parse_args(["--folder", str(folder), "--num_gpus", "2"])
+    args = web_demo.build_parser().parse_args(["--folder", str(folder), "--num_gpus", "2", "--cuda-graphs"])
     loaded = web_demo.load_model(args)
-    assert loaded.device.type == "cpu"
-    assert "--num_gpus 2 but no CUDA device is visible" in capsys.readouterr().err
+    assert loaded.device.type == "cpu" and loaded.llm.static_decode is None
+    err = capsys.readouterr().err
+    assert "--num_gpus 2 but no CUDA device is visible" in err
+    assert "--cuda-graphs needs the model on one CUDA GPU" in err
 

@@ -45,6 +45,7 @@ class GenerationConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int = 0
     seed: int | None = None
+    prefill_chunk_size: int | None = None  # feed long prompts to the decoder this many tokens at a time
 
     def validate(self) -> "GenerationConfig":
         def bad(name: str, why: str) -> ValueError:
@@ -66,6 +67,9 @@ class GenerationConfig:
             raise bad("repetition_penalty", "must be > 0 (1 disables it)")
         if self.early_stopping not in (True, False, "never"):
             raise bad("early_stopping", "must be True, False or 'never'")
+        if self.prefill_chunk_size is not None and (not isinstance(self.prefill_chunk_size, int)
+                                                    or self.prefill_chunk_size < 1):
+            raise bad("prefill_chunk_size", "must be None (the whole prompt at once) or an integer >= 1")
         return self
 
     @property
@@ -211,18 +215,30 @@ class _Batch:
         self.n_real = self.kv_valid.sum(1)
         self.slots = torch.arange(self.cache_len, device=self.device)
         self.decode_step = None
+        self.chunk = cfg.prefill_chunk_size
 
     def prefill(self) -> torch.Tensor:
+        """Write the prompt into the caches; returns the logits after its last token (N, V) in fp32.
+
+        With `prefill_chunk_size` the prompt goes in chunks: each chunk attends to the cache
+        slots written so far plus itself, so the result equals one pass, while the largest
+        activations (the MLP's chunk x intermediate, the chunk x filled attention mask) stay bounded.
+        """
         self.model.setup_caches(self.N, self.cache_len)
         if self.static:  # captured before the prefill: capturing writes scratch into cache slot 0
             self.decode_step = fast_decode.decode_step_for(self.model, self.N, self.cache_len)
         T = self.T
         pos = (self.kv_valid[:, :T].long().cumsum(1) - 1).clamp_min(0)
-        cache_pos = slots = self.slots[:T]  # the mask covers the T filled slots only
-        mask = self.kv_valid[:, None, None, :T] & (slots[None, None, None, :] <= cache_pos[None, None, :, None])
-        mask = mask | (slots[None, :] == cache_pos[:, None])[None, None]  # pad rows see themselves: no NaN
-        kw = {"inputs_embeds": self.x} if self.embeds else {"input_ids": self.x}
-        logits = self.model(**kw, position_ids=pos, cache_pos=cache_pos, kv_mask=mask, last_only=True)
+        chunk = self.chunk or T
+        for start in range(0, T, chunk):
+            end = min(start + chunk, T)
+            cache_pos, slots = self.slots[start:end], self.slots[:end]  # the mask covers filled slots only
+            mask = self.kv_valid[:, None, None, :end] & (slots[None, None, None, :] <= cache_pos[None, None, :, None])
+            mask = mask | (slots[None, :] == cache_pos[:, None])[None, None]  # pad rows see themselves: no NaN
+            x = self.x[:, start:end]
+            kw = {"inputs_embeds": x} if self.embeds else {"input_ids": x}
+            logits = self.model(**kw, position_ids=pos[:, start:end], cache_pos=cache_pos, kv_mask=mask,
+                                last_only=True)
         return logits[:, -1].float()
 
     def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
