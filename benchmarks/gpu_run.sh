@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, for one call of a lent GPU machine (the `device` tool), whose image
+# already holds torch, transformers, timm, accelerate, safetensors, sentencepiece and pytest:
+#
+#   bash benchmarks/gpu_run.sh            # results and logs under $OUT (or ./gpu_results)
+#
+# 1. the CUDA tests: the CUDA graph decode step against the eager path (token-identical greedy,
+#    beams, sampling, batch 1-32, with and without torch.compile), and the decoder/generation
+#    parity tests on this machine;
+# 2. the decoder benchmark at the InternLM-7B shape in fp16 (ours eager / graph / graph+compiled
+#    against transformers' Llama, prefill, decode batch 1/8/32, 5 beams, image question time to
+#    first token, image encode batch 1/8 with the real EVA ViT-g, the bandwidth limit).
+# One device call may run 10 minutes at most: STEPS="tests" or STEPS="bench" runs one part, and
+# BENCH_ARGS passes options to the benchmark, e.g. BENCH_ARGS="--variants ours ours-graph --repeats 3"
+# (the compiled variant compiles once per batch shape: budget a minute or more per shape).
+set -uo pipefail
+out=${OUT:-gpu_results}
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+steps=${STEPS:-"tests bench"}
+rc=0
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch, transformers, timm; print('torch', torch.__version__, 'transformers', transformers.__version__, 'timm', timm.__version__)" | tee -a "$out/gpu.txt"
+if [[ " $steps " == *" tests "* ]]; then
+    python3 -m pytest -q -p no:cacheprovider -rs tests/test_fast_decode.py tests/test_decoder.py \
+        tests/test_generation.py 2>&1 | tee "$out/tests.txt" || rc=1
+fi
+if [[ " $steps " == *" bench "* ]]; then
+    python3 benchmarks/bench_decoder.py --device cuda --mode 7b --json "$out/decoder.json" ${BENCH_ARGS:-} 2>&1 \
+        | tee "$out/decoder.txt" || rc=1
+fi
+exit $rc

@@ -1,0 +1,26 @@
+"""The decoder benchmark still runs end to end (a one-layer smoke run on the CPU). Nothing here is
+timed or compared: speed is measured by running the benchmark itself (docs/performance.md)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench_decoder  # noqa: E402
+
+
+def test_decoder_benchmark_smoke_run():
+    r = bench_decoder.bench("cpu", "small", repeats=1, beam_steps=3, num_layers=1, batches=(1, 2),
+                            variants=["ours"], decode_steps=3, image=True, vision_depth=1)
+    names = [row["name"] for row in r["rows"]]
+    assert any(n.startswith("prefill") for n in names)
+    assert sum(n.startswith("decode batch") for n in names) == 4  # ms/step and tokens/s, two batch sizes
+    assert any(n.startswith("image question") for n in names)
+    assert sum(n.startswith("image encode") for n in names) == 2
+    for row in r["rows"]:
+        assert set(row["values"]) >= {"ours", "hf"} and all(v > 0 for v in row["values"].values())
+    assert r["greedy_tokens_match"] == {"ours": True}  # same weights, same greedy tokens as transformers
+    assert r["decode_limit_b1"] > 0 and r["beam_over_greedy"]["ours"] > 0
+    bench_decoder.print_report(r)
