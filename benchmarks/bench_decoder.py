@@ -19,7 +19,9 @@ CUDA graph. Definitions, identical for every model:
   sampler -> 66 image embeddings placed between 5 and 20 text-token embeddings -> prefill ->
   first token. Ours: VisionTower + PerceiveSampler + our decoder; peer: timm Eva + transformers'
   Blip2QFormerModel + transformers' Llama (benchmarks/bench_vision.py builds both encoders);
-* image encode batch 1 and 8: benchmarks/bench_vision.py's encode rows, same run.
+* image encode batch 1 and 8: benchmarks/bench_vision.py's encode rows, same run. On CUDA the
+  "ours-graph" column of the two image rows replays the encoder from a CUDA graph (one capture
+  per batch size, as `use_cuda_graphs(xcomposer)` does) and answers with the graph decoder.
 
 Every figure is the median of --repeats timed runs after one warm-up run (which also captures
 or compiles what a variant needs), with torch.cuda.synchronize() around each timed region on
@@ -42,7 +44,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from xcomposer import InternLMConfig, InternLMForCausalLM
-from xcomposer.fast_decode import use_cuda_graphs
+from xcomposer.fast_decode import CapturedCall, CudaGraphBackend, use_cuda_graphs
 from xcomposer.generation import generate
 
 # -----------------------------------------------------------------------------
@@ -195,10 +197,11 @@ def device_name(device: str) -> str:
 # image question
 
 def image_question(ours, hf, device: str, dtype: torch.dtype, mode: str, repeats: int,
-                   vision_depth: int | None) -> tuple[dict, list, int]:
+                   vision_depth: int | None, graphed=None) -> tuple[dict, list, int]:
     """Time to first token of an image question for ours and the peer; also the encode rows of
-    bench_vision (batch 1 and 8) measured on the same encoders. Returns (ttft seconds, encode rows,
-    EVA depth)."""
+    bench_vision (batch 1 and 8) measured on the same encoders. With `graphed` (our decoder running
+    CUDA graphs), also "ours-graph": the encoder replayed from a CUDA graph per batch size, as
+    `use_cuda_graphs(xcomposer)` does. Returns (ttft seconds, encode rows, EVA depth)."""
     import bench_vision  # same folder; imported here because it imports this module
     from vision import EvaConfig
 
@@ -224,12 +227,29 @@ def image_question(ours, hf, device: str, dtype: torch.dtype, mode: str, repeats
                           max_new_tokens=1, do_sample=False, pad_token_id=0)
         return out[:, -1:].tolist()
 
-    ttft = timed({"ours": ask_ours, "hf": ask_peer}, device, repeats)
+    asks, encoders = {"ours": ask_ours, "hf": ask_peer}, {"ours": enc_ours, "hf": enc_peer}
+    if graphed is not None:
+        captured = {}
+
+        @torch.inference_mode()
+        def enc_graph(pixels):
+            if pixels.shape not in captured:
+                captured[pixels.shape] = CapturedCall(enc_ours, (pixels,), CudaGraphBackend())
+            return captured[pixels.shape](pixels)
+
+        @torch.inference_mode()
+        def ask_graph():
+            img = enc_graph(px)[0]
+            embeds = torch.cat([graphed.embed(before), img, graphed.embed(after)])
+            return generate(graphed, inputs_embeds=[embeds], max_new_tokens=1).tokens
+
+        asks["ours-graph"], encoders["ours-graph"] = ask_graph, enc_graph
+    ttft = timed(asks, device, repeats)
     rows = []
     for b in (1, 8):
         pxb = torch.randn(b, 3, 224, 224, generator=g).to(device, dtype)
         with torch.inference_mode():
-            t = timed({"ours": lambda: enc_ours(pxb), "hf": lambda: enc_peer(pxb)}, device, repeats)
+            t = timed({k: (lambda e=e: e(pxb)) for k, e in encoders.items()}, device, repeats)
         rows.append((b, t))
     del enc_ours, enc_peer
     return ttft, rows, depth
@@ -278,7 +298,7 @@ def bench(device: str, mode: str, repeats: int, beam_steps: int, num_layers: int
     encode_rows, image_depth = [], None
     if image:
         res["ttft_image"], encode_rows, image_depth = image_question(models[first], hf, device, dtype, mode,
-                                                                     repeats, vision_depth)
+                                                                     repeats, vision_depth, models.get("ours-graph"))
 
     rows = []  # (name, {model: value}, {variant: transformers time / variant time})
 

@@ -19,7 +19,7 @@ from torch import nn
 from conftest import tiny_model
 from xcomposer import InternLM, XComposer
 from xcomposer.decoder import PackedLinear
-from xcomposer.fast_decode import DEFAULT_BUCKET, static_cache_length, use_cuda_graphs
+from xcomposer.fast_decode import DEFAULT_BUCKET, CapturedCall, static_cache_length, use_cuda_graphs
 from xcomposer.generation import generate, stream_generate
 from xcomposer.tiny import write_tiny_internlm, write_tiny_xcomposer
 
@@ -157,7 +157,7 @@ def test_static_step_is_reused_and_recaptured_when_shapes_or_buffers_change():
     m.double()  # new weight and cache tensors: a captured step would read freed memory
     step = m._decode_step
     got = generate(m, PROMPTS, max_new_tokens=10).tokens
-    assert m._decode_step is not step and m._decode_step.tokens.dtype == torch.long
+    assert m._decode_step is not step and m._decode_step.fingerprint != step.fingerprint
     assert got == generate(ref.double(), PROMPTS, max_new_tokens=10).tokens
     use_cuda_graphs(m, enabled=False)
     assert m.static_decode is None and m._decode_step is None
@@ -186,6 +186,72 @@ def test_xcomposer_image_answers_are_unchanged(tmp_path):
     ref = xc.generate("What is in the image?", image=str(photo), max_new_tokens=10)
     assert use_cuda_graphs(xc) is xc and xc.llm.static_decode is not None
     assert xc.generate("What is in the image?", image=str(photo), max_new_tokens=10) == ref
+
+
+# -- the capture path, driven on the CPU by a stand-in for CUDA graphs --------------------------------
+
+class RecomputeOnReplay:
+    """Test double for `CudaGraphBackend` (the CPU has no CUDA graphs). `capture` runs the function
+    once, as a graph's warm-up and recording do (so it writes cache slot 0 like they do), and keeps
+    that output tensor; `replay` runs the function again from the same input buffers and writes the
+    result into that same tensor, as a replayed graph overwrites its outputs. What it checks: the
+    order of capture and prefill, the static input buffers, copying results out, reuse."""
+
+    def __init__(self):
+        self.captures = self.replays = 0
+
+    def capture(self, fn):
+        self.captures += 1
+        out = fn()
+
+        def replay():
+            self.replays += 1
+            out.copy_(fn())
+        return replay, out
+
+
+def test_captured_call_copies_inputs_in_and_results_out():
+    backend = RecomputeOnReplay()
+    call = CapturedCall(lambda x, y: x * 2 + y, (torch.zeros(3), torch.zeros(3)), backend)
+    a = call(torch.ones(3), torch.full((3,), 5.0))
+    b = call(torch.full((3,), 10.0), torch.zeros(3))
+    assert a.tolist() == [7.0] * 3 and b.tolist() == [20.0] * 3  # a is not overwritten by the next replay
+    assert backend.captures == 1 and backend.replays == 2
+
+
+def test_decoding_through_the_capture_path_is_token_identical():
+    m = tiny_model().fuse_projections()
+    runs = [dict(max_new_tokens=20), dict(max_new_tokens=14, num_beams=3, repetition_penalty=1.3),
+            dict(max_new_tokens=14, do_sample=True, seed=5, top_k=40)]
+    ref = [generate(m, PROMPTS, **kw).tokens for kw in runs]
+    ref_stream = sum(stream_generate(m, PROMPTS[0], max_new_tokens=12), [])
+    use_cuda_graphs(m)
+    backend = m.static_decode.backend = RecomputeOnReplay()
+    assert [generate(m, PROMPTS, **kw).tokens for kw in runs[:1]] == ref[:1]
+    assert backend.captures == 1 and backend.replays == 19  # 20 tokens: the prefill gives the first
+    assert [generate(m, PROMPTS, **kw).tokens for kw in runs] == ref
+    assert backend.captures == 3  # 2 rows, then 2 x 3 beams: 6 rows, then 2 rows again (new caches each time)
+    assert sum(stream_generate(m, PROMPTS[0], max_new_tokens=12), []) == ref_stream
+
+
+def test_image_encoding_through_the_capture_path(tmp_path):
+    xc = XComposer.from_pretrained(write_tiny_xcomposer(tmp_path / "xc", seed=3))
+    size = xc.config.vision.img_size
+    px = {b: torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(b)) for b in (1, 2, 3, 4, 5)}
+    ref = {b: xc.encode_image(x) for b, x in px.items()}
+    use_cuda_graphs(xc)
+    backend = xc.llm.static_decode.backend = RecomputeOnReplay()
+    for b in (1, 2, 1):
+        torch.testing.assert_close(xc.encode_image(px[b]), ref[b], atol=1e-5, rtol=1e-5)
+    assert backend.captures == 2 and backend.replays == 3  # one capture per batch size, reused
+    for b in (3, 4, 5):
+        xc.encode_image(px[b])
+    assert list(xc.vision_graphs.calls) == [(tuple(px[b].shape), torch.float32, px[b].device) for b in (1, 3, 4, 5)]  # LRU: 2 went
+    xc.double()  # the captures read the old weights: all are dropped
+    torch.testing.assert_close(xc.encode_image(px[1]).float(), ref[1], atol=1e-4, rtol=1e-4)
+    assert len(xc.vision_graphs.calls) == 1
+    use_cuda_graphs(xc, enabled=False)
+    assert xc.vision_graphs is None and xc.llm.static_decode is None
 
 
 def test_bad_arguments_are_named():
@@ -232,3 +298,15 @@ def test_cuda_graph_survives_many_generations_and_batch_sizes():
     for batch in (1, 8, 32, 8):
         prompts = [[1, 3 + i, 7, 9 + i] for i in range(batch)]
         assert generate(graph, prompts, max_new_tokens=20).tokens == generate(eager, prompts, max_new_tokens=20).tokens
+
+
+@needs_cuda
+def test_cuda_graph_image_encoding_equals_eager(tmp_path):
+    xc = XComposer.from_pretrained(write_tiny_xcomposer(tmp_path / "xc", seed=3), device="cuda")
+    size = xc.config.vision.img_size
+    px = torch.randn(2, 3, size, size, device="cuda")
+    ref = xc.encode_image(px)
+    use_cuda_graphs(xc)
+    for _ in range(2):
+        torch.testing.assert_close(xc.encode_image(px), ref, atol=1e-3, rtol=1e-3)
+    assert len(xc.vision_graphs.calls) == 1

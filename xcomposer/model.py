@@ -176,6 +176,7 @@ class XComposer(nn.Module):
         self.tokenizer: InternLMTokenizer | None = None
         self.image_cache_size = 32
         self._image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.vision_graphs = None  # fast_decode.ImageEncoderGraphs once use_cuda_graphs(model) ran
 
     # -- loading -----------------------------------------------------------------------------
     @classmethod
@@ -250,8 +251,10 @@ class XComposer(nn.Module):
             raise ValueError(f"encode_image expects {size}x{size} pixels, got {tuple(pixel_values.shape[2:])}; "
                              f"preprocess(images, size={size}) resizes them")
         x = pixel_values.to(device=self.device, dtype=self.vision_dtype)
-        feats = self.vision(x)
-        return self.sampler(feats).to(self.dtype)
+        embeds = self.vision_graphs(x) if self.vision_graphs is not None else None
+        if embeds is None:  # eager (also when no captured path applies, e.g. off CUDA)
+            embeds = self.sampler(self.vision(x))
+        return embeds.to(self.dtype)
 
     @property
     def vision_dtype(self) -> torch.dtype:
