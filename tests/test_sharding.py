@@ -239,11 +239,20 @@ def test_num_gpus_without_gpus_is_a_clear_error(ckpt):
         XComposer.from_pretrained(ckpt, num_gpus=0)
 
 
+def test_one_device_loads_report_memory_only_on_a_gpu(ckpt, capsys):
+    assert XComposer.from_pretrained(ckpt).memory_report is None  # CPU: no GPU budget to check
+    assert "memory plan" not in capsys.readouterr().err
+    if torch.cuda.is_available():
+        gpu = XComposer.from_pretrained(ckpt, device="cuda")
+        assert gpu.memory_report.num_gpus == 1 and gpu.memory_report.batch == 1 and gpu.memory_report.fits
+        assert "memory plan: 1 device(s)" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_two_gpus_match_one(ckpt, tmp_path):  # pragma: no cover - runs on GPU machines only
     one = XComposer.from_pretrained(ckpt, device="cuda:0", dtype=torch.float32)
     two = XComposer.from_pretrained(ckpt, dtype=torch.float32, num_gpus=2)
-    assert two.llm.model.layers[0].self_attn.q_proj.weight.device.index == 0
+    assert two.llm.model.layers[0].self_attn.qkv_proj.weight.device.index == 0  # packed at load
     assert two.llm.lm_head.weight.device.index == 1
     assert "memory plan: 2 device(s)" in str(two.memory_report)
     ids = torch.tensor([[1, 30, 40, 50, 60]], device="cuda:0")

@@ -177,6 +177,7 @@ class XComposer(nn.Module):
         self.image_cache_size = 32
         self._image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.vision_graphs = None  # fast_decode.ImageEncoderGraphs once use_cuda_graphs(model) ran
+        self.memory_report = None  # sharding.MemoryReport printed by from_pretrained on GPUs
 
     # -- loading -----------------------------------------------------------------------------
     @classmethod
@@ -189,7 +190,9 @@ class XComposer(nn.Module):
         LoRA adapters (`*.lora_A.weight`, `*.lora_B.weight`) are merged into their base weights.
         `num_gpus` > 1 spreads the model over cuda:0 .. cuda:N-1 (`device` is then not used) by the
         balanced placement of `xcomposer.sharding`, printing its memory report before any weight
-        is read; each tensor is loaded straight onto its GPU. `fuse` packs the decoder's q/k/v
+        is read; each tensor is loaded straight onto its GPU. On one GPU the report (weights + a
+        cache of one full-context row) is printed too, and not fitting in the free memory is a
+        `sharding.ShardingError` before anything is read. `fuse` packs the decoder's q/k/v
         and gate/up projections once loaded (`InternLMForCausalLM.fuse_projections`).
         """
         if num_gpus != 1:
@@ -203,12 +206,17 @@ class XComposer(nn.Module):
                                   f"sentencepiece tokenizer.model shipped with the weights")
         device = torch.device(device)
         dtype = resolve_dtype(dtype, device, cfg.llm.torch_dtype)
-        plan = None
+        plan = report = None
         if num_gpus != 1:  # fail on memory before reading gigabytes
-            plan = sharding.memory_report(cfg, num_gpus, dtype, batch=sharding.DEFAULT_KV_BATCH,
-                                          budgets=sharding.cuda_budgets(num_gpus))
-            print(plan, file=sys.stderr)
-            sharding.check_fits(plan, cfg)
+            plan = report = sharding.memory_report(cfg, num_gpus, dtype, batch=sharding.DEFAULT_KV_BATCH,
+                                                   budgets=sharding.cuda_budgets(num_gpus))
+        elif device.type == "cuda":  # one GPU: weights plus one row of a full-context cache must fit
+            from . import sharding
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            report = sharding.memory_report(cfg, 1, dtype, batch=1, budgets=[int(torch.cuda.mem_get_info(index)[0])])
+        if report is not None:
+            print(report, file=sys.stderr)
+            sharding.check_fits(report, cfg)
         with torch.device("meta"):
             model = cls(cfg)
         lora = LoRAMerge(cfg.lora_scale) if cfg.lora else None
@@ -220,7 +228,7 @@ class XComposer(nn.Module):
             model.llm.fuse_projections()
         if plan is not None:
             sharding.dispatch(model, plan.device_map, main_device=0)
-            model.memory_report = plan
+        model.memory_report = report
         model.tokenizer = load_tokenizer(folder)
         model.source = Path(folder)
         return model.eval()
