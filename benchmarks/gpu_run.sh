@@ -4,9 +4,9 @@
 #
 #   bash benchmarks/gpu_run.sh            # results and logs under $OUT (or ./gpu_results)
 #
-# 1. the CUDA tests: the CUDA graph decode step against the eager path (token-identical greedy,
-#    beams, sampling, batch 1-32, with and without torch.compile), and the decoder/generation
-#    parity tests on this machine;
+# 1. the CUDA tests: the CUDA graph decode step and image encoder against the eager path
+#    (token-identical greedy, beams, sampling, batch 1-32, with and without torch.compile), the
+#    one-GPU memory report, and the decoder/generation parity tests on this machine;
 # 2. the decoder benchmark at the InternLM-7B shape in fp16 (ours eager / graph / graph+compiled
 #    against transformers' Llama, prefill, decode batch 1/8/32, 5 beams, image question time to
 #    first token, image encode batch 1/8 with the real EVA ViT-g, the bandwidth limit).
@@ -22,7 +22,7 @@ rc=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers, timm; print('torch', torch.__version__, 'transformers', transformers.__version__, 'timm', timm.__version__)" | tee -a "$out/gpu.txt"
 if [[ " $steps " == *" tests "* ]]; then
-    python3 -m pytest -q -p no:cacheprovider -rs tests/test_fast_decode.py tests/test_decoder.py \
+    python3 -m pytest -q -p no:cacheprovider -rs tests/test_fast_decode.py tests/test_sharding.py tests/test_decoder.py \
         tests/test_generation.py 2>&1 | tee "$out/tests.txt" || rc=1
 fi
 if [[ " $steps " == *" bench "* ]]; then
