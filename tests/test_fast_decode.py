@@ -254,6 +254,14 @@ def test_image_encoding_through_the_capture_path(tmp_path):
     assert xc.vision_graphs is None and xc.llm.static_decode is None
 
 
+@pytest.mark.skipif(CUDA, reason="this machine has CUDA")
+def test_cuda_without_a_gpu_is_refused_before_loading(tmp_path):
+    for load, folder in ((XComposer.from_pretrained, write_tiny_xcomposer(tmp_path / "xc")),
+                         (InternLM.from_pretrained, write_tiny_internlm(tmp_path / "llm"))):
+        with pytest.raises(ValueError, match=r"device='cuda' but this machine shows 0 CUDA GPU\(s\).*device='cpu'"):
+            load(folder, device="cuda")
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(TypeError, match="InternLMForCausalLM or an XComposer"):
         use_cuda_graphs(nn.Linear(2, 2))
@@ -289,7 +297,7 @@ def test_cuda_graph_greedy_is_token_identical_to_eager(compile):
         a = generate(eager, PROMPTS, **kw).tokens
         b = generate(graph, PROMPTS, **kw).tokens
         assert a == b, kw
-    assert graph._decode_step.graph is not None  # really replayed from a graph
+    assert graph._decode_step.captured is not None  # really replayed from a graph
 
 
 @needs_cuda

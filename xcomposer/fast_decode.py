@@ -62,7 +62,6 @@ class CapturedCall:
     result is copied out of the graph's output (the next replay overwrites it)."""
 
     def __init__(self, fn: Callable[..., torch.Tensor], example_inputs: Sequence[torch.Tensor], backend):
-        self.fn = fn
         self.inputs = [t.detach().clone() for t in example_inputs]
         self.replay, self.output = backend.capture(lambda: fn(*self.inputs))
 
@@ -152,11 +151,6 @@ class DecodeStep:
         # capture before the prefill, which rewrites every slot it uses
         self.captured = CapturedCall(self.forward, (tokens, pos, cache_pos, mask), backend) if backend else None
 
-    @property
-    def graph(self):
-        """The captured call, or None when the step runs eagerly."""
-        return self.captured
-
     def valid_for(self, model: nn.Module, batch: int, length: int) -> bool:
         return (model is self.model and batch == self.batch and length == self.length
                 and model.cache_generation == self.cache_generation and _fingerprint(model) == self.fingerprint)
@@ -190,6 +184,7 @@ class ImageEncoderGraphs:
     def __init__(self, model: nn.Module, settings: StaticDecode):
         self.model, self.settings = model, settings
         self.calls: "OrderedDict[tuple, CapturedCall]" = OrderedDict()
+        self.fingerprint: tuple | None = None  # weight addresses the captures read
 
     def _fingerprint(self) -> tuple:
         firsts = (next(self.model.vision.parameters()), next(self.model.sampler.parameters()))
@@ -202,7 +197,7 @@ class ImageEncoderGraphs:
         if backend is None or is_dispatched(self.model):
             return None
         fingerprint = self._fingerprint()
-        if fingerprint != getattr(self, "fingerprint", None):  # moved or cast: every capture is stale
+        if fingerprint != self.fingerprint:  # moved or cast: every capture is stale
             self.calls.clear()
             self.fingerprint = fingerprint
         key = (tuple(pixels.shape), pixels.dtype, pixels.device)

@@ -41,6 +41,17 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device, config_
     return _DTYPES[dtype]
 
 
+def check_device(device: torch.device) -> None:
+    """Refuse a CUDA device that this machine does not show, before any weight is read."""
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0 or (device.index is not None and device.index >= count):
+        raise ValueError(f"device={str(device)!r} but this machine shows {count} CUDA GPU(s) (check the driver and "
+                         f"CUDA_VISIBLE_DEVICES): load with device='cpu'" + (f" or one of cuda:0..cuda:{count - 1}"
+                                                                            if count else ""))
+
+
 class InternLM(InternLMForCausalLM):
     """InternLM v1 chat model (internlm-chat-7b layout) with InternLM's `chat`/`stream_chat`."""
 
@@ -58,6 +69,7 @@ class InternLM(InternLMForCausalLM):
         folder, cfg_file = checkpoint_folder(path_or_hub_id, "InternLM")
         cfg = InternLMConfig.from_json(cfg_file)
         device = torch.device(device)
+        check_device(device)
         dtype = resolve_dtype(dtype, device, cfg.torch_dtype)
         with torch.device("meta"):
             model = cls(cfg)
@@ -125,4 +137,4 @@ class InternLM(InternLMForCausalLM):
         yield response, history + [(query, response)]
 
 
-__all__ = ["InternLM", "load_tokenizer", "CHAT_DEFAULTS", "resolve_dtype"]
+__all__ = ["InternLM", "load_tokenizer", "CHAT_DEFAULTS", "resolve_dtype", "check_device"]

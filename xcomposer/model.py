@@ -35,7 +35,7 @@ from .checkpoint import CheckpointError, LoRAMerge, checkpoint_folder, load_chec
 from .config import InternLMConfig
 from .decoder import InternLMForCausalLM
 from .generation import GenerationConfig, GenerationOutput, PromptTooLongError, generate, stream_generate
-from .internlm import resolve_dtype
+from .internlm import check_device, resolve_dtype
 from .tokenizer import IncrementalDecoder, InternLMTokenizer, load_tokenizer
 from .vl_prompt import (IMAGE_PLACEHOLDER, ImageSlot, bot_turn, check_history, prompt_segments, segments_length,
                         user_turn)
@@ -205,6 +205,7 @@ class XComposer(nn.Module):
             raise CheckpointError(f"{folder / 'tokenizer.model'} not found: the checkpoint folder must hold the "
                                   f"sentencepiece tokenizer.model shipped with the weights")
         device = torch.device(device)
+        check_device(device)
         dtype = resolve_dtype(dtype, device, cfg.llm.torch_dtype)
         plan = report = None
         if num_gpus != 1:  # fail on memory before reading gigabytes
