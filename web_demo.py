@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrency", "--max_concurrency", dest="max_concurrency", type=int, default=1,
                    help="model jobs running at once; the rest wait in the queue (default 1)")
     p.add_argument("--cuda-graphs", "--cuda_graphs", dest="cuda_graphs", action="store_true",
-                   help="replay each decode step from a CUDA graph (xcomposer.fast_decode; one GPU only)")
+                   help="replay each decode step from a CUDA graph (xcomposer.llm.fast_decode; one GPU only)")
     p.add_argument("--demo", action="store_true",
                    help="tiny random model and demo library built on the fly: try the interface anywhere "
                         "(its output is noise)")
@@ -57,8 +57,8 @@ def load_model(args: argparse.Namespace):
     import torch
 
     from xcomposer import XComposer
-    from xcomposer.checkpoint import CheckpointError
-    from xcomposer.sharding import ShardingError
+    from xcomposer.llm.checkpoint import CheckpointError
+    from xcomposer.parallel.sharding import ShardingError
 
     device = "cuda" if args.num_gpus > 0 and torch.cuda.is_available() else "cpu"
     if args.num_gpus > 0 and device == "cpu":
@@ -81,7 +81,7 @@ def load_model(args: argparse.Namespace):
         if device != "cuda" or args.num_gpus > 1:
             print("warning: --cuda-graphs needs the model on one CUDA GPU; decoding eagerly", file=sys.stderr)
         else:
-            from xcomposer.fast_decode import use_cuda_graphs
+            from xcomposer.llm.fast_decode import use_cuda_graphs
             use_cuda_graphs(model)
     return model
 
@@ -89,7 +89,7 @@ def load_model(args: argparse.Namespace):
 def load_library(path: str | None):
     if path is None:
         return None
-    from xcomposer.library import ImageLibrary, LibraryError
+    from xcomposer.compose.library import ImageLibrary, LibraryError
 
     try:
         return ImageLibrary.open(path)
@@ -111,7 +111,7 @@ def demo_setup(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
-    from xcomposer.webui import CHAT_DEFAULTS, DEMO_BANNER, DemoApp, launch
+    from xcomposer.serve.webui import CHAT_DEFAULTS, DEMO_BANNER, DemoApp, launch
 
     if args.demo:
         model, library = demo_setup(args)

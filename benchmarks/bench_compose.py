@@ -30,9 +30,9 @@ def tiny_setup(work: Path):
     from PIL import Image
 
     from xcomposer import XComposer
-    from xcomposer.library import ImageLibrary
+    from xcomposer.compose.library import ImageLibrary
     from xcomposer.tiny import write_tiny_xcomposer
-    from xcomposer.tiny_clip import write_tiny_clip
+    from xcomposer.tiny import write_tiny_clip
 
     model = XComposer.from_pretrained(write_tiny_xcomposer(work / "model"))
     photos = work / "photos"
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
 
     from xcomposer import XComposer
     from xcomposer.compose.pipeline import Composer
-    from xcomposer.library import ImageLibrary
+    from xcomposer.compose.library import ImageLibrary
 
     work = Path(tempfile.mkdtemp(prefix="bench-compose-"))
     if args.folder:

@@ -6,7 +6,7 @@
 Both models hold the same random weights (ours is initialised, transformers' loads a copy of
 its state dict) and run in eval mode with the same prompts. Ours runs in several variants that
 share those weights (see VARIANTS): the eager engine with packed projections (what the loaders
-give), and the fixed-shape decode step of xcomposer.fast_decode, compiled and/or replayed as a
+give), and the fixed-shape decode step of xcomposer.llm.fast_decode, compiled and/or replayed as a
 CUDA graph. Definitions, identical for every model:
 
 * prefill: time to the first new token of a 512-token prompt at batch 1, i.e. the whole call
@@ -44,8 +44,8 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from xcomposer import InternLMConfig, InternLMForCausalLM
-from xcomposer.fast_decode import CapturedCall, CudaGraphBackend, use_cuda_graphs
-from xcomposer.generation import generate
+from xcomposer.llm.fast_decode import CapturedCall, CudaGraphBackend, use_cuda_graphs
+from xcomposer.llm.generation import generate
 
 # -----------------------------------------------------------------------------
 # model shapes

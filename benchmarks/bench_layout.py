@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from bench_decoder import DECODE_PROMPT_LEN, SMALL, device_name  # same folder
 
 from xcomposer import InternLMConfig, InternLMForCausalLM
-from xcomposer.generation import generate
+from xcomposer.llm.generation import generate
 
 
 def _median_seconds(fn, repeats: int, inner: int) -> float:

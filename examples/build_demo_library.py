@@ -17,7 +17,7 @@ QUERIES = ("a cat", "a cup of coffee", "a rocket launch", "an astronaut")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from xcomposer.library import DEFAULT_MODEL, DEFAULT_PRETRAINED
+    from xcomposer.compose.library import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_library", help="output folder (default demo_library)")
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from xcomposer.demo import build_demo_library
-    from xcomposer.library import LibraryError
+    from xcomposer.compose.library import LibraryError
 
     try:
         import skimage.data  # noqa: F401

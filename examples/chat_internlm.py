@@ -15,7 +15,7 @@ import tempfile
 import torch
 
 from xcomposer import InternLM
-from xcomposer.checkpoint import CheckpointError
+from xcomposer.llm.checkpoint import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:

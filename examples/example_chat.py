@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from xcomposer import XComposer
-    from xcomposer.checkpoint import CheckpointError
+    from xcomposer.llm.checkpoint import CheckpointError
     from vision.image import ImageError
 
     work = Path(tempfile.mkdtemp(prefix="xcomposer-example-"))

@@ -40,13 +40,13 @@ def hf_twin(model: InternLMForCausalLM):
 
 
 # the decoder as the loaders leave it (fused, transposed on CPU), the plain upstream layout, and
-# the fused decoder running the fixed-shape decode step of xcomposer.fast_decode (on CPU that
+# the fused decoder running the fixed-shape decode step of xcomposer.llm.fast_decode (on CPU that
 # step runs eagerly: the same math a CUDA graph replays)
 DECODER_VARIANTS = ["plain", "fused", "fused+static"]
 
 
 def apply_variant(m: InternLMForCausalLM, variant: str) -> InternLMForCausalLM:
-    from xcomposer.fast_decode import use_cuda_graphs
+    from xcomposer.llm.fast_decode import use_cuda_graphs
     if variant != "plain":
         m.fuse_projections()
     if variant == "fused+static":

@@ -12,11 +12,11 @@ import pytest
 import safetensors.torch
 import torch
 
-from xcomposer import checkpoint as ck
-from xcomposer.checkpoint import (CheckpointError, iter_shards, list_shards, load_checkpoint_into,
+from xcomposer.llm import checkpoint as ck
+from xcomposer.llm.checkpoint import (CheckpointError, iter_shards, list_shards, load_checkpoint_into,
                                   resolve_checkpoint, save_checkpoint)
-from xcomposer.config import InternLMConfig
-from xcomposer.decoder import InternLMForCausalLM
+from xcomposer.llm.config import InternLMConfig
+from xcomposer.llm.decoder import InternLMForCausalLM
 
 SHARD_BYTES = 120_000  # the tiny model is ~0.6 MB in fp32: several shards
 

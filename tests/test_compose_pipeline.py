@@ -15,9 +15,8 @@ from xcomposer import XComposer
 from xcomposer.compose import Article
 from xcomposer.compose.pipeline import Composer
 from xcomposer.compose.prompts import ZH
-from xcomposer.library import ImageLibrary
-from xcomposer.tiny import write_tiny_xcomposer
-from xcomposer.tiny_clip import write_tiny_clip
+from xcomposer.compose.library import ImageLibrary
+from xcomposer.tiny import write_tiny_clip, write_tiny_xcomposer
 
 GEN = dict(max_new_tokens=60, num_beams=1)
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from xcomposer.decoder import kv_cache_bytes, rope_tables
+from xcomposer.llm.decoder import kv_cache_bytes, rope_tables
 
 from conftest import VOCAB, tiny_config, tiny_model
 

@@ -1,5 +1,5 @@
 """The decode fast path: packed (fused) projections laid out for the device, and the fixed-shape
-decode step that a CUDA graph replays (xcomposer.fast_decode).
+decode step that a CUDA graph replays (xcomposer.llm.fast_decode).
 
 Token-identity with transformers for every decoder variant is in test_generation.py and
 test_decoder.py (the `pair` fixture runs them on the plain, fused and fused+static decoders).
@@ -18,9 +18,9 @@ from torch import nn
 
 from conftest import tiny_model
 from xcomposer import InternLM, XComposer
-from xcomposer.decoder import PackedLinear
-from xcomposer.fast_decode import DEFAULT_BUCKET, CapturedCall, static_cache_length, use_cuda_graphs
-from xcomposer.generation import generate, stream_generate
+from xcomposer.llm.decoder import PackedLinear
+from xcomposer.llm.fast_decode import DEFAULT_BUCKET, CapturedCall, static_cache_length, use_cuda_graphs
+from xcomposer.llm.generation import generate, stream_generate
 from xcomposer.tiny import write_tiny_internlm, write_tiny_xcomposer
 
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 10, 11, 12]]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from xcomposer.generation import GenerationConfig, PromptTooLongError, apply_repetition_penalty, generate, stream_generate
+from xcomposer.llm.generation import GenerationConfig, PromptTooLongError, apply_repetition_penalty, generate, stream_generate
 
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]]
 
@@ -113,7 +113,7 @@ def test_sampling_is_seeded_and_respects_top_k(pair):
 
 
 def test_top_p_keeps_the_nucleus():
-    from xcomposer.generation import _filter_top_p
+    from xcomposer.llm.generation import _filter_top_p
     scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     kept = torch.isfinite(_filter_top_p(scores, 0.7))
     assert kept.tolist() == [[True, True, False, False]]
@@ -170,7 +170,7 @@ def test_reply_is_cut_to_fit_the_window(pair):
 @pytest.mark.parametrize("chunk", [1, 3, 5, 11, 64])
 def test_chunked_prefill_equals_one_pass(pair, chunk):
     ours, _ = pair
-    from xcomposer.generation import _Batch
+    from xcomposer.llm.generation import _Batch
     with torch.inference_mode():
         whole = _Batch(ours, PROMPTS, None, GenerationConfig(max_new_tokens=4)).prefill()
         parts = _Batch(ours, PROMPTS, None, GenerationConfig(max_new_tokens=4, prefill_chunk_size=chunk)).prefill()

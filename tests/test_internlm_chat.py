@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from xcomposer import InternLM, load_tokenizer
-from xcomposer.chat import build_chat_ids, format_prompt
-from xcomposer.checkpoint import CheckpointError
-from xcomposer.generation import PromptTooLongError
+from xcomposer.llm.chat import build_chat_ids, format_prompt
+from xcomposer.llm.checkpoint import CheckpointError
+from xcomposer.llm.generation import PromptTooLongError
 from xcomposer.tiny import write_tiny_internlm
 
 from conftest import hf_twin

@@ -1,6 +1,6 @@
 """The local image library: build, search, incremental update, storage, CLI, demo script.
 
-Offline and on CPU: the model is the tiny random CLIP from `xcomposer.tiny_clip` (its rankings are
+Offline and on CPU: the model is the tiny random CLIP from `xcomposer.tiny` (its rankings are
 noise, but an image searched by its own pixels must still come first with score 1).
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from xcomposer.cli import main as cli_main
-from xcomposer.library import Hit, ImageLibrary, LibraryError
-from xcomposer.tiny_clip import write_tiny_clip
+from xcomposer.compose.library import Hit, ImageLibrary, LibraryError
+from xcomposer.tiny import write_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"red.png": (230, 20, 20), "green.png": (20, 200, 40), "blue.jpg": (30, 40, 220),
@@ -227,7 +227,7 @@ def test_storage_format(built):
 def test_results_are_the_same_in_another_process(built):
     here = [(h.id, h.score) for h in built.search("a photo of a dog", k=5)]
     here_image = [(h.id, h.score) for h in built.search_image(built.root / "red.png", k=3)]
-    code = ("import json, sys; from xcomposer.library import ImageLibrary\n"
+    code = ("import json, sys; from xcomposer.compose.library import ImageLibrary\n"
             "lib = ImageLibrary.open(sys.argv[1])\n"
             "print(json.dumps([[(h.id, h.score) for h in lib.search('a photo of a dog', k=5)],\n"
             "                  [(h.id, h.score) for h in lib.search_image(sys.argv[2], k=3)]]))")

@@ -10,12 +10,12 @@ import torch
 from accelerate.utils import check_device_map
 
 from xcomposer import XComposer
-from xcomposer.checkpoint import load_checkpoint_into
-from xcomposer.config import InternLMConfig
-from xcomposer.decoder import InternLMForCausalLM, kv_cache_bytes
-from xcomposer.model import checkpoint_key_map
-from xcomposer.sharding import (DEFAULT_RESERVE, GiB, ShardingError, device_of, dispatch, memory_report, placement,
-                                xcomposer_7b_config)
+from xcomposer.llm.checkpoint import load_checkpoint_into
+from xcomposer.llm.config import InternLMConfig
+from xcomposer.llm.decoder import InternLMForCausalLM, kv_cache_bytes
+from xcomposer.models.xcomposer import checkpoint_key_map, xcomposer_7b_config
+from xcomposer.parallel.sharding import (DEFAULT_RESERVE, GiB, ShardingError, device_of, dispatch, memory_report,
+                                         placement)
 from xcomposer.tiny import write_tiny_xcomposer
 
 FULL = xcomposer_7b_config()
@@ -221,8 +221,8 @@ def test_loader_sends_each_tensor_to_its_mapped_device(ckpt):
         model = XComposer(cfg)
     dm = {"vision": "cpu", "sampler": "cpu", "llm.model.embed_tokens": "cpu", "llm.model.layers.0": "cpu",
           "llm.model.layers.1": "meta", "llm.model.norm": "meta", "llm.lm_head": "meta"}
-    from xcomposer.checkpoint import LoRAMerge
-    from xcomposer.model import _skip_derived
+    from xcomposer.llm.checkpoint import LoRAMerge
+    from xcomposer.models.xcomposer import _skip_derived
     load_checkpoint_into(model, ckpt, device=lambda name: device_of(name, dm), key_map=checkpoint_key_map,
                          skip=_skip_derived, lora=LoRAMerge(cfg.lora_scale))
     for name, p in model.named_parameters():

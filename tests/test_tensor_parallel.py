@@ -10,10 +10,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from xcomposer import InternLM, XComposer
-from xcomposer.config import InternLMConfig
-from xcomposer.decoder import InternLMForCausalLM
-from xcomposer.generation import _Batch, GenerationConfig, generate
-from xcomposer.tensor_parallel import RowParallelLinear, check_shardable, shard_decoder, tensor_parallel
+from xcomposer.llm.config import InternLMConfig
+from xcomposer.llm.decoder import InternLMForCausalLM
+from xcomposer.llm.generation import _Batch, GenerationConfig, generate
+from xcomposer.parallel.tensor_parallel import RowParallelLinear, check_shardable, shard_decoder, tensor_parallel
 from xcomposer.tiny import write_tiny_internlm, write_tiny_xcomposer
 
 WORLD = 2

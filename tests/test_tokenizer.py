@@ -11,7 +11,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from xcomposer.tokenizer import (
+from xcomposer.llm.tokenizer import (
     IncrementalDecoder,
     InternLMTokenizer,
     _piece_types,

@@ -17,7 +17,7 @@ from xcomposer import XComposer
 from xcomposer.compose import Article
 from xcomposer.compose.article import ImageSlot
 from xcomposer.tiny import write_tiny_xcomposer
-from xcomposer.webui import ChatSession, DemoApp, UserError, article_dir, session_dir, session_key
+from xcomposer.serve.webui import ChatSession, DemoApp, UserError, article_dir, session_dir, session_key
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -232,7 +232,7 @@ def test_render_escapes_user_and_model_text(app, tmp_path):
 
 
 def test_saving_twice_replaces_the_same_folder_and_downloads_are_private_copies(app, tmp_path):
-    from xcomposer.webui import ComposeSession
+    from xcomposer.serve.webui import ComposeSession
 
     art = Article("My trip", ["one", "two"])
     s1 = app.save(ComposeSession(article=art), "sess")

@@ -14,12 +14,12 @@ from PIL import Image
 from torch import nn
 
 from xcomposer import XComposer, load_tokenizer
-from xcomposer.checkpoint import CheckpointError, LoRAMerge, iter_shards
-from xcomposer.generation import PromptTooLongError
-from xcomposer.model import GEN_DEFAULTS
+from xcomposer.llm.checkpoint import CheckpointError, LoRAMerge, iter_shards
+from xcomposer.llm.generation import PromptTooLongError
+from xcomposer.models.xcomposer import GEN_DEFAULTS
 from xcomposer.tiny import build_tiny_xcomposer, tiny_xcomposer_config_dict, write_tiny_internlm, \
     write_tiny_xcomposer
-from xcomposer.vl_prompt import IMAGE_PLACEHOLDER, ImageSlot, prompt_segments
+from xcomposer.models.vl_prompt import IMAGE_PLACEHOLDER, ImageSlot, prompt_segments
 from vision.image import ImageError
 
 ALL_LORA = ("q", "k", "v", "o", "ffn")
@@ -102,7 +102,7 @@ def test_loads_strictly_and_merges_lora(tmp_path, fmt, learn_param):
 
 def _rewrite_single(folder: Path, edit) -> None:
     """Re-save the checkpoint as one safetensors file after `edit(state_dict)`."""
-    from xcomposer.checkpoint import save_checkpoint
+    from xcomposer.llm.checkpoint import save_checkpoint
     sd = _raw_state(folder)
     edit(sd)
     for p in list(folder.glob("model*.safetensors*")):

@@ -1,9 +1,13 @@
-"""XComposer: an open implementation of InternLM-XComposer."""
-from .config import InternLMConfig
-from .decoder import InternLMForCausalLM
-from .generation import GenerationConfig, generate, stream_generate
-from .internlm import InternLM
-from .tokenizer import InternLMTokenizer, load_tokenizer
+"""XComposer: an open implementation of InternLM-XComposer.
+
+The public API, re-exported from where it lives (docs/architecture.md): the InternLM decoder family
+in `xcomposer.llm`, the vision-language models in `xcomposer.models`.
+"""
+from .llm.config import InternLMConfig
+from .llm.decoder import InternLMForCausalLM
+from .llm.generation import GenerationConfig, generate, stream_generate
+from .llm.internlm import InternLM
+from .llm.tokenizer import InternLMTokenizer, load_tokenizer
 
 __all__ = ["InternLMConfig", "InternLMForCausalLM", "InternLM", "InternLMTokenizer", "load_tokenizer",
            "GenerationConfig", "generate", "stream_generate", "XComposer", "XComposerConfig"]
@@ -12,6 +16,6 @@ __all__ = ["InternLMConfig", "InternLMForCausalLM", "InternLM", "InternLMTokeniz
 def __getattr__(name: str):
     # the vision-language model pulls in timm and the vision stack: import it on first use only
     if name in ("XComposer", "XComposerConfig"):
-        from . import model
-        return getattr(model, name)
+        from .models import xcomposer
+        return getattr(xcomposer, name)
     raise AttributeError(f"module 'xcomposer' has no attribute {name!r}")

@@ -22,8 +22,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     from vision.image import ImageError
 
-    from .checkpoint import CheckpointError
-    from .library import LibraryError
+    from .llm.checkpoint import CheckpointError
+    from .compose.library import LibraryError
 
     try:
         return args.func(args)
@@ -46,7 +46,7 @@ def _build_parser() -> argparse.ArgumentParser:
 # --- library ------------------------------------------------------------------------------------
 
 def add_library_commands(groups: argparse._SubParsersAction) -> None:
-    from .library import DEFAULT_MODEL, DEFAULT_PRETRAINED  # constants only: open_clip loads lazily
+    from .compose.library import DEFAULT_MODEL, DEFAULT_PRETRAINED  # constants only: open_clip loads lazily
 
     group = groups.add_parser("library", help="build, update and search a local image library",
                               description="A local image library searched by caption (open_clip).")
@@ -83,7 +83,7 @@ def add_library_commands(groups: argparse._SubParsersAction) -> None:
 
 
 def _library_build(args: argparse.Namespace) -> int:
-    from .library import ImageLibrary
+    from .compose.library import ImageLibrary
 
     with _Progress("embedding") as progress:
         lib = ImageLibrary.build(args.folder, args.out, model=args.model, pretrained=args.pretrained,
@@ -95,7 +95,7 @@ def _library_build(args: argparse.Namespace) -> int:
 
 
 def _library_update(args: argparse.Namespace) -> int:
-    from .library import ImageLibrary
+    from .compose.library import ImageLibrary
 
     lib = ImageLibrary.open(args.library, device=args.device, pretrained=args.pretrained)
     with _Progress("embedding") as progress:
@@ -105,7 +105,7 @@ def _library_update(args: argparse.Namespace) -> int:
 
 
 def _library_search(args: argparse.Namespace) -> int:
-    from .library import ImageLibrary
+    from .compose.library import ImageLibrary
 
     lib = ImageLibrary.open(args.library, device=args.device, pretrained=args.pretrained)
     hits = lib.search(args.text, k=args.k)
@@ -144,8 +144,8 @@ def _compose(args: argparse.Namespace) -> int:
     import torch
 
     from .compose.pipeline import Composer
-    from .library import ImageLibrary
-    from .model import XComposer
+    from .compose.library import ImageLibrary
+    from .models.xcomposer import XComposer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = XComposer.from_pretrained(args.folder, device=device, dtype=args.dtype)

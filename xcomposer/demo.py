@@ -97,7 +97,7 @@ def build_demo_library(out: str | Path, *, tiny_clip: bool = True, model: str | 
     `tiny_clip=True` embeds with a tiny random CLIP written to `out/tiny_clip` (offline; rankings
     are noise); otherwise `model`/`pretrained` name an open_clip model (the default downloads once).
     """
-    from .library import DEFAULT_MODEL, DEFAULT_PRETRAINED, ImageLibrary
+    from .compose.library import DEFAULT_MODEL, DEFAULT_PRETRAINED, ImageLibrary
 
     out = Path(out)
     images = out / "images"
@@ -106,7 +106,7 @@ def build_demo_library(out: str | Path, *, tiny_clip: bool = True, model: str | 
     config = None
     model, pretrained = model or DEFAULT_MODEL, pretrained or DEFAULT_PRETRAINED
     if tiny_clip:
-        from .tiny_clip import write_tiny_clip
+        from .tiny import write_tiny_clip
 
         model, config, weights = write_tiny_clip(out / "tiny_clip")
         pretrained = str(weights)

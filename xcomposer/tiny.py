@@ -4,6 +4,10 @@ The model is random (its output is noise) but everything else is real: the confi
 names, sharded `.bin` or `.safetensors` with their index, a trained sentencepiece
 `tokenizer.model` with InternLM's special pieces, and the derivable `rotary_emb.inv_freq`
 buffers that real shards carry.
+
+`write_tiny_clip` writes a tiny random open_clip model the same way, so image libraries can be built
+and searched offline: its retrieval is noise, but config loading, weight loading, preprocessing and
+encoding are open_clip's real code.
 """
 from __future__ import annotations
 
@@ -12,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import save_checkpoint
-from .config import InternLMConfig
-from .decoder import InternLMForCausalLM
-from .tokenizer import load_tokenizer, train_tiny_tokenizer
+from .llm.checkpoint import save_checkpoint
+from .llm.config import InternLMConfig
+from .llm.decoder import InternLMForCausalLM
+from .llm.tokenizer import load_tokenizer, train_tiny_tokenizer
 
 TINY_SHAPE = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=512)
@@ -147,7 +151,7 @@ def build_tiny_xcomposer(config_dict: dict, seed: int = 0, std: float = 0.2):
     from projector.sampler import init_sampler_weights
     from vision.eva import init_vision_weights
 
-    from .model import XComposer, XComposerConfig
+    from .models.xcomposer import XComposer, XComposerConfig
 
     model = XComposer(XComposerConfig.from_dict(config_dict)).eval()
     g = torch.Generator().manual_seed(seed)
@@ -176,3 +180,38 @@ def write_tiny_xcomposer(folder: str | Path, *, fmt: str = "safetensors", max_sh
     save_checkpoint(sd, folder, fmt=fmt, max_shard_bytes=max_shard_bytes)
     (folder / "config.json").write_text(json.dumps(d, indent=2), encoding="utf-8")
     return folder
+
+
+# -- a tiny open_clip model for image libraries --------------------------------------------------
+TINY_CLIP_NAME = "tiny-clip"
+
+# Smallest shapes open_clip's standard CLIP builds with: 32x32 images in 4x4 patches of 8 pixels.
+# The vocabulary and context length are CLIP's own, so open_clip's bundled BPE tokenizer applies.
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def write_tiny_clip(folder: str | Path, *, seed: int = 0) -> tuple[str, Path, Path]:
+    """Write `tiny-clip.json` (an open_clip model config) and `tiny-clip.safetensors` (random
+    weights from `seed`) into `folder`; return (model_name, config_path, weights_path).
+
+    The same seed always gives the same weights, and the caller's random state is left untouched."""
+    from open_clip.model import CLIP  # built directly: no need to register the config globally
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config_path = folder / f"{TINY_CLIP_NAME}.json"
+    weights_path = folder / f"{TINY_CLIP_NAME}.safetensors"
+
+    with torch.random.fork_rng(devices=[]):  # seed locally, restore the global generator afterwards
+        torch.manual_seed(seed)
+        model = CLIP(**json.loads(json.dumps(TINY_CLIP_CONFIG)))  # a copy: CLIP may edit nested dicts
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+    config_path.write_text(json.dumps(TINY_CLIP_CONFIG, indent=2) + "\n", encoding="utf-8")
+    save_file(state, str(weights_path))
+    return TINY_CLIP_NAME, config_path, weights_path

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from ..generation import PromptTooLongError
+from ..llm.generation import PromptTooLongError
 from .article import Article, Candidate, ImageSlot
 from .parse import (evenly_spaced, fallback_caption, indexed_sections, parse_caption, parse_choice,
                     parse_spotting, split_paragraphs)

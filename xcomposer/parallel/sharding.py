@@ -20,12 +20,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Protocol, Sequence, Union
 
 import torch
 from torch import nn
 
-from .config import InternLMConfig
+from ..llm.config import InternLMConfig
+from ..llm.decoder import InternLMForCausalLM
 
 GiB = 1 << 30
 # held back on every device for what weights and caches do not count: the CUDA context and its
@@ -35,21 +36,26 @@ DEFAULT_RESERVE = 1 * GiB
 # upstream's default generation runs 5 beams: the cache holds 5 rows per prompt
 DEFAULT_KV_BATCH = 5
 
-AnyConfig = Union["XComposerConfig", InternLMConfig]  # noqa: F821  (XComposerConfig: .model)
+
+class PlacedConfig(Protocol):
+    """What a vision-language model's config offers the planner: its decoder config and a way to
+    build the whole model on the meta device. The planner never imports the model class it plans
+    for (models sit above parallel); the config, which lives beside its model, builds it."""
+
+    llm: InternLMConfig
+
+    def meta_model(self) -> tuple[nn.Module, str, list[str]]:
+        """(the model on the meta device, its decoder's module prefix such as "llm.", the modules
+        that sit on device 0 before the token embeddings, such as ["vision", "sampler"])"""
+        ...
+
+
+AnyConfig = Union[PlacedConfig, InternLMConfig]
 
 
 class ShardingError(RuntimeError):
     """The model does not fit the devices, or the placement request is invalid; the message says
     how many bytes are needed and available and what to change."""
-
-
-def xcomposer_7b_config():
-    """The full-size internlm-xcomposer-7b shapes (docs/checkpoint-format.md): InternLM-7B (32 layers,
-    hidden 4096, 32 heads, SwiGLU 11008, vocab 103168, q/k/v/o biases), EVA ViT-g/14 at 224 px
-    (39 blocks, width 1408), the BERT-base Q-Former with 64 queries, fp16."""
-    from .model import XComposerConfig
-    return XComposerConfig.from_dict({"model_type": "InternLMXComposer", "num_query_token": 64,
-                                      "internlm_lora": None, "torch_dtype": "float16"})
 
 
 # -- sizes from a meta-device model ------------------------------------------------------------
@@ -61,14 +67,17 @@ class _Part:
     buffer_bytes_fp32: tuple[tuple[int, int, bool], ...]  # (numel, element size, floating) per buffer
 
 
-def _build_meta(config: AnyConfig) -> tuple[nn.Module, str]:
-    """The model on the meta device and the prefix of its decoder ("llm." or "")."""
-    from .decoder import InternLMForCausalLM
-    with torch.device("meta"):
-        if isinstance(config, InternLMConfig):
-            return InternLMForCausalLM(config), ""
-        from .model import XComposer
-        return XComposer(config), "llm."
+def _build_meta(config: AnyConfig) -> tuple[nn.Module, str, list[str]]:
+    """The model on the meta device, the prefix of its decoder ("llm." or "") and the modules placed
+    before the embeddings."""
+    if isinstance(config, InternLMConfig):
+        with torch.device("meta"):
+            return InternLMForCausalLM(config), "", []
+    if not callable(getattr(config, "meta_model", None)) or not isinstance(getattr(config, "llm", None),
+                                                                          InternLMConfig):
+        raise TypeError(f"cannot plan a placement for a {type(config).__name__}: pass an InternLMConfig or a "
+                        f"model config with .llm and .meta_model() (e.g. XComposerConfig)")
+    return config.meta_model()
 
 
 _SIZES: dict[str, tuple[list[_Part], list[_Part], list[_Part]]] = {}
@@ -76,9 +85,9 @@ _SIZES: dict[str, tuple[list[_Part], list[_Part], list[_Part]]] = {}
 
 def _parts(config: AnyConfig) -> tuple[list[_Part], list[_Part], list[_Part]]:
     """(head parts for device 0, one part per decoder layer, tail parts for the last device)."""
-    key = repr(config if isinstance(config, InternLMConfig) else (config.llm, config.vision, config.sampler))
+    key = repr(config)
     if key not in _SIZES:
-        model, p = _build_meta(config)
+        model, p, first = _build_meta(config)
 
         def part(name: str) -> _Part:
             mod = model.get_submodule(name)
@@ -87,7 +96,7 @@ def _parts(config: AnyConfig) -> tuple[list[_Part], list[_Part], list[_Part]]:
             return _Part(name, params, bufs)
 
         llm = model if not p else model.llm
-        head = ([part("vision"), part("sampler")] if p else []) + [part(f"{p}model.embed_tokens")]
+        head = [part(name) for name in first] + [part(f"{p}model.embed_tokens")]
         layers = [part(f"{p}model.layers.{i}") for i in range(len(llm.model.layers))]
         tail = [part(f"{p}model.norm"), part(f"{p}lm_head")]
         if llm.config.tie_word_embeddings:  # one tensor: the embeddings already count it
@@ -392,5 +401,5 @@ def require_gpus(num_gpus: int) -> None:
 
 
 __all__ = ["ShardingError", "DeviceMemory", "MemoryReport", "memory_report", "placement", "check_fits",
-           "xcomposer_7b_config", "kv_bytes_per_layer", "dispatch", "device_of", "cuda_budgets", "require_gpus",
+           "kv_bytes_per_layer", "dispatch", "device_of", "cuda_budgets", "require_gpus",
            "DEFAULT_RESERVE", "DEFAULT_KV_BATCH"]

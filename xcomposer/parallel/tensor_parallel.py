@@ -25,8 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .config import InternLMConfig
-from .decoder import InternLMForCausalLM
+from ..llm.config import InternLMConfig
+from ..llm.decoder import InternLMForCausalLM
 
 
 class RowParallelLinear(nn.Module):

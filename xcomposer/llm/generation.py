@@ -204,7 +204,7 @@ class _Batch:
         rep = lambda t: t.repeat_interleave(nb, dim=0)  # noqa: E731  beams of a prompt sit side by side
         self.x = rep(self.x)
         self.hist, self.seen = rep(hist).to(self.device), rep(seen).to(self.device)
-        # the fixed-shape decode step (xcomposer.fast_decode) attends over every cache slot, so the
+        # the fixed-shape decode step (xcomposer.llm.fast_decode) attends over every cache slot, so the
         # cache is rounded up to a bucket that many generations share; the eager step reads only
         # the filled prefix and needs exactly S slots
         static = getattr(model, "static_decode", None)

@@ -264,7 +264,7 @@ class InternLMForCausalLM(nn.Module):
         self.cache_len = 0
         self.fused: dict | None = None  # {"transpose": bool} once fuse_projections() ran
         # bumped whenever caches or rotary tables are reallocated: a captured CUDA graph that
-        # points at the old buffers is then stale (xcomposer.fast_decode)
+        # points at the old buffers is then stale (xcomposer.llm.fast_decode)
         self.cache_generation = 0
         self.static_decode = None  # fast_decode.StaticDecode when use_cuda_graphs() is on
         self._decode_step = None
@@ -422,7 +422,7 @@ class InternLMForCausalLM(nn.Module):
             x = layer(x, cos, sin, mask, cache_pos)
         if last_only:
             x = x[:, -1:]
-        # with layers spread over GPUs (xcomposer.sharding) the head sits on the last one: hand the
+        # with layers spread over GPUs (xcomposer.parallel.sharding) the head sits on the last one: hand the
         # logits back where the inputs came from, next to the generation loop's bookkeeping
         return self.lm_head(self.model.norm(x)).to(home)
 

@@ -31,12 +31,12 @@ from projector.sampler import PerceiveSampler, SamplerConfig, sampler_key_map, s
 from vision.eva import EvaConfig, VisionTower, vision_key_map, vision_to_checkpoint
 from vision.image import IMAGE_SIZE, ImageError, load_image, preprocess, to_data_uri
 
-from .checkpoint import CheckpointError, LoRAMerge, checkpoint_folder, load_checkpoint_into
-from .config import InternLMConfig
-from .decoder import InternLMForCausalLM
-from .generation import GenerationConfig, GenerationOutput, PromptTooLongError, generate, stream_generate
-from .internlm import check_device, resolve_dtype
-from .tokenizer import IncrementalDecoder, InternLMTokenizer, load_tokenizer
+from ..llm.checkpoint import CheckpointError, LoRAMerge, checkpoint_folder, load_checkpoint_into
+from ..llm.config import InternLMConfig
+from ..llm.decoder import InternLMForCausalLM
+from ..llm.generation import GenerationConfig, GenerationOutput, PromptTooLongError, generate, stream_generate
+from ..llm.internlm import check_device, resolve_dtype
+from ..llm.tokenizer import IncrementalDecoder, InternLMTokenizer, load_tokenizer
 from .vl_prompt import (IMAGE_PLACEHOLDER, ImageSlot, bot_turn, check_history, prompt_segments, segments_length,
                         user_turn)
 
@@ -115,6 +115,20 @@ class XComposerConfig:
             raise CheckpointError(f"{path} is not valid JSON ({e}); re-download config.json") from e
         return cls.from_dict(d)
 
+    def meta_model(self) -> tuple[nn.Module, str, list[str]]:
+        """The model on the meta device for `xcomposer.parallel.sharding`'s memory planning: (model,
+        decoder prefix, modules that go on device 0 before the token embeddings)."""
+        with torch.device("meta"):
+            return XComposer(self), "llm.", ["vision", "sampler"]
+
+
+def xcomposer_7b_config() -> XComposerConfig:
+    """The full-size internlm-xcomposer-7b shapes (docs/checkpoint-format.md): InternLM-7B (32 layers,
+    hidden 4096, 32 heads, SwiGLU 11008, vocab 103168, q/k/v/o biases), EVA ViT-g/14 at 224 px
+    (39 blocks, width 1408), the BERT-base Q-Former with 64 queries, fp16."""
+    return XComposerConfig.from_dict({"model_type": "InternLMXComposer", "num_query_token": 64,
+                                      "internlm_lora": None, "torch_dtype": "float16"})
+
 
 def checkpoint_key_map(key: str) -> str | None:
     """Upstream checkpoint key -> our module path (None drops it; unknown keys pass through so the
@@ -189,14 +203,14 @@ class XComposer(nn.Module):
         Every checkpoint key must map onto the model and every model tensor must be provided;
         LoRA adapters (`*.lora_A.weight`, `*.lora_B.weight`) are merged into their base weights.
         `num_gpus` > 1 spreads the model over cuda:0 .. cuda:N-1 (`device` is then not used) by the
-        balanced placement of `xcomposer.sharding`, printing its memory report before any weight
+        balanced placement of `xcomposer.parallel.sharding`, printing its memory report before any weight
         is read; each tensor is loaded straight onto its GPU. On one GPU the report (weights + a
         cache of one full-context row) is printed too, and not fitting in the free memory is a
         `sharding.ShardingError` before anything is read. `fuse` packs the decoder's q/k/v
         and gate/up projections once loaded (`InternLMForCausalLM.fuse_projections`).
         """
         if num_gpus != 1:
-            from . import sharding
+            from ..parallel import sharding
             sharding.require_gpus(num_gpus)
             device = "cuda:0"
         folder, cfg_file = checkpoint_folder(path_or_hub_id, "XComposer")
@@ -212,7 +226,7 @@ class XComposer(nn.Module):
             plan = report = sharding.memory_report(cfg, num_gpus, dtype, batch=sharding.DEFAULT_KV_BATCH,
                                                    budgets=sharding.cuda_budgets(num_gpus))
         elif device.type == "cuda":  # one GPU: weights plus one row of a full-context cache must fit
-            from . import sharding
+            from ..parallel import sharding
             index = device.index if device.index is not None else torch.cuda.current_device()
             report = sharding.memory_report(cfg, 1, dtype, batch=1, budgets=[int(torch.cuda.mem_get_info(index)[0])])
         if report is not None:
@@ -498,7 +512,7 @@ class XComposer(nn.Module):
                 select: bool = True, on_text=None, progress=None, **gen: Any):
         """Write an illustrated article from `title` (see `xcomposer.compose.pipeline`): text, image
         spots, captions, candidates from `library` (an `ImageLibrary`), the model's choice."""
-        from .compose.pipeline import compose
+        from ..compose.pipeline import compose
         return compose(self, title, library=library, num_images=num_images, lang=lang, select=select,
                        on_text=on_text, progress=progress, **gen)
 
@@ -523,4 +537,5 @@ def _unnormalize(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels.detach().float().cpu() * std + mean).clamp(0, 1)
 
 
-__all__ = ["XComposer", "XComposerConfig", "ChatStream", "GEN_DEFAULTS", "checkpoint_key_map", "IMAGE_SIZE"]
+__all__ = ["XComposer", "XComposerConfig", "ChatStream", "GEN_DEFAULTS", "checkpoint_key_map", "xcomposer_7b_config",
+           "IMAGE_SIZE"]

@@ -1,0 +1,1 @@
+"""Front doors that serve a loaded model: the gradio web UI (`webui`)."""

@@ -1,0 +1,346 @@
+"""The web demo's shared parts: `DemoApp` (the model, the library, the output root and the model lock),
+per-session state, paths, error messages. The tabs (`compose_tab`, `chat_tab`) lay out their controls
+and handlers on top of it; `blocks` assembles the page and serves it. Design points:
+
+* Per-session state lives in `gr.State` (chat history, the current article); each session writes
+  into its own folder `OUT/<session>/`, named from gradio's random session hash after sanitising.
+* The model keeps its KV caches on itself, so one generation runs at a time: model work happens in
+  a worker thread holding `DemoApp.lock`, and page handlers consume its results through a queue.
+  A page that goes away stops its job at the next piece (the worker notices) instead of leaving
+  the lock held.
+* Files: only the image library is in gradio's `allowed_paths`. Article pictures are embedded in
+  the page as data URIs, downloads are copied to a private temporary folder before gradio takes
+  them, so nothing under OUT is ever served by path. Every path is built from sanitised names,
+  never from user text.
+* Uploads go through `vision.image.load_image` (format, size, mode checks) and are stored as PNG in
+  the session folder; a bad upload is reported in the page and changes nothing else.
+"""
+from __future__ import annotations
+
+import hashlib
+import html
+import logging
+import queue
+import re
+import shutil
+import tempfile
+import threading
+import traceback
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+
+from vision.image import ImageError, load_image, to_data_uri
+
+from ...compose.article import Article, safe_folder_name
+
+log = logging.getLogger("xcomposer.serve.webui")
+
+# upstream web_demo defaults (InternLM-XComposer-1.0/examples/web_demo.py): composition with 5 beams,
+# repetition penalty 5.0, text length 1000 and 5 images; chat with 512 new tokens, 3 beams,
+# repetition penalty 1.0 and sampling on
+COMPOSE_DEFAULTS = dict(max_new_tokens=1000, num_beams=5, repetition_penalty=5.0, do_sample=False, num_images=5)
+CHAT_DEFAULTS = dict(max_new_tokens=512, num_beams=3, repetition_penalty=1.0, do_sample=True, temperature=1.0,
+                     top_p=1.0)
+MAX_TITLE_CHARS = 500
+MAX_QUESTION_CHARS = 8000
+MAX_UPLOADS = 8
+THUMB_SIDE = 512
+DEMO_BANNER = ("**Demo mode.** This page runs a tiny, randomly initialised model built on the fly: its text, "
+               "captions and choices are noise. It is here to try the interface; start `web_demo.py` with "
+               "`--folder` pointing at real weights for real output.")
+_SESSION_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class UserError(ValueError):
+    """A request the page refuses; the message tells the user what to change."""
+
+
+# -- paths -------------------------------------------------------------------------------------
+
+def session_key(session_hash: str | None) -> str:
+    """A folder name for a browser session: gradio's hash when it is plain, else a digest of it."""
+    text = session_hash or ""
+    if _SESSION_RE.fullmatch(text):
+        return text
+    return "s-" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def session_dir(root: str | Path, session_hash: str | None) -> Path:
+    root = Path(root).resolve()
+    folder = root / session_key(session_hash)
+    if folder.parent != root:  # cannot happen with the names above; kept as the invariant
+        raise UserError("invalid session")
+    return folder
+
+
+def article_dir(root: str | Path, session_hash: str | None, title: str, article_id: str) -> Path:
+    """`root/<session>/<sanitised title>-<id prefix>`: always directly inside the session folder,
+    and distinct for distinct articles, whatever the title holds."""
+    base = session_dir(root, session_hash)
+    suffix = re.sub(r"[^0-9a-f]", "", (article_id or "").lower())[:8] or uuid.uuid4().hex[:8]
+    folder = base / f"{safe_folder_name(title or '', 60)}-{suffix}"
+    if folder.parent != base:
+        raise UserError("the title cannot be used as a folder name")
+    return folder
+
+
+# -- session state -------------------------------------------------------------------------------
+
+@dataclass
+class ChatSession:
+    history: list[dict[str, Any]] = field(default_factory=list)   # the model's turns
+    messages: list[dict[str, Any]] = field(default_factory=list)  # what the chatbot shows
+    last: tuple[str, list[str], list[str]] | None = None           # last question: text, model refs, shown files
+
+
+@dataclass
+class ComposeSession:
+    article: Article | None = None
+    folder: Path | None = None
+    zip_path: str | None = None
+
+
+class DemoApp:
+    """The model, the library and the output root, shared by all sessions; handlers take the
+    session's state and return its new value."""
+
+    def __init__(self, model, library=None, out_root: str | Path = "web_demo_output", *, banner: str | None = None,
+                 max_concurrency: int = 1, compose_defaults: dict | None = None, chat_defaults: dict | None = None):
+        self.model = model
+        self.library = library
+        self.out_root = Path(out_root).resolve()
+        self.out_root.mkdir(parents=True, exist_ok=True)
+        self.banner = banner
+        self.max_concurrency = max_concurrency
+        self.compose_defaults = {**COMPOSE_DEFAULTS, **(compose_defaults or {})}
+        self.chat_defaults = {**CHAT_DEFAULTS, **(chat_defaults or {})}
+        self.lock = threading.Lock()
+        self.download_root = Path(tempfile.mkdtemp(prefix="xcomposer-downloads-"))
+        self._thumbs: OrderedDict[tuple, str] = OrderedDict()
+
+    # -- running model work ------------------------------------------------------------------
+    def stream_locked(self, make: Callable[[], Iterator[Any]]) -> Iterator[Any]:
+        """Run `make()` and iterate it in a worker thread that holds the model lock; yield its items
+        here. If this generator is closed early, the worker stops after its current item."""
+        q: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def work() -> None:
+            try:
+                with self.lock:
+                    for item in make():
+                        q.put(("item", item))
+                        if stop.is_set():
+                            break
+                q.put(("done", None))
+            except BaseException as e:  # handed to the page's thread, which reports it
+                q.put(("error", e))
+
+        threading.Thread(target=work, name="xcomposer-job", daemon=True).start()
+        try:
+            while True:
+                kind, value = q.get()
+                if kind == "item":
+                    yield value
+                elif kind == "done":
+                    return
+                else:
+                    raise value
+        finally:
+            stop.set()
+
+    def call_locked(self, fn: Callable[[], Any]) -> Any:
+        for value in self.stream_locked(lambda: iter([fn()])):
+            return value
+
+    # -- chat ----------------------------------------------------------------------------------
+    def chat_options(self, max_new_tokens, num_beams, repetition_penalty, do_sample, temperature, top_p) -> dict:
+        opts = dict(max_new_tokens=int(max_new_tokens), num_beams=int(num_beams),
+                    repetition_penalty=float(repetition_penalty), do_sample=bool(do_sample))
+        if do_sample:
+            opts.update(temperature=float(temperature), top_p=float(top_p))
+        return opts
+
+    def store_uploads(self, files: list[Any], session_hash: str | None) -> tuple[list[str], list[str]]:
+        """Validate uploaded files and keep a PNG copy of each in the session folder; returns
+        (paths for the model, paths to show). Any bad file refuses the whole message."""
+        paths = [_upload_path(f) for f in files or []]
+        if len(paths) > MAX_UPLOADS:
+            raise UserError(f"{len(paths)} images in one message; send at most {MAX_UPLOADS}")
+        folder = session_dir(self.out_root, session_hash) / "uploads"
+        pictures = []
+        for i, p in enumerate(paths):
+            try:
+                pictures.append(load_image(p))
+            except ImageError as e:
+                which = f"image {i + 1} of {len(paths)}" if len(paths) > 1 else "the image"
+                raise UserError(f"{which} ({Path(p).name}) cannot be used: {e.reason}") from e
+        folder.mkdir(parents=True, exist_ok=True)
+        stored = []
+        for picture in pictures:
+            dest = folder / f"{uuid.uuid4().hex}.png"
+            picture.save(dest)
+            stored.append(str(dest))
+        return stored, paths
+
+    def chat_turn(self, text: str, refs: list[str], shown: list[str], state: ChatSession,
+                  options: dict) -> Iterator[tuple[list[dict], ChatSession]]:
+        """Stream one turn: yields (messages to show, state); the state changes only when the
+        reply is complete."""
+        user_content: list[Any] = [{"path": p} for p in shown]
+        if text:
+            user_content.append(text)
+        messages = state.messages + [{"role": "user", "content": user_content},
+                                     {"role": "assistant", "content": ""}]
+        yield messages, state
+        history = state.history
+
+        def make():
+            stream = self.model.stream_chat(text, image=refs or None, history=history, **options)
+            for piece in stream:
+                yield ("piece", piece)
+            yield ("history", stream.history)
+
+        reply, new_history = "", None
+        for kind, value in self.stream_locked(make):
+            if kind == "piece":
+                reply += value
+                messages[-1] = {"role": "assistant", "content": reply}
+                yield messages, state
+            else:
+                new_history = value
+        if not reply.strip():
+            messages[-1] = {"role": "assistant", "content": "(the model gave an empty reply)"}
+        new = ChatSession(history=new_history, messages=messages, last=(text, refs, shown))
+        yield messages, new
+
+    # -- composition ---------------------------------------------------------------------------
+    def composer(self, lang: str = "zh"):
+        from ...compose.pipeline import Composer
+
+        return Composer(self.model, self.library, lang=lang)
+
+    def thumb(self, path: str) -> str:
+        """A data URI of a (downscaled) picture, cached by path, size and mtime."""
+        p = Path(path)
+        try:
+            st = p.stat()
+        except OSError:
+            return ""
+        key = (str(p), st.st_mtime_ns, st.st_size)
+        if key not in self._thumbs:
+            try:
+                self._thumbs[key] = to_data_uri(p, max_side=THUMB_SIDE)
+            except ImageError:
+                return ""
+            while len(self._thumbs) > 256:
+                self._thumbs.popitem(last=False)
+        return self._thumbs[key]
+
+    def render(self, article: Article | None, streaming: str | None = None, title: str = "") -> str:
+        """The article as an HTML fragment with numbered paragraphs and embedded pictures."""
+        e = html.escape
+        if article is None:
+            if not streaming:
+                return '<div class="xc-article xc-empty">The article will appear here.</div>'
+            paras = [p for p in re.split(r"\n\s*\n|\n", streaming) if p.strip()]
+            body = "".join(f'<p class="xc-par" data-paragraph="{i}"><span class="xc-pn">¶{i}</span> {e(p)}</p>'
+                           for i, p in enumerate(paras))
+            return f'<div class="xc-article xc-writing"><h2>{e(title)}</h2>{body}</div>'
+        parts = [f'<div class="xc-article"><h2>{e(article.title)}</h2>']
+        for i, text in enumerate(article.paragraphs):
+            parts.append(f'<p class="xc-par" data-paragraph="{i}"><span class="xc-pn">¶{i}</span> {e(text)}</p>')
+            slot = article.slot_at(i)
+            if slot is None:
+                continue
+            chosen = article.chosen_image(i)
+            img = ""
+            if chosen is not None:
+                uri = self.thumb(chosen.path)
+                img = f'<img src="{uri}" alt="{e(slot.caption)}">' if uri else \
+                    f'<div class="xc-missing">image missing: {e(Path(chosen.path).name)}</div>'
+            else:
+                img = '<div class="xc-missing">no image chosen</div>'
+            parts.append(f'<figure class="xc-figure" data-paragraph="{i}">{img}'
+                         f'<figcaption>{e(slot.caption)}</figcaption></figure>')
+        if article.fallbacks:
+            notes = "".join(f"<li>{e(f)}</li>" for f in article.fallbacks)
+            parts.append(f'<details class="xc-notes"><summary>Notes ({len(article.fallbacks)})</summary>'
+                         f'<ul>{notes}</ul></details>')
+        parts.append("</div>")
+        return "".join(parts)
+
+    def save(self, state: ComposeSession, session_hash: str | None) -> ComposeSession:
+        """Save the session's article (atomically, into its own folder) and its zip; the download
+        is a copy in a private temporary folder."""
+        article = state.article
+        folder = state.folder or article_dir(self.out_root, session_hash, article.title, article.id)
+        zip_file = article.save_zip(folder)
+        private = Path(tempfile.mkdtemp(dir=self.download_root))
+        download = private / zip_file.name
+        shutil.copy2(zip_file, download)
+        return ComposeSession(article=article, folder=folder, zip_path=str(download))
+
+    def candidates_view(self, article: Article | None, paragraph: int | None) -> list[tuple[str, str]]:
+        if article is None or paragraph is None or article.slot_at(paragraph) is None:
+            return []
+        slot = article.slot_at(paragraph)
+        marks = "ABCDEFGH"
+        return [(c.path, f"{marks[k] if k < len(marks) else k + 1}{' (chosen)' if k == slot.chosen else ''}: "
+                 f"{Path(c.path).name}") for k, c in enumerate(slot.candidates)]
+
+
+def _upload_path(f: Any) -> str:
+    if isinstance(f, dict):
+        f = f.get("path") or f.get("name")
+    elif hasattr(f, "path"):
+        f = f.path
+    if not isinstance(f, str) or not f:
+        raise UserError("an upload arrived without a file; upload it again")
+    return f
+
+
+def _paragraph(value: Any, article: Article | None, what: str) -> int:
+    if article is None:
+        raise UserError("write an article first")
+    try:
+        i = int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"choose {what} first") from None
+    if not 0 <= i < len(article.paragraphs):
+        raise UserError(f"paragraph {i} does not exist; the article has {len(article.paragraphs)}")
+    return i
+
+
+def describe_error(e: BaseException) -> str:
+    """The message a page shows for a failed request."""
+    from ...llm.checkpoint import CheckpointError
+    from ...compose.library import LibraryError
+
+    if isinstance(e, (UserError, ImageError, LibraryError, CheckpointError, FileNotFoundError, FileExistsError,
+                      ValueError)):
+        return str(e)
+    log.error("request failed:\n%s", "".join(traceback.format_exception(e)))
+    return f"internal error ({type(e).__name__}: {e}); the request was not completed, try again"
+
+
+# -- the gradio app ------------------------------------------------------------------------------
+
+CSS = """
+#demo-banner {background:#fff4d6;border:1px solid #e0b84a;border-radius:6px;padding:.4rem .8rem}
+.xc-article {font-size:1.02rem;line-height:1.7}
+.xc-article .xc-pn {color:#999;font-size:.75rem;margin-right:.3rem}
+.xc-figure {margin:1rem 0;text-align:center}
+.xc-figure img {max-width:100%;max-height:360px;border-radius:4px}
+.xc-figure figcaption {color:#666;font-size:.9rem}
+.xc-missing {color:#a33;font-style:italic}
+.xc-error {color:#b00020}
+"""
+
+
+def _error_md(message: str) -> str:
+    return f'<span class="xc-error">Error: {html.escape(message)}</span>' if message else ""

@@ -1,0 +1,211 @@
+"""The composition tab: a title in, an illustrated article out (streamed), then editing: pick another
+candidate, edit a caption and search again, remove or add an image, rewrite a paragraph, download a
+zip. Every edit runs on the session's own article and saves it; a failed edit leaves it as it was."""
+from __future__ import annotations
+
+import gradio as gr
+
+from ...compose.article import Article
+from .app import MAX_TITLE_CHARS, ComposeSession, DemoApp, UserError, _error_md, _paragraph, describe_error
+
+
+def compose_tab(app: DemoApp, model_job: dict) -> None:
+    """Lay out the tab inside the open `gr.Blocks` and wire its handlers; `model_job` holds the queue
+    options for handlers that use the model."""
+    cd = app.compose_defaults
+    with gr.Tab("Compose", id="compose-tab", elem_id="compose-tab"):
+        compose_state = gr.State(ComposeSession())
+        with gr.Row():
+            with gr.Column(scale=1, min_width=260):
+                title = gr.Textbox(label="Title", placeholder="e.g. 春天的西湖 / A weekend in Kyoto",
+                                   elem_id="title", max_lines=2)
+                with gr.Row():
+                    num_images = gr.Slider(0, 10, value=cd["num_images"], step=1, label="Number of images",
+                                           elem_id="num-images")
+                    model_decides = gr.Checkbox(False, label="Let the model decide how many",
+                                                elem_id="model-decides")
+                text_len = gr.Slider(20, 2000, value=cd["max_new_tokens"], step=10,
+                                     label="Text length (new tokens)", elem_id="text-length")
+                beams = gr.Slider(1, 5, value=cd["num_beams"], step=1, label="Beams", elem_id="beams")
+                penalty = gr.Slider(1.0, 10.0, value=cd["repetition_penalty"], step=0.1,
+                                    label="Repetition penalty", elem_id="penalty")
+                sample = gr.Checkbox(cd["do_sample"], label="Sampling", elem_id="sample")
+                lang = gr.Radio([("中文 prompts", "zh"), ("English prompts", "en")], value="zh",
+                                label="Prompt language", elem_id="lang")
+                compose_btn = gr.Button("Write the article", variant="primary", elem_id="compose-btn")
+                status = gr.Markdown("", elem_id="compose-status")
+                download = gr.DownloadButton("Download article (zip)", interactive=False,
+                                             elem_id="download-article")
+            with gr.Column(scale=2, min_width=360):
+                article_view = gr.HTML(app.render(None), elem_id="article")
+            with gr.Column(scale=1, min_width=260):
+                gr.Markdown("### Edit the article")
+                slot_pick = gr.Dropdown(choices=[], value=None, label="Image", elem_id="slot-pick",
+                                        interactive=True)
+                gallery = gr.Gallery(label="Candidates (click one to use it)", columns=2, height=260,
+                                     allow_preview=False, elem_id="candidates", interactive=False)
+                caption = gr.Textbox(label="Caption", elem_id="caption-edit", max_lines=3)
+                with gr.Row():
+                    search_btn = gr.Button("Search again", elem_id="search-again")
+                    remove_btn = gr.Button("Remove image", elem_id="remove-image")
+                para_pick = gr.Dropdown(choices=[], value=None, label="Paragraph", elem_id="paragraph-pick",
+                                        interactive=True)
+                with gr.Row():
+                    add_btn = gr.Button("Add an image here", elem_id="add-image")
+                    regen_btn = gr.Button("Rewrite paragraph", elem_id="regenerate-paragraph")
+
+    def editor(article: Article | None, paragraph: int | None = None):
+        """Updates for the editing controls, focused on `paragraph` (or the first image)."""
+        if article is None:
+            return (gr.update(choices=[], value=None), [], "", gr.update(choices=[], value=None))
+        slots = [(f"¶{s.paragraph}: {s.caption[:40] or '(no caption)'}", s.paragraph) for s in article.slots]
+        par_focus = paragraph if paragraph is not None and 0 <= paragraph < len(article.paragraphs) else 0
+        if paragraph is None or article.slot_at(paragraph) is None:
+            paragraph = article.slots[0].paragraph if article.slots else None
+        paras = [(f"¶{i}: {p[:40]}", i) for i, p in enumerate(article.paragraphs)]
+        slot = article.slot_at(paragraph) if paragraph is not None else None
+        return (gr.update(choices=slots, value=paragraph), app.candidates_view(article, paragraph),
+                slot.caption if slot else "",
+                gr.update(choices=paras, value=par_focus if paras else None))
+
+    def finished(state: ComposeSession, note: str, paragraph: int | None = None):
+        return (state, app.render(state.article), note,
+                gr.update(value=state.zip_path, interactive=state.zip_path is not None),
+                *editor(state.article, paragraph))
+
+    compose_outputs = [compose_state, article_view, status, download, slot_pick, gallery, caption, para_pick]
+
+    def run_compose(title_text, n_images, decides, length, n_beams, pen, do_sample, language, state,
+                    request: gr.Request):
+        try:
+            title_text = (title_text or "").strip()
+            if not title_text:
+                raise UserError("type a title first")
+            if len(title_text) > MAX_TITLE_CHARS:
+                raise UserError(f"the title is {len(title_text)} characters; keep it under {MAX_TITLE_CHARS}")
+            gen = dict(max_new_tokens=int(length), num_beams=int(n_beams), repetition_penalty=float(pen),
+                       do_sample=bool(do_sample))
+            composer = app.composer(language or "zh")
+            count = None if decides else int(n_images)
+
+            def make():
+                written = ""
+                for ev in composer.run(title_text, num_images=count, **gen):
+                    if ev.kind == "text":
+                        written += ev.text
+                        yield "text", app.render(None, streaming=written, title=title_text), None
+                    elif ev.kind == "stage":
+                        yield "stage", None, f"{ev.stage}: {ev.done}/{ev.total}"
+                    elif ev.kind == "done":
+                        yield "done", ev.article, None
+
+            shown = app.render(None)
+            yield (state, shown, "Working: writing the text…", gr.update(), *([gr.update()] * 4))
+            for kind, value, note in app.stream_locked(make):
+                if kind == "text":
+                    shown = value
+                    yield (state, value, "Working: writing the text…", gr.update(), *([gr.update()] * 4))
+                elif kind == "stage":
+                    yield (state, shown, f"Working: {note}", gr.update(), *([gr.update()] * 4))
+                else:
+                    article = value
+            new = app.save(ComposeSession(article=article), request.session_hash)
+            placed = sum(1 for s in article.slots if s.chosen is not None)
+            note = f"Done: {len(article.paragraphs)} paragraphs, {placed} images"
+            if article.fallbacks:
+                note += f" ({len(article.fallbacks)} notes under the article)"
+            yield finished(new, note)
+        except Exception as e:  # reported in the page; the app keeps serving
+            yield (state, app.render(state.article), _error_md(describe_error(e)), gr.update(),
+                   *([gr.update()] * 4))
+
+    compose_btn.click(run_compose, [title, num_images, model_decides, text_len, beams, penalty, sample, lang,
+                                    compose_state], compose_outputs, **model_job)
+    title.submit(run_compose, [title, num_images, model_decides, text_len, beams, penalty, sample, lang,
+                               compose_state], compose_outputs, **model_job)
+
+    def apply_edit(fn, locked: bool, state: ComposeSession, args: tuple, session_hash: str | None):
+        """Run the edit `fn(state, *args) -> (message, paragraph)` (under the model lock if it uses
+        the model), save, and refresh the page; an error leaves the article as it was."""
+        if state.article is None:
+            return (state, app.render(None), _error_md("write an article first"), gr.update(), *editor(None))
+        before = state.article.to_dict()
+        try:
+            message, paragraph = app.call_locked(lambda: fn(state, *args)) if locked else fn(state, *args)
+            return finished(app.save(state, session_hash), message, paragraph)
+        except Exception as e:
+            restored = Article.from_dict(before)
+            restored._saved_dir = state.folder  # keeps the saved copies of images that moved
+            state = ComposeSession(article=restored, folder=state.folder, zip_path=state.zip_path)
+            return (state, app.render(restored), _error_md(describe_error(e)), gr.update(), *editor(restored))
+
+    def focus(state: ComposeSession, paragraph):
+        article = state.article
+        if article is None or paragraph is None:
+            return [], "", gr.update()
+        slot = article.slot_at(int(paragraph))
+        return (app.candidates_view(article, int(paragraph)), slot.caption if slot else "",
+                gr.update(value=int(paragraph)))
+
+    slot_pick.input(focus, [compose_state, slot_pick], [gallery, caption, para_pick])
+
+    def choose(state: ComposeSession, paragraph, evt: gr.SelectData):
+        p = _paragraph(paragraph, state.article, "an image")
+        state.article.choose(p, int(evt.index), by="user")
+        return f"paragraph {p}: candidate {int(evt.index) + 1} chosen", p
+
+    def on_select(state: ComposeSession, paragraph, evt: gr.SelectData, request: gr.Request):
+        return apply_edit(choose, False, state, (paragraph, evt), request.session_hash)
+
+    gallery.select(on_select, [compose_state, slot_pick], compose_outputs)
+
+    def search_again(state: ComposeSession, paragraph, text):
+        p = _paragraph(paragraph, state.article, "an image")
+        text = (text or "").strip()
+        if not text:
+            raise UserError("the caption is empty; type what the picture should show")
+        if app.library is None:
+            state.article.set_caption(p, text, source="user")
+            return f"paragraph {p}: caption changed (no image library to search)", p
+        found = app.composer(state.article.lang).set_caption(state.article, p, text)
+        return f"paragraph {p}: {len(found)} new candidates for the caption", p
+
+    def on_search(state: ComposeSession, paragraph, text, request: gr.Request):
+        return apply_edit(search_again, True, state, (paragraph, text), request.session_hash)
+
+    search_btn.click(on_search, [compose_state, slot_pick, caption], compose_outputs, **model_job)
+    caption.submit(on_search, [compose_state, slot_pick, caption], compose_outputs, **model_job)
+
+    def remove(state: ComposeSession, paragraph):
+        p = _paragraph(paragraph, state.article, "an image")
+        state.article.remove_image(p)
+        return f"paragraph {p}: image removed", p  # "add an image here" would put one back
+
+    def on_remove(state: ComposeSession, paragraph, request: gr.Request):
+        return apply_edit(remove, False, state, (paragraph,), request.session_hash)
+
+    remove_btn.click(on_remove, [compose_state, slot_pick], compose_outputs)
+
+    def add(state: ComposeSession, paragraph):
+        p = _paragraph(paragraph, state.article, "a paragraph")
+        if state.article.slot_at(p) is not None:
+            raise UserError(f"paragraph {p} already has an image; choose another paragraph")
+        app.composer(state.article.lang).add_image(state.article, p)
+        return f"paragraph {p}: image added", p
+
+    def on_add(state: ComposeSession, paragraph, request: gr.Request):
+        return apply_edit(add, True, state, (paragraph,), request.session_hash)
+
+    add_btn.click(on_add, [compose_state, para_pick], compose_outputs, **model_job)
+
+    def rewrite(state: ComposeSession, paragraph, length, pen):
+        p = _paragraph(paragraph, state.article, "a paragraph")
+        room = max(20, min(int(length), 400))
+        app.composer(state.article.lang).regenerate_paragraph(state.article, p, max_new_tokens=room,
+                                                              repetition_penalty=float(pen))
+        return f"paragraph {p}: rewritten", p
+
+    def on_rewrite(state: ComposeSession, paragraph, length, pen, request: gr.Request):
+        return apply_edit(rewrite, True, state, (paragraph, length, pen), request.session_hash)
+
+    regen_btn.click(on_rewrite, [compose_state, para_pick, text_len, penalty], compose_outputs, **model_job)
