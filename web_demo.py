@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model jobs running at once; the rest wait in the queue (default 1)")
     p.add_argument("--cuda-graphs", "--cuda_graphs", dest="cuda_graphs", action="store_true",
                    help="replay each decode step from a CUDA graph (xcomposer.llm.fast_decode; one GPU only)")
+    p.add_argument("--variant", default=None, choices=["7b", "vl-7b"],
+                   help="internlm-xcomposer-7b (meta instruction, 500 new tokens) or -vl-7b; default: read from the "
+                        "folder's modeling_InternLM_XComposer.py, else from its name")
     p.add_argument("--demo", action="store_true",
                    help="tiny random model and demo library built on the fly: try the interface anywhere "
                         "(its output is noise)")
@@ -64,7 +67,7 @@ def load_model(args: argparse.Namespace):
     if args.num_gpus > 0 and device == "cpu":
         print(f"warning: --num_gpus {args.num_gpus} but no CUDA device is visible; running on the CPU "
               f"(slow for the 7B model)", file=sys.stderr)
-    kwargs = {"device": device, "dtype": args.dtype}
+    kwargs = {"device": device, "dtype": args.dtype, "variant": args.variant}
     if args.num_gpus > 1 and device == "cuda":
         kwargs["num_gpus"] = args.num_gpus
     try:

@@ -1,7 +1,10 @@
 """The decoder benchmark still runs end to end (a one-layer smoke run on the CPU). Nothing here is
-timed or compared: speed is measured by running the benchmark itself (docs/performance.md)."""
+timed or compared: speed is measured by running the benchmark itself (docs/performance.md). Decode
+rows are differences of two timings, which a loaded machine can make zero or negative, so only their
+presence and finiteness are checked, never a sign."""
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -20,7 +23,7 @@ def test_decoder_benchmark_smoke_run():
     assert any(n.startswith("image question") for n in names)
     assert sum(n.startswith("image encode") for n in names) == 2
     for row in r["rows"]:
-        assert set(row["values"]) >= {"ours", "hf"} and all(v > 0 for v in row["values"].values())
+        assert set(row["values"]) >= {"ours", "hf"} and all(math.isfinite(v) for v in row["values"].values())
     assert r["greedy_tokens_match"] == {"ours": True}  # same weights, same greedy tokens as transformers
-    assert r["decode_limit_b1"] > 0 and r["beam_over_greedy"]["ours"] > 0
+    assert math.isfinite(r["decode_limit_b1"]) and math.isfinite(r["beam_over_greedy"]["ours"])
     bench_decoder.print_report(r)

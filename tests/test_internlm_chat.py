@@ -19,7 +19,8 @@ GREEDY = dict(do_sample=False, max_new_tokens=24)
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
-    return {fmt: write_tiny_internlm(root / fmt, fmt=fmt) for fmt in ("bin", "safetensors")}
+    # the July 2023 revision: these tests pin its template (tests/test_prompt_revisions.py covers both)
+    return {fmt: write_tiny_internlm(root / fmt, fmt=fmt, revision="2023-07") for fmt in ("bin", "safetensors")}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,8 @@ def test_dtype_option(ckpts):
 
 def test_prompt_template_is_internlm_chat(model):
     tok = model.tokenizer
-    text = format_prompt(tok, "hi", [("你好", "Hello!")])
+    assert model.chat_template == "2023-07"
+    text = format_prompt(tok, "hi", [("你好", "Hello!")], model.chat_template)
     assert text == "<|User|>:你好<eoh>\n<|Bot|>:Hello!<eoa>\n<|User|>:hi<eoh>\n<|Bot|>:"
     ids = tok.encode(text)
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
@@ -71,7 +73,7 @@ def test_chat_is_deterministic_and_matches_transformers(model):
     r2, _ = model.chat(tok, "hello", history=[], **GREEDY)
     assert r1 == r2 and h1 == [("hello", r1)]
     # the same prompt through transformers' Llama with our weights gives the same reply
-    ids, _ = build_chat_ids(tok, "hello", [], model.context_window, 24)
+    ids, _ = build_chat_ids(tok, "hello", [], model.context_window, 24, model.chat_template)
     hf = hf_twin(model)
     out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                       do_sample=False, max_new_tokens=24, eos_token_id=[tok.eos_token_id, tok.eoa_token_id],
@@ -90,7 +92,7 @@ def test_multi_turn_history(model):
     r1, h1 = model.chat(tok, "first question", history=[], **GREEDY)
     r2, h2 = model.chat(tok, "second question", history=h1, **GREEDY)
     assert h2 == [("first question", r1), ("second question", r2)]
-    ids, dropped = build_chat_ids(tok, "second question", h1, model.context_window, 24)
+    ids, dropped = build_chat_ids(tok, "second question", h1, model.context_window, 24, model.chat_template)
     assert dropped == 0
     assert tok.decode(ids, skip_special_tokens=False).startswith(
         f"<s><|User|>:first question<eoh>\n<|Bot|>:{r1}<eoa>\n<|User|>:second question")
@@ -132,7 +134,7 @@ def test_history_overflow_drops_oldest_turns(model):
     tok = model.tokenizer
     long_turn = ("tell me a story " * 40, "once upon a time " * 40)
     history = [long_turn] * 6 + [("recent", "turn")]
-    ids, dropped = build_chat_ids(tok, "next", history, model.context_window, 64)
+    ids, dropped = build_chat_ids(tok, "next", history, model.context_window, 64, model.chat_template)
     assert 0 < dropped < len(history) and len(ids) + 64 <= model.context_window
     assert "recent" in tok.decode(ids)
     reply, new_history = model.chat(tok, "next", history=history, do_sample=False, max_new_tokens=8)

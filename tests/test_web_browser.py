@@ -298,3 +298,62 @@ def test_output_folder_is_not_served_by_path(page, server):
     for target in (md, Path("/etc/passwd")):
         r = page.request.get(f"{server['url']}gradio_api/file={target}")
         assert r.status in (403, 404), f"{target} was served ({r.status})"
+
+
+# -- the page's endpoints as an API client reaches them (gradio_client, same server) --------------
+
+@pytest.fixture(scope="module")
+def api(server):
+    from gradio_client import Client
+    return Client(server["url"], verbose=False)
+
+
+def _endpoints(api) -> dict:
+    return api.view_api(print_info=False, return_format="dict")["named_endpoints"]
+
+
+def test_the_gallery_click_is_not_an_api_endpoint(api):
+    """A click carries gradio's SelectData, which no API client can send: the handler is not offered."""
+    names = _endpoints(api)
+    assert "/ask" in names and "/run_compose" in names
+    assert not [n for n in names if "select" in n]
+    with pytest.raises(Exception):  # noqa: B017 - whichever error the client raises for an unknown endpoint
+        api.predict(api_name="/on_select")
+
+
+def _raw_call(url: str, api_name: str, data: list, session: str) -> list:
+    """One event through gradio's queue over plain HTTP, the JSON written with escapes as a browser's
+    JSON.stringify writes a lone surrogate ("\\ud800"); httpx (under gradio_client) cannot send one."""
+    import json
+    import uuid
+
+    config = json.loads(urllib.request.urlopen(url + "config", timeout=30).read())
+    fn = next(i for i, d in enumerate(config["dependencies"]) if d.get("api_name") == api_name)
+    fn = config["dependencies"][fn].get("id", fn)
+    body = json.dumps({"data": data, "fn_index": fn, "session_hash": session, "event_data": None,
+                       "trigger_id": None}).encode("ascii")
+    req = urllib.request.Request(url + "gradio_api/queue/join", data=body, headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=30).read()
+    stream = urllib.request.urlopen(f"{url}gradio_api/queue/data?session_hash={session}", timeout=120)
+    for line in stream:
+        line = line.decode("utf-8").strip()
+        if line.startswith("data:"):
+            msg = json.loads(line[5:])
+            if msg.get("msg") == "process_completed":
+                assert msg.get("success"), msg
+                return msg["output"]["data"]
+    raise AssertionError("the event stream ended without a result")
+
+
+def test_invalid_unicode_is_refused_and_the_session_keeps_serving(server):
+    import uuid
+    url, session = server["url"], uuid.uuid4().hex
+    opts = [16, 1, 1.0, False, 1.0, 1.0]
+    out = _raw_call(url, "ask", [{"text": "what is \ud800 this?", "files": []}, None, *opts], session)
+    error = out[-1]
+    assert "not valid Unicode" in error and "U+D800" in error
+    # the same session asks again at once and gets a reply
+    out = _raw_call(url, "ask", [{"text": "hello", "files": []}, None, *opts], session)
+    assert out[-1] == "" and out[0][-1]["role"] == "assistant"
+    out = _raw_call(url, "run_compose", ["bad \udfff title", 0, False, 20, 1, 1.0, False, "zh", None], session)
+    assert any("the title is not valid Unicode" in str(x) for x in out)

@@ -43,9 +43,47 @@ def upstream_config_dict(cfg: InternLMConfig) -> dict:
     return d
 
 
+# Stand-ins for the remote-code files the hub repositories ship: only the definitions that tell the
+# revisions apart (docs/checkpoint-format.md), so the loaders' reading of them is tested. Never run.
+_REMOTE_CODE = {
+    ("modeling_internlm.py", "2023-07"): (
+        "# stand-in for internlm-chat-7b's modeling_internlm.py of July 2023 (tests only)\n"
+        "class InternLMForCausalLM:\n"
+        "    def build_inputs(self, tokenizer, query, history=[]):\n"
+        "        prompt = ''.join(f'<|User|>:{q}<eoh>\\n<|Bot|>:{a}<eoa>\\n' for q, a in history)\n"
+        "        return tokenizer([prompt + f'<|User|>:{query}<eoh>\\n<|Bot|>:'], return_tensors='pt')\n"),
+    ("modeling_internlm.py", "2023-12"): (
+        "# stand-in for internlm-chat-7b's modeling_internlm.py of December 2023 (tests only)\n"
+        "class InternLMForCausalLM:\n"
+        "    def build_inputs(self, tokenizer, query, history=[], meta_instruction=''):\n"
+        "        prompt = f'<|System|>:{meta_instruction}\\n' if meta_instruction else ''\n"
+        "        prompt += ''.join(f'<|User|>:{q}\\n<|Bot|>:{a}<eoa>\\n' for q, a in history)\n"
+        "        return tokenizer([prompt + f'<|User|>:{query}\\n<|Bot|>:'], return_tensors='pt')\n"),
+    ("modeling_InternLM_XComposer.py", "7b"): (
+        "# stand-in for internlm-xcomposer-7b's modeling_InternLM_XComposer.py (tests only)\n"
+        "class InternLMXComposerForCausalLM:\n"
+        "    meta_instruction = 'meta instruction\\nYou are an AI assistant whose name is 浦语.\\nconversation\\n'\n"
+        "    gen_config = dict(num_beams=5, do_sample=False, max_new_tokens=500)\n"),
+    ("modeling_InternLM_XComposer.py", "vl-7b"): (
+        "# stand-in for internlm-xcomposer-vl-7b's modeling_InternLM_XComposer.py (tests only)\n"
+        "class InternLMXComposerForCausalLM:\n"
+        "    gen_config = dict(num_beams=5, do_sample=False, max_new_tokens=200)\n"),
+}
+
+
+def write_remote_code(folder: str | Path, filename: str, revision: str) -> Path:
+    """Write the stand-in `filename` ("modeling_internlm.py" for "2023-07"/"2023-12",
+    "modeling_InternLM_XComposer.py" for "7b"/"vl-7b") into `folder`."""
+    path = Path(folder) / filename
+    path.write_text(_REMOTE_CODE[(filename, revision)], encoding="utf-8")
+    return path
+
+
 def write_tiny_internlm(folder: str | Path, *, fmt: str = "safetensors", max_shard_bytes: int = 200_000,
-                        seed: int = 0, std: float = 0.2, vocab_size: int = 1000, **overrides) -> Path:
-    """Write a random tiny InternLM chat checkpoint to `folder` and return the folder."""
+                        seed: int = 0, std: float = 0.2, vocab_size: int = 1000, revision: str | None = None,
+                        **overrides) -> Path:
+    """Write a random tiny InternLM chat checkpoint to `folder` and return the folder; `revision`
+    ("2023-07" / "2023-12") adds that revision's stand-in `modeling_internlm.py`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     train_tiny_tokenizer(folder / "tokenizer.model", vocab_size=vocab_size)
@@ -62,6 +100,8 @@ def write_tiny_internlm(folder: str | Path, *, fmt: str = "safetensors", max_sha
     (folder / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id},
         indent=2), encoding="utf-8")
+    if revision is not None:
+        write_remote_code(folder, "modeling_internlm.py", revision)
     return folder
 
 
@@ -164,10 +204,12 @@ def build_tiny_xcomposer(config_dict: dict, seed: int = 0, std: float = 0.2):
 
 def write_tiny_xcomposer(folder: str | Path, *, fmt: str = "safetensors", max_shard_bytes: int = 200_000,
                          seed: int = 0, std: float = 0.2, vocab_size: int = 1000, learn_param=("q", "v"),
-                         lora_r: int = 4, lora_alpha: float = 8.0, **overrides) -> Path:
+                         lora_r: int = 4, lora_alpha: float = 8.0, variant: str | None = None,
+                         **overrides) -> Path:
     """Write a random tiny internlm-xcomposer checkpoint (upstream key names, LoRA adapters,
     config.json fields, sharded weights with index, tokenizer with `<TOKENS_UNUSED_0/1>` as
-    eoh/eoa and the `<ImageHere>` piece) to `folder`, and return the folder."""
+    eoh/eoa and the `<ImageHere>` piece) to `folder`, and return the folder; `variant` ("7b" /
+    "vl-7b") adds that repository's stand-in `modeling_InternLM_XComposer.py`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     train_tiny_tokenizer(folder / "tokenizer.model", vocab_size=vocab_size, extra_pieces=["<ImageHere>"],
@@ -179,6 +221,8 @@ def write_tiny_xcomposer(folder: str | Path, *, fmt: str = "safetensors", max_sh
     sd = upstream_xcomposer_state_dict(model, d["internlm_lora"], torch.Generator().manual_seed(seed + 1))
     save_checkpoint(sd, folder, fmt=fmt, max_shard_bytes=max_shard_bytes)
     (folder / "config.json").write_text(json.dumps(d, indent=2), encoding="utf-8")
+    if variant is not None:
+        write_remote_code(folder, "modeling_InternLM_XComposer.py", variant)
     return folder
 
 

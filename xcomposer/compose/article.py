@@ -8,9 +8,10 @@ Saved layout (`article.save(dir)`):
     dir/images/NN-<name>  a copy of each chosen image (NN = 01, 02, ... in article order)
 
 Candidates keep their original (library) paths in the JSON. The folder is assembled in a hidden
-sibling `.{dir.name}.tmp-*` and swapped in with renames, so an exception at any point leaves the
-previous version untouched; a folder holding another article (another `id`) or other files is
-never overwritten.
+sibling `.{dir.name}.tmp-{pid}-*` and swapped in with renames, so an exception at any point leaves
+the previous version untouched; a folder holding another article (another `id`) or other files is
+never overwritten. What a killed save left beside the folder is removed by the next successful save
+(`compose.tempfiles`).
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from .tempfiles import remove_stale, temp_prefix
 
 ARTICLE_FILE = "article.json"
 IMAGES_DIR = "images"
@@ -257,7 +260,7 @@ class Article:
         files = self.image_files()
         sources = {p: self._image_source(p) for p in files}  # every missing file is reported before any work
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(folder.name), dir=folder.parent))
         try:
             (tmp / IMAGES_DIR).mkdir()
             for p, rel in files.items():
@@ -272,6 +275,7 @@ class Article:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        remove_stale(folder.parent, folder.name)  # what a killed save of this folder left; only after success
         for s in self.slots:  # only now: a failed save changes nothing
             s.file = files.get(s.paragraph)
         self._saved_dir = folder
@@ -281,7 +285,7 @@ class Article:
         """`save(folder)`, then `folder.zip` (beside it) holding the folder; written aside, then renamed."""
         folder = self.save(folder)
         dest = folder.with_name(folder.name + ".zip")
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=folder.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(dest.name), dir=folder.parent)
         try:
             with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
                 for path in sorted(folder.rglob("*")):
@@ -290,6 +294,7 @@ class Article:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        remove_stale(folder.parent, dest.name)
         return dest
 
     def _check_target(self, folder: Path) -> None:
@@ -430,7 +435,8 @@ def _swap_in(tmp: Path, folder: Path) -> None:
     if not folder.exists():
         os.replace(tmp, folder)
         return
-    old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+    # named like a temporary: if a kill lands between the two renames, the next successful save cleans it
+    old = folder.with_name(f"{temp_prefix(folder.name)}old-{uuid.uuid4().hex[:8]}")
     os.replace(folder, old)
     try:
         os.replace(tmp, folder)

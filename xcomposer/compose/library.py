@@ -40,6 +40,8 @@ import torch
 
 from vision.image import DEFAULT_MAX_PIXELS, ImageError, ImageSource, load_image
 
+from .tempfiles import remove_stale, temp_prefix
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "ViT-B-32"
@@ -157,6 +159,7 @@ class ImageLibrary:
             raise LibraryError(f"no image library at {out} ({META_FILE} is missing); {REBUILD}")
         meta = _read_meta(meta_path)
         entries, embeddings = _read_embeddings(out, meta)
+        _remove_stale_temps(out)
         stored = meta["pretrained"]
         if pretrained is not None:
             if meta["pretrained_file"] is None:
@@ -396,6 +399,7 @@ class ImageLibrary:
         for stale in self.path.glob("embeddings-*.npy"):
             if stale.name != name:
                 stale.unlink(missing_ok=True)
+        _remove_stale_temps(self.path)
         self._meta = meta
         self._entries = list(entries)
         self._index = {e.id: i for i, e in enumerate(entries)}
@@ -574,7 +578,7 @@ def _sha256(path: Path) -> str:
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see either the old file or the whole new one, even
     after a crash."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -585,6 +589,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Temporary files that a killed build or update left in the library folder (compose.tempfiles)."""
+    for name in (META_FILE, "embeddings"):
+        remove_stale(out, name, suffix=".tmp")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -603,7 +613,7 @@ def _fsync_dir(folder: Path) -> None:
 def _write_embeddings(out: Path, matrix: np.ndarray) -> tuple[str, str]:
     """Save the matrix under a name derived from its content; return (file name, sha256)."""
     matrix = np.ascontiguousarray(matrix, dtype=np.float32)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".embeddings.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=temp_prefix("embeddings"), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, matrix, allow_pickle=False)

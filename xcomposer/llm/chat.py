@@ -1,36 +1,88 @@
-"""InternLM-chat's conversation template and history handling (facts and sources: docs/chat-template.md).
+"""InternLM-chat's conversation templates and history handling (facts and sources: docs/chat-template.md).
 
-    <s><|User|>:{query}<eoh>\\n<|Bot|>:{reply}<eoa>\\n<|User|>:{query}<eoh>\\n<|Bot|>:
+internlm-chat-7b changed its template with its December 2023 weight update; both revisions:
 
-The tokenizer adds `<s>` once at the start; `<eoh>`/`<eoa>` are resolved from the loaded
-tokenizer by piece (XComposer's vocabulary names the same slots `<TOKENS_UNUSED_0/1>`).
-Generation stops on `</s>` or `<eoa>`.
+    2023-07:  <s><|User|>:{query}<eoh>\\n<|Bot|>:{reply}<eoa>\\n<|User|>:{query}<eoh>\\n<|Bot|>:
+    2023-12:  <s><|System|>:{meta_instruction}\\n<|User|>:{query}\\n<|Bot|>:{reply}<eoa>\\n<|User|>:{query}\\n<|Bot|>:
+
+`<s>` comes once, from the tokenizer; `<eoh>`/`<eoa>` are resolved from the loaded tokenizer by
+piece (XComposer's vocabulary names the same slots `<TOKENS_UNUSED_0/1>`). The 2023-12 system
+turn is left out when the meta instruction is empty. Generation stops on `</s>` or `<eoa>`.
+Which revision a checkpoint folder holds is read from its `modeling_internlm.py`
+(`chat_template_of`): only the 2023-12 code knows a meta instruction.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
+from .checkpoint import remote_code_defines
 from .generation import PromptTooLongError
+from .tokenizer import check_text
 
-USER, BOT = "<|User|>", "<|Bot|>"
+USER, BOT, SYSTEM = "<|User|>", "<|Bot|>", "<|System|>"
 
 Turn = tuple[str, str]
 
+JULY_2023, DECEMBER_2023 = "2023-07", "2023-12"
+TEMPLATES = (JULY_2023, DECEMBER_2023)
+# the 2023-12 remote code's default `meta_instruction` (InternLM's modeling_internlm.py, chat())
+INTERNLM_META_INSTRUCTION = (
+    "You are an AI assistant whose name is InternLM (书生·浦语).\n"
+    "- InternLM (书生·浦语) is a conversational language model that is developed by Shanghai AI Laboratory "
+    "(上海人工智能实验室). It is designed to be helpful, honest, and harmless.\n"
+    "- InternLM (书生·浦语) can understand and communicate fluently in the language chosen by the user such as "
+    "English and 中文.")
+REMOTE_CODE_FILE = "modeling_internlm.py"
 
-def format_turn(tokenizer, query: str, reply: str | None) -> str:
-    text = f"{USER}:{query}{tokenizer.eoh}\n{BOT}:"
+
+def check_template(template: str) -> str:
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown chat template {template!r}: use {JULY_2023!r} (internlm-chat-7b of July 2023, "
+                         f"<eoh> after each question) or {DECEMBER_2023!r} (the December 2023 update, "
+                         f"<|System|> turn, no <eoh>)")
+    return template
+
+
+def chat_template_of(folder: Path) -> tuple[str, str]:
+    """(template, what decided it) for an internlm-chat checkpoint folder."""
+    code = Path(folder) / REMOTE_CODE_FILE
+    if code.is_file():
+        if remote_code_defines(code, "meta_instruction"):
+            return DECEMBER_2023, f"{REMOTE_CODE_FILE} defines meta_instruction (the 2023-12 revision)"
+        return JULY_2023, f"{REMOTE_CODE_FILE} has no meta_instruction (the July 2023 revision)"
+    return DECEMBER_2023, (f"no {REMOTE_CODE_FILE} in the folder; assuming the current hub revision (2023-12); "
+                           f"pass template='2023-07' for weights of July 2023")
+
+
+def format_turn(tokenizer, query: str, reply: str | None, template: str = DECEMBER_2023) -> str:
+    eoh = tokenizer.eoh if check_template(template) == JULY_2023 else ""
+    text = f"{USER}:{query}{eoh}\n{BOT}:"
     if reply is not None:
         text += f"{reply}{tokenizer.eoa}\n"
     return text
 
 
-def format_prompt(tokenizer, query: str, history: Sequence[Turn] = ()) -> str:
-    return "".join(format_turn(tokenizer, q, r) for q, r in history) + format_turn(tokenizer, query, None)
+def format_prompt(tokenizer, query: str, history: Sequence[Turn] = (), template: str = DECEMBER_2023,
+                  meta_instruction: str | None = None) -> str:
+    """The prompt text (without `<s>`, which the tokenizer adds). `meta_instruction` None means the
+    template's default (InternLM's for 2023-12; the July template has no system turn)."""
+    system = ""
+    if check_template(template) == DECEMBER_2023:
+        meta = INTERNLM_META_INSTRUCTION if meta_instruction is None else check_text(meta_instruction,
+                                                                                     "meta_instruction")
+        system = f"{SYSTEM}:{meta}\n" if meta else ""
+    elif meta_instruction:
+        raise ValueError("the 2023-07 internlm-chat template has no system turn: leave meta_instruction unset, or "
+                         "use template='2023-12'")
+    turns = "".join(format_turn(tokenizer, q, r, template) for q, r in history)
+    return system + turns + format_turn(tokenizer, query, None, template)
 
 
 def check_query(query) -> str:
     if not isinstance(query, str):
         raise TypeError(f"query must be a string, got {type(query).__name__}")
+    check_text(query, "the query")
     if not query.strip():
         raise ValueError("query is empty: type a question or instruction")
     return query
@@ -43,22 +95,25 @@ def check_history(history) -> list[Turn]:
     for i, turn in enumerate(history):
         if not (isinstance(turn, (tuple, list)) and len(turn) == 2 and all(isinstance(s, str) for s in turn)):
             raise ValueError(f"history[{i}] must be a (query, reply) pair of strings, got {turn!r}")
+        check_text(turn[0], f"history[{i}][0]")
+        check_text(turn[1], f"history[{i}][1]")
         turns.append((turn[0], turn[1]))
     return turns
 
 
-def build_chat_ids(tokenizer, query: str, history: Sequence[Turn], window: int,
-                   reply_room: int) -> tuple[list[int], int]:
+def build_chat_ids(tokenizer, query: str, history: Sequence[Turn], window: int, reply_room: int,
+                   template: str = DECEMBER_2023, meta_instruction: str | None = None) -> tuple[list[int], int]:
     """Token ids of the prompt and how many of the oldest turns were left out.
 
     Oldest turns are dropped from the *prompt* until the prompt plus `reply_room` new tokens
-    fit the context window (the caller's history list is never modified). If the question alone
+    fit the context window (the caller's history list is never modified); the system turn stays. If the question alone
     leaves no room for a reply it is an error: the question itself is never cut.
     """
     query = check_query(query)
     history = check_history(history)
     for dropped in range(len(history) + 1):
-        ids = tokenizer.encode(format_prompt(tokenizer, query, history[dropped:]), add_bos=True)
+        ids = tokenizer.encode(format_prompt(tokenizer, query, history[dropped:], template, meta_instruction),
+                               add_bos=True)
         if len(ids) + reply_room <= window:
             return ids, dropped
     if len(ids) < window:

@@ -13,6 +13,7 @@ garbage that is much harder to diagnose than an error at load time.
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -41,6 +42,25 @@ class CheckpointError(Exception):
 def _listing(items: list[str], limit: int = _MAX_LISTED) -> str:
     shown = ", ".join(repr(s) for s in items[:limit])
     return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
+# -- remote code, read as text ----------------------------------------------------------------
+
+def remote_code_defines(path: Path, name: str) -> bool:
+    """Whether the Python file `path` uses the identifier `name` in its code (as a variable, argument,
+    attribute or keyword), read as text and parsed, never imported or run. Comments and strings do not
+    count. A file that does not parse is searched for the word instead."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return re.search(rf"\b{re.escape(name)}\b", text) is not None
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Name) and node.id == name) or (isinstance(node, ast.arg) and node.arg == name) \
+                or (isinstance(node, ast.Attribute) and node.attr == name) \
+                or (isinstance(node, ast.keyword) and node.arg == name):
+            return True
+    return False
 
 
 # -- locating a checkpoint ------------------------------------------------------------------
@@ -74,7 +94,7 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike, *, allow_patterns: lis
 def checkpoint_folder(path_or_hub_id: str | os.PathLike, kind: str) -> tuple[Path, Path]:
     """(folder, its config.json) for a local folder or hub id holding a `kind` checkpoint."""
     folder = resolve_checkpoint(path_or_hub_id, allow_patterns=["*.json", "*.bin", "*.safetensors",
-                                                                 "tokenizer.model"])
+                                                                 "tokenizer.model", "*.py"])
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{cfg_file} not found: an {kind} checkpoint folder needs its config.json")

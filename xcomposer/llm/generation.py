@@ -17,6 +17,7 @@ left padding of a batch (transformers also penalises the pad id).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -51,23 +52,42 @@ class GenerationConfig:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"invalid generation option {name}={getattr(self, name)!r}: {why}")
 
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        def integer(name: str) -> int:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise bad(name, "must be an integer")
+            return value
+
+        def number(name: str) -> float:
+            # NaN passes every comparison below unnoticed (they are all False): require a finite real
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(name, "must be a finite number")
+            return value
+
+        if integer("max_new_tokens") < 1:
             raise bad("max_new_tokens", "must be an integer >= 1")
-        if not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
+        if integer("min_new_tokens") < 0:
             raise bad("min_new_tokens", "must be an integer >= 0")
-        if not isinstance(self.num_beams, int) or self.num_beams < 1:
+        if integer("num_beams") < 1:
             raise bad("num_beams", "must be an integer >= 1 (1 disables beam search)")
-        if self.temperature < 0:
+        if number("temperature") < 0:
             raise bad("temperature", "must be >= 0 (0 means greedy)")
-        if not 0.0 < self.top_p <= 1.0:
+        if not 0.0 < number("top_p") <= 1.0:
             raise bad("top_p", "must be in (0, 1] (1 disables nucleus filtering)")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if integer("top_k") < 0:
             raise bad("top_k", "must be an integer >= 0 (0 disables top-k filtering)")
-        if self.repetition_penalty <= 0:
+        if number("repetition_penalty") <= 0:
             raise bad("repetition_penalty", "must be > 0 (1 disables it)")
+        number("length_penalty")
         if self.early_stopping not in (True, False, "never"):
             raise bad("early_stopping", "must be True, False or 'never'")
-        if self.prefill_chunk_size is not None and (not isinstance(self.prefill_chunk_size, int)
+        if not isinstance(self.do_sample, bool):
+            raise bad("do_sample", "must be True or False")
+        if self.seed is not None:
+            integer("seed")
+        if self.prefill_chunk_size is not None and (isinstance(self.prefill_chunk_size, bool)
+                                                    or not isinstance(self.prefill_chunk_size, int)
                                                     or self.prefill_chunk_size < 1):
             raise bad("prefill_chunk_size", "must be None (the whole prompt at once) or an integer >= 1")
         return self

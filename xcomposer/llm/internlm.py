@@ -9,12 +9,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from .chat import Turn, build_chat_ids, check_history
+from .chat import Turn, build_chat_ids, chat_template_of, check_history, check_template
 from .checkpoint import CheckpointError, checkpoint_folder, load_checkpoint_into
 from .config import InternLMConfig
 from .decoder import InternLMForCausalLM
@@ -56,16 +57,22 @@ class InternLM(InternLMForCausalLM):
     """InternLM v1 chat model (internlm-chat-7b layout) with InternLM's `chat`/`stream_chat`."""
 
     tokenizer: InternLMTokenizer | None = None
+    chat_template: str = "2023-12"  # llm/chat.py: "2023-07" or "2023-12", set by from_pretrained
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | str | None = None, fuse: bool = True) -> "InternLM":
+                        dtype: torch.dtype | str | None = None, fuse: bool = True,
+                        template: str | None = None) -> "InternLM":
         """Load a local folder or hub id in the internlm-chat-7b layout, strictly.
 
         The model is built on the meta device and filled shard by shard, so memory peaks at
         the model plus one shard. `fuse` packs q/k/v and gate/up once loaded
-        (`fuse_projections`).
+        (`fuse_projections`). `template` ("2023-07" or "2023-12") overrides the chat template
+        read from the folder's `modeling_internlm.py` (llm/chat.py, `chat_template_of`); what
+        decided it is printed and kept in `model.load_notes`.
         """
+        if template is not None:
+            check_template(template)
         folder, cfg_file = checkpoint_folder(path_or_hub_id, "InternLM")
         cfg = InternLMConfig.from_json(cfg_file)
         device = torch.device(device)
@@ -81,6 +88,12 @@ class InternLM(InternLMForCausalLM):
         if (folder / "tokenizer.model").is_file():
             model.tokenizer = load_tokenizer(folder)
         model.source = Path(folder)
+        if template is not None:
+            model.chat_template, why = template, "template= given"
+        else:
+            model.chat_template, why = chat_template_of(folder)
+        model.load_notes = [f"chat template {model.chat_template} ({why})"]
+        print(f"InternLM {folder.name}: " + "; ".join(model.load_notes), file=sys.stderr)
         return model
 
     # -- chat --------------------------------------------------------------------------------
@@ -89,22 +102,25 @@ class InternLM(InternLMForCausalLM):
         stop = [tokenizer.eos_token_id, tokenizer.eoa_token_id]
         return GenerationConfig(eos_token_id=stop, pad_token_id=tokenizer.pad_token_id).replace(**merged)
 
-    def _chat_prompt(self, tokenizer, query: str, history, cfg: GenerationConfig) -> list[int]:
-        ids, _dropped = build_chat_ids(tokenizer, query, history, self.context_window, cfg.max_new_tokens)
+    def _chat_prompt(self, tokenizer, query: str, history, cfg: GenerationConfig,
+                     meta_instruction: str | None) -> list[int]:
+        ids, _dropped = build_chat_ids(tokenizer, query, history, self.context_window, cfg.max_new_tokens,
+                                       self.chat_template, meta_instruction)
         return ids
 
     @torch.inference_mode()
     def chat(self, tokenizer: InternLMTokenizer, query: str, history: list[Turn] | None = None,
-             streamer=None, **options: Any) -> tuple[str, list[Turn]]:
+             streamer=None, meta_instruction: str | None = None, **options: Any) -> tuple[str, list[Turn]]:
         """One chat turn: `(response, history + [(query, response)])`.
 
         `options` are generation options (transformers' names); defaults are InternLM's
         (sampling at temperature 0.8, top_p 0.8, up to 1024 new tokens). `streamer`, if given,
         receives token tensors through `put()` and `end()` like a transformers streamer.
+        `meta_instruction` replaces the 2023-12 template's system text ("" leaves the system turn out).
         """
         history = check_history(history)
         cfg = self._chat_config(tokenizer, options)
-        ids = self._chat_prompt(tokenizer, query, history, cfg)
+        ids = self._chat_prompt(tokenizer, query, history, cfg, meta_instruction)
         if streamer is not None:
             streamer.put(torch.tensor([ids]))
             tokens: list[int] = []
@@ -118,14 +134,14 @@ class InternLM(InternLMForCausalLM):
         return response, history + [(query, response)]
 
     def stream_chat(self, tokenizer: InternLMTokenizer, query: str, history: list[Turn] | None = None,
-                    **options: Any) -> Iterator[tuple[str, list[Turn]]]:
+                    meta_instruction: str | None = None, **options: Any) -> Iterator[tuple[str, list[Turn]]]:
         """Yield `(response_so_far, history + [(query, response_so_far)])` as text arrives.
 
         Text is released only in whole characters; the last yield equals `chat()`'s answer.
         """
         history = check_history(history)
         cfg = self._chat_config(tokenizer, options)
-        ids = self._chat_prompt(tokenizer, query, history, cfg)
+        ids = self._chat_prompt(tokenizer, query, history, cfg, meta_instruction)
         text = IncrementalDecoder(tokenizer, skip_special_tokens=True)
         response = ""
         for piece in stream_generate(self, ids, config=cfg):

@@ -28,9 +28,26 @@ __all__ = [
     "load_tokenizer",
     "train_tiny_tokenizer",
     "TOKENIZER_FILE",
+    "check_text",
 ]
 
 TOKENIZER_FILE = "tokenizer.model"
+
+
+def check_text(text, what: str = "the text") -> str:
+    """`text` if it is a str of valid Unicode, else a TypeError/ValueError that says what is wrong.
+
+    A lone surrogate (e.g. "\\ud800", from a JSON escape or a bad decode) is a str Python accepts but
+    no UTF-8 encoder does; sentencepiece would fail on it with an unhelpful C++ cast error."""
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a string, got {type(text).__name__}; decode bytes first")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        raise ValueError(f"{what} is not valid Unicode: it holds a lone surrogate U+{ord(bad):04X} at character "
+                         f"{e.start}; remove it, or decode the input bytes with errors='replace'") from None
+    return text
 
 # InternLM-chat names first, then the names the XComposer vocabulary uses for
 # the same slots (upstream reaches them as ids 103027 / 103028).
@@ -209,6 +226,7 @@ class InternLMTokenizer:
         """Text to ids; special pieces written in ``text`` become single ids."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}; decode bytes first")
+        check_text(text, "the text to encode")
         ids = [self.bos_token_id] if add_bos else []
         bos = self._sp.bos_id()
         at_start, pos = True, 0

@@ -2,7 +2,9 @@
 
 One user turn, as upstream's `wrap_prompt` builds it (each piece tokenized on its own):
 
-    <s> <|User|>:  [image embeddings]  {text}  \\n<eoh> <|Bot|>:
+    <s>{meta} <|User|>:  [image embeddings]  {text}  \\n<eoh> <|Bot|>:
+
+where {meta} is internlm-xcomposer-7b's meta instruction on the first turn (empty for -vl-7b).
 
 `<s>` only at the start of the whole prompt. Images go right after the user tag (upstream puts
 its single image there), or at `<ImageHere>` placeholders written in the text, one per image.
@@ -27,6 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
+from ..llm.tokenizer import check_text
+
 IMAGE_PLACEHOLDER = "<ImageHere>"
 USER_TAG = " <|User|>:"
 BOT_TAG = " <|Bot|>:"
@@ -44,8 +48,7 @@ Segment = Union[list, ImageSlot]  # token ids or an image slot
 
 def user_turn(text: str, images: Sequence[str] = ()) -> dict[str, Any]:
     """A checked user turn. `images` are stored references (paths or data URIs)."""
-    if not isinstance(text, str):
-        raise TypeError(f"the question must be a string, got {type(text).__name__}")
+    check_text(text, "the question")
     images = list(images)
     if not text.strip() and not images:
         raise ValueError("the question is empty and no image was given: type a question or pass an image")
@@ -89,9 +92,12 @@ def check_history(history) -> list[dict[str, Any]]:
     return out
 
 
-def turn_segments(tokenizer, turn: dict[str, Any], first_image: int, at_start: bool) -> list[Segment]:
-    """Token pieces and image slots of one user turn (up to and including the bot tag)."""
-    segs: list[Segment] = [tokenizer.encode(USER_TAG, add_bos=at_start)]
+def turn_segments(tokenizer, turn: dict[str, Any], first_image: int, at_start: bool,
+                  meta_instruction: str = "") -> list[Segment]:
+    """Token pieces and image slots of one user turn (up to and including the bot tag). At the start
+    of the prompt a meta instruction goes right before the user tag, in one piece with it."""
+    head = meta_instruction + USER_TAG if at_start else USER_TAG
+    segs: list[Segment] = [tokenizer.encode(head, add_bos=at_start)]
     text, images = turn["text"], turn["images"]
     if IMAGE_PLACEHOLDER in text:
         parts = text.split(IMAGE_PLACEHOLDER)
@@ -112,13 +118,15 @@ def reply_segment(tokenizer, reply: str) -> list[int]:
     return tokenizer.encode(reply, add_bos=False) + [tokenizer.eoa_token_id]
 
 
-def prompt_segments(tokenizer, turns: Sequence[dict[str, Any]]) -> tuple[list[Segment], list[str]]:
-    """Segments of a whole prompt (history + the new user turn) and its image references in order."""
+def prompt_segments(tokenizer, turns: Sequence[dict[str, Any]],
+                    meta_instruction: str = "") -> tuple[list[Segment], list[str]]:
+    """Segments of a whole prompt (history + the new user turn) and its image references in order;
+    `meta_instruction` (internlm-xcomposer-7b's) opens the prompt once, whatever the history."""
     segs: list[Segment] = []
     images: list[str] = []
     for i, turn in enumerate(turns):
         if turn["role"] == "user":
-            segs += turn_segments(tokenizer, turn, len(images), at_start=(i == 0))
+            segs += turn_segments(tokenizer, turn, len(images), at_start=(i == 0), meta_instruction=meta_instruction)
             images += turn["images"]
         else:
             segs.append(reply_segment(tokenizer, turn["text"]))

@@ -31,7 +31,7 @@ from projector.sampler import PerceiveSampler, SamplerConfig, sampler_key_map, s
 from vision.eva import EvaConfig, VisionTower, vision_key_map, vision_to_checkpoint
 from vision.image import IMAGE_SIZE, ImageError, load_image, preprocess, to_data_uri
 
-from ..llm.checkpoint import CheckpointError, LoRAMerge, checkpoint_folder, load_checkpoint_into
+from ..llm.checkpoint import CheckpointError, LoRAMerge, checkpoint_folder, load_checkpoint_into, remote_code_defines
 from ..llm.config import InternLMConfig
 from ..llm.decoder import InternLMForCausalLM
 from ..llm.generation import GenerationConfig, GenerationOutput, PromptTooLongError, generate, stream_generate
@@ -44,6 +44,47 @@ from .vl_prompt import (IMAGE_PLACEHOLDER, ImageSlot, bot_turn, check_history, p
 # is one new token at least
 GEN_DEFAULTS = dict(num_beams=5, do_sample=False, min_new_tokens=1, repetition_penalty=1.5, length_penalty=1.0,
                     temperature=1.0, max_new_tokens=200)
+
+# The two v1 repositories differ only in their remote code (docs/checkpoint-format.md, "Variants"):
+# internlm-xcomposer-7b puts this meta instruction before the first " <|User|>:", generates up to 500
+# new tokens and also stops on <eoh>; internlm-xcomposer-vl-7b has none of that.
+XCOMPOSER_META_INSTRUCTION = (
+    "meta instruction\nYou are an AI assistant whose name is 浦语.\n"
+    "- 浦语 is a conversational language model that is developed by Shanghai AI Laboratory (上海人工智能实验室). "
+    "It is designed to be helpful, honest, and harmless.\n"
+    "- 浦语 can understand and communicate fluently in the language chosen by the user such as English and 中文.\n"
+    "conversation\n")
+VARIANTS = {
+    "7b": dict(meta_instruction=XCOMPOSER_META_INSTRUCTION, max_new_tokens=500, stop_on_eoh=True),
+    "vl-7b": dict(meta_instruction="", max_new_tokens=200, stop_on_eoh=False),
+}
+REMOTE_CODE_FILE = "modeling_InternLM_XComposer.py"
+
+
+def check_variant(variant: str) -> str:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown XComposer variant {variant!r}: use '7b' (internlm-xcomposer-7b: meta instruction, "
+                         f"500 new tokens) or 'vl-7b' (internlm-xcomposer-vl-7b)")
+    return variant
+
+
+def variant_of(folder: Path, source: str | os.PathLike) -> tuple[str, str]:
+    """(variant, what decided it) for a v1 checkpoint folder loaded from `source` (path or hub id).
+
+    The remote-code file decides: only -7b's defines `meta_instruction` (read as text, never run).
+    Without it, the hub id or folder name is the hint; without a hint, 'vl-7b' (no meta instruction)."""
+    code = Path(folder) / REMOTE_CODE_FILE
+    if code.is_file():
+        if remote_code_defines(code, "meta_instruction"):
+            return "7b", f"{REMOTE_CODE_FILE} defines meta_instruction"
+        return "vl-7b", f"{REMOTE_CODE_FILE} has no meta_instruction"
+    name = Path(os.fspath(source)).name.lower()
+    if "xcomposer-vl-7b" in name:
+        return "vl-7b", f"no {REMOTE_CODE_FILE}; the name {name!r} says -vl-7b"
+    if "xcomposer-7b" in name:
+        return "7b", f"no {REMOTE_CODE_FILE}; the name {name!r} says -7b"
+    return "vl-7b", (f"no {REMOTE_CODE_FILE} and no variant in the name {name!r}: assuming vl-7b (no meta "
+                     f"instruction); pass variant='7b' for internlm-xcomposer-7b")
 
 # InternLMXComposerConfig's defaults (configuration_InternLM_XComposer.py) for fields a
 # config.json may leave out
@@ -190,6 +231,8 @@ class XComposer(nn.Module):
         self.tokenizer: InternLMTokenizer | None = None
         self.image_cache_size = 32
         self._image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.variant = "vl-7b"  # "7b" or "vl-7b" (VARIANTS), set by from_pretrained
+        self.load_notes: list[str] = []
         self.vision_graphs = None  # fast_decode.ImageEncoderGraphs once use_cuda_graphs(model) ran
         self.memory_report = None  # sharding.MemoryReport printed by from_pretrained on GPUs
 
@@ -197,7 +240,7 @@ class XComposer(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype | str | None = None, num_gpus: int = 1,
-                        fuse: bool = True) -> "XComposer":
+                        fuse: bool = True, variant: str | None = None) -> "XComposer":
         """Load an internlm-xcomposer-7b / -vl-7b folder or hub id strictly, shard by shard.
 
         Every checkpoint key must map onto the model and every model tensor must be provided;
@@ -208,7 +251,11 @@ class XComposer(nn.Module):
         cache of one full-context row) is printed too, and not fitting in the free memory is a
         `sharding.ShardingError` before anything is read. `fuse` packs the decoder's q/k/v
         and gate/up projections once loaded (`InternLMForCausalLM.fuse_projections`).
+        `variant` ("7b" or "vl-7b") overrides what the folder's remote code says (`variant_of`);
+        the deciding reason is printed and kept in `model.load_notes`.
         """
+        if variant is not None:
+            check_variant(variant)
         if num_gpus != 1:
             from ..parallel import sharding
             sharding.require_gpus(num_gpus)
@@ -246,6 +293,9 @@ class XComposer(nn.Module):
         model.memory_report = report
         model.tokenizer = load_tokenizer(folder)
         model.source = Path(folder)
+        model.variant, why = (variant, "variant= given") if variant is not None else variant_of(folder, path_or_hub_id)
+        model.load_notes = [f"variant {model.variant} ({why})"]
+        print(f"XComposer {Path(folder).name}: " + "; ".join(model.load_notes), file=sys.stderr)
         return model.eval()
 
     def finish_loading(self, device: torch.device | str) -> None:
@@ -265,6 +315,14 @@ class XComposer(nn.Module):
     @torch.inference_mode()
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, 224, 224) preprocessed pixels -> (B, 66, hidden): start flag, 64 queries, end flag."""
+        self._check_pixels(pixel_values)
+        x = pixel_values.to(device=self.device, dtype=self.vision_dtype)
+        embeds = self.vision_graphs(x) if self.vision_graphs is not None else None
+        if embeds is None:  # eager (also when no captured path applies, e.g. off CUDA)
+            embeds = self.sampler(self.vision(x))
+        return embeds.to(self.dtype)
+
+    def _check_pixels(self, pixel_values) -> None:
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
             raise ValueError(f"encode_image expects preprocessed pixels of shape (B, 3, H, W), got {got}; "
@@ -273,11 +331,8 @@ class XComposer(nn.Module):
         if tuple(pixel_values.shape[2:]) != (size, size):
             raise ValueError(f"encode_image expects {size}x{size} pixels, got {tuple(pixel_values.shape[2:])}; "
                              f"preprocess(images, size={size}) resizes them")
-        x = pixel_values.to(device=self.device, dtype=self.vision_dtype)
-        embeds = self.vision_graphs(x) if self.vision_graphs is not None else None
-        if embeds is None:  # eager (also when no captured path applies, e.g. off CUDA)
-            embeds = self.sampler(self.vision(x))
-        return embeds.to(self.dtype)
+        if pixel_values.is_floating_point() and not bool(torch.isfinite(pixel_values).all()):
+            raise ValueError("the pixel tensor holds NaN or infinite values; preprocess the image again")
 
     @property
     def vision_dtype(self) -> torch.dtype:
@@ -349,10 +404,13 @@ class XComposer(nn.Module):
             if item.shape[0] != 1:
                 raise ValueError(f"a pixel tensor must hold one image, shape (1, 3, H, W); got "
                                  f"{tuple(item.shape)}")
+            self._check_pixels(item)  # before un-normalising, which needs 3 channels
             ref = to_data_uri(_unnormalize(item[0]))
             fresh[ref] = self.encode_image(item)[0]
             return ref
         if isinstance(item, (str, os.PathLike)) and not str(item).startswith("data:"):
+            if "://" in os.fsdecode(os.fspath(item)):
+                load_image(item)  # vision refuses URLs with its own message before any path handling
             path = Path(item).expanduser().absolute()
             load_image(path)  # refuse a bad file now, with its name, not deep inside generation
             return str(path)
@@ -373,9 +431,16 @@ class XComposer(nn.Module):
         options = dict(options)
         if "min_length" in options:  # upstream's name: over an embeddings-only prompt it counts new tokens
             options["min_new_tokens"] = options.pop("min_length")
-        merged = {**GEN_DEFAULTS, **options}
-        base = GenerationConfig(eos_token_id=[tok.eos_token_id, tok.eoa_token_id], pad_token_id=tok.pad_token_id)
+        spec = VARIANTS[self.variant]
+        merged = {**GEN_DEFAULTS, "max_new_tokens": spec["max_new_tokens"], **options}
+        stops = [tok.eos_token_id, tok.eoa_token_id] + ([tok.eoh_token_id] if spec["stop_on_eoh"] else [])
+        base = GenerationConfig(eos_token_id=stops, pad_token_id=tok.pad_token_id)
         return base.replace(**merged)
+
+    @property
+    def meta_instruction(self) -> str:
+        """The text before the first user tag ("" for vl-7b)."""
+        return VARIANTS[self.variant]["meta_instruction"]
 
     def build_prompt(self, turns: Sequence[dict[str, Any]], cfg: GenerationConfig,
                      fresh: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
@@ -387,7 +452,7 @@ class XComposer(nn.Module):
         turns = list(turns)
         dropped = 0
         while True:
-            segs, refs = prompt_segments(tok, turns[2 * dropped:])
+            segs, refs = prompt_segments(tok, turns[2 * dropped:], self.meta_instruction)
             n = segments_length(segs, per_image)
             if n + cfg.max_new_tokens <= window or 2 * dropped + 1 >= len(turns):
                 break
@@ -475,7 +540,8 @@ class XComposer(nn.Module):
     @torch.inference_mode()
     def generate(self, text: str, image=None, **options: Any) -> str:
         """One question (with optional image(s)) -> the answer. Upstream's defaults: 5 beams,
-        repetition penalty 1.5, up to 200 new tokens; any option can be overridden."""
+        repetition penalty 1.5, up to 500 new tokens on -7b and 200 on -vl-7b; any option can be
+        overridden."""
         reply, _ = self.chat(text, image=image, history=None, **options)
         return reply
 
@@ -537,5 +603,5 @@ def _unnormalize(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels.detach().float().cpu() * std + mean).clamp(0, 1)
 
 
-__all__ = ["XComposer", "XComposerConfig", "ChatStream", "GEN_DEFAULTS", "checkpoint_key_map", "xcomposer_7b_config",
-           "IMAGE_SIZE"]
+__all__ = ["XComposer", "XComposerConfig", "ChatStream", "GEN_DEFAULTS", "VARIANTS", "XCOMPOSER_META_INSTRUCTION",
+           "checkpoint_key_map", "variant_of", "xcomposer_7b_config", "IMAGE_SIZE"]

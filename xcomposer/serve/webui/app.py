@@ -342,5 +342,17 @@ CSS = """
 """
 
 
+def without_surrogates(value: Any) -> Any:
+    """`value` (str, or dicts and lists of them) with lone surrogates replaced by U+FFFD: such text
+    cannot be sent back to the page (it is not valid UTF-8), but the rest of what the user typed can."""
+    if isinstance(value, str):
+        return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in value)
+    if isinstance(value, dict):
+        return {k: without_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_surrogates(v) for v in value]
+    return value
+
+
 def _error_md(message: str) -> str:
     return f'<span class="xc-error">Error: {html.escape(message)}</span>' if message else ""

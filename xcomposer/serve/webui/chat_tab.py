@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .app import MAX_QUESTION_CHARS, ChatSession, DemoApp, UserError, _error_md, describe_error
+from ...llm.tokenizer import check_text
+from .app import MAX_QUESTION_CHARS, ChatSession, DemoApp, UserError, _error_md, describe_error, without_surrogates
 
 
 def chat_tab(app: DemoApp, model_job: dict) -> None:
@@ -40,6 +41,7 @@ def chat_tab(app: DemoApp, model_job: dict) -> None:
         text = (message.get("text") or "").strip()
         files = message.get("files") or []
         try:
+            check_text(text, "the question")
             if not text:
                 raise UserError("type a question (images alone are not a question)")
             if len(text) > MAX_QUESTION_CHARS:
@@ -53,7 +55,7 @@ def chat_tab(app: DemoApp, model_job: dict) -> None:
             for messages, new in app.chat_turn(text, refs, shown, state, options):
                 yield messages, new, {"text": "", "files": []}, ""
         except Exception as e:
-            yield state.messages, state, gr.update(value=message), _error_md(describe_error(e))
+            yield state.messages, state, gr.update(value=without_surrogates(message)), _error_md(describe_error(e))
 
     chat_in.submit(ask, [chat_in, chat_state, *chat_opts], [chatbot, chat_state, chat_in, chat_error],
                    **model_job)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from ...compose.article import Article
+from ...llm.tokenizer import check_text
 from .app import MAX_TITLE_CHARS, ComposeSession, DemoApp, UserError, _error_md, _paragraph, describe_error
 
 
@@ -78,7 +79,7 @@ def compose_tab(app: DemoApp, model_job: dict) -> None:
     def run_compose(title_text, n_images, decides, length, n_beams, pen, do_sample, language, state,
                     request: gr.Request):
         try:
-            title_text = (title_text or "").strip()
+            title_text = check_text((title_text or "").strip(), "the title")
             if not title_text:
                 raise UserError("type a title first")
             if len(title_text) > MAX_TITLE_CHARS:
@@ -151,17 +152,20 @@ def compose_tab(app: DemoApp, model_job: dict) -> None:
 
     def choose(state: ComposeSession, paragraph, evt: gr.SelectData):
         p = _paragraph(paragraph, state.article, "an image")
+        if evt is None or not isinstance(getattr(evt, "index", None), int):
+            raise UserError("click one of the candidate pictures to choose it")
         state.article.choose(p, int(evt.index), by="user")
         return f"paragraph {p}: candidate {int(evt.index) + 1} chosen", p
 
     def on_select(state: ComposeSession, paragraph, evt: gr.SelectData, request: gr.Request):
         return apply_edit(choose, False, state, (paragraph, evt), request.session_hash)
 
-    gallery.select(on_select, [compose_state, slot_pick], compose_outputs)
+    # a click carries its SelectData; no API client can send one, so the endpoint is not offered to them
+    gallery.select(on_select, [compose_state, slot_pick], compose_outputs, api_visibility="private")
 
     def search_again(state: ComposeSession, paragraph, text):
         p = _paragraph(paragraph, state.article, "an image")
-        text = (text or "").strip()
+        text = check_text((text or "").strip(), "the caption")
         if not text:
             raise UserError("the caption is empty; type what the picture should show")
         if app.library is None:
