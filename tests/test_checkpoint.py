@@ -388,3 +388,20 @@ def test_save_refuses_bad_input(tmp_path):
     save_checkpoint({"a": torch.zeros(1)}, tmp_path)
     with pytest.raises(CheckpointError, match="safetensors"):
         save_checkpoint({"a": torch.zeros(1)}, tmp_path, fmt="bin")
+
+
+def test_hub_downloads_fetch_the_remote_code_files_that_tell_revisions_apart(monkeypatch, tmp_path):
+    """The *.py files are fetched (read as text to pick the prompt revision, never run). The hub is a
+    named test double here: no hub is reachable."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    seen = []
+
+    def hub_double(repo_id, **kw):
+        seen.append(kw["allow_patterns"])
+        return str(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_double)
+    assert ck.checkpoint_folder("internlm/internlm-xcomposer-7b", "XComposer") == (tmp_path, tmp_path / "config.json")
+    assert "*.py" in seen[0] and "tokenizer.model" in seen[0] and "*.safetensors" in seen[0]
