@@ -1,7 +1,9 @@
-"""InternLM-XComposer web demo: article composition and multimodal chat in the browser.
+"""InternLM-XComposer web demo: article composition and multimodal chat in the browser (for a text-only
+InternLM folder: chat and questions about documents).
 
     python web_demo.py --num_gpus 1 --port 6006                          # internlm/internlm-xcomposer-7b
     python web_demo.py --folder /path/to/internlm-xcomposer-7b --library lib/
+    python web_demo.py --folder /path/to/internlm-chat-7b                # chat + documents
     python web_demo.py --demo                                             # tiny random model, any machine
 
 The server listens on 127.0.0.1 unless `--host` says otherwise (use `--host 0.0.0.0` to expose it
@@ -10,6 +12,7 @@ on purpose). Articles and uploads are written under `--out`, one folder per brow
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -55,31 +58,46 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --max-concurrency {args.max_concurrency} must be at least 1")
 
 
+_FOLDER_HELP = ("Pass --folder with a local internlm-xcomposer-7b (or -vl-7b) folder, or a text-only InternLM chat "
+                "folder, holding config.json, tokenizer.model and the weights, or a hub id that can be downloaded; "
+                "or run with --demo to try the interface on a tiny random model.")
+
+
 def load_model(args: argparse.Namespace):
     """The model for the demo; on failure exit with what was tried and what to pass instead."""
     import torch
 
-    from xcomposer import XComposer
-    from xcomposer.llm.checkpoint import CheckpointError
+    from xcomposer import InternLM, XComposer
+    from xcomposer.llm.checkpoint import CheckpointError, checkpoint_folder
+    from xcomposer.models.xcomposer import is_xcomposer_config
     from xcomposer.parallel.sharding import ShardingError
 
     device = "cuda" if args.num_gpus > 0 and torch.cuda.is_available() else "cpu"
     if args.num_gpus > 0 and device == "cpu":
         print(f"warning: --num_gpus {args.num_gpus} but no CUDA device is visible; running on the CPU "
               f"(slow for the 7B model)", file=sys.stderr)
-    kwargs = {"device": device, "dtype": args.dtype, "variant": args.variant}
-    if args.num_gpus > 1 and device == "cuda":
-        kwargs["num_gpus"] = args.num_gpus
     try:
-        model = XComposer.from_pretrained(args.folder, **kwargs)
+        folder, cfg_file = checkpoint_folder(args.folder, "model")
+        vision = is_xcomposer_config(json.loads(cfg_file.read_text(encoding="utf-8")))
+    except (CheckpointError, OSError, ValueError) as e:
+        raise SystemExit(f"error: could not load the model from --folder {args.folder!r}: {e}\n{_FOLDER_HELP}") from None
+    kwargs = {"device": device, "dtype": args.dtype}
+    if vision:
+        kwargs["variant"] = args.variant
+        if args.num_gpus > 1 and device == "cuda":
+            kwargs["num_gpus"] = args.num_gpus
+    else:  # a text-only InternLM: the page offers chat and documents
+        if args.num_gpus > 1:
+            print(f"warning: --num_gpus {args.num_gpus} splits XComposer models only; the text model loads on one "
+                  f"device", file=sys.stderr)
+        if args.variant:
+            print("warning: --variant applies to InternLM-XComposer checkpoints; ignored", file=sys.stderr)
+    try:
+        model = (XComposer if vision else InternLM).from_pretrained(args.folder, **kwargs)
     except ShardingError as e:
         raise SystemExit(f"error: --num_gpus {args.num_gpus}: {e}") from None
     except (CheckpointError, OSError) as e:
-        raise SystemExit(
-            f"error: could not load the model from --folder {args.folder!r}: {e}\n"
-            f"Pass --folder with a local internlm-xcomposer-7b (or -vl-7b) folder holding config.json, "
-            f"tokenizer.model and the weights, or a hub id that can be downloaded; or run with --demo to "
-            f"try the interface on a tiny random model.") from None
+        raise SystemExit(f"error: could not load the model from --folder {args.folder!r}: {e}\n{_FOLDER_HELP}") from None
     if args.cuda_graphs:
         if device != "cuda" or args.num_gpus > 1:
             print("warning: --cuda-graphs needs the model on one CUDA GPU; decoding eagerly", file=sys.stderr)
@@ -125,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         library = load_library(args.library)  # a bad library fails before the long model load
         model = load_model(args)
         app = DemoApp(model, library, args.out, max_concurrency=args.max_concurrency)
-    if library is None:
+    if library is None and app.vision:
         print("note: no --library given: articles get captions but no pictures", file=sys.stderr)
     launch(app, host=args.host, port=args.port)
     return 0

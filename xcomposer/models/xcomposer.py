@@ -61,6 +61,11 @@ VARIANTS = {
 REMOTE_CODE_FILE = "modeling_InternLM_XComposer.py"
 
 
+def is_xcomposer_config(d: dict[str, Any]) -> bool:
+    """Whether a config.json dict describes an InternLM-XComposer (v1) checkpoint."""
+    return "num_query_token" in d or "internlm_lora" in d or d.get("model_type") == "InternLMXComposer"
+
+
 def check_variant(variant: str) -> str:
     if variant not in VARIANTS:
         raise ValueError(f"unknown XComposer variant {variant!r}: use '7b' (internlm-xcomposer-7b: meta instruction, "
@@ -120,7 +125,7 @@ class XComposerConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "XComposerConfig":
-        if "num_query_token" not in d and "internlm_lora" not in d and d.get("model_type") != "InternLMXComposer":
+        if not is_xcomposer_config(d):
             raise CheckpointError(
                 f"config.json describes model_type={d.get('model_type')!r}, not an InternLM-XComposer checkpoint "
                 f"(no num_query_token / internlm_lora fields); for a plain InternLM chat checkpoint use "
@@ -604,4 +609,4 @@ def _unnormalize(pixels: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["XComposer", "XComposerConfig", "ChatStream", "GEN_DEFAULTS", "VARIANTS", "XCOMPOSER_META_INSTRUCTION",
-           "checkpoint_key_map", "variant_of", "xcomposer_7b_config", "IMAGE_SIZE"]
+           "checkpoint_key_map", "is_xcomposer_config", "variant_of", "xcomposer_7b_config", "IMAGE_SIZE"]

@@ -1,1 +1,2 @@
-"""Front doors that serve a loaded model: the gradio web UI (`webui`)."""
+"""Front doors that serve a loaded model: the gradio web UI (`webui`) and the documents it reads
+(`documents`)."""

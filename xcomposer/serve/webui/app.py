@@ -45,6 +45,9 @@ log = logging.getLogger("xcomposer.serve.webui")
 COMPOSE_DEFAULTS = dict(max_new_tokens=1000, num_beams=5, repetition_penalty=5.0, do_sample=False, num_images=5)
 CHAT_DEFAULTS = dict(max_new_tokens=512, num_beams=3, repetition_penalty=1.0, do_sample=True, temperature=1.0,
                      top_p=1.0)
+# a text-only InternLM: its own chat() defaults (llm/internlm.py CHAT_DEFAULTS), one beam
+TEXT_CHAT_DEFAULTS = dict(max_new_tokens=1024, num_beams=1, repetition_penalty=1.0, do_sample=True, temperature=0.8,
+                          top_p=0.8)
 MAX_TITLE_CHARS = 500
 MAX_QUESTION_CHARS = 8000
 MAX_UPLOADS = 8
@@ -111,13 +114,15 @@ class DemoApp:
     def __init__(self, model, library=None, out_root: str | Path = "web_demo_output", *, banner: str | None = None,
                  max_concurrency: int = 1, compose_defaults: dict | None = None, chat_defaults: dict | None = None):
         self.model = model
-        self.library = library
+        # an XComposer sees images and writes articles; a text-only InternLM chats and reads documents
+        self.vision = hasattr(model, "encode_image")
         self.out_root = Path(out_root).resolve()
         self.out_root.mkdir(parents=True, exist_ok=True)
         self.banner = banner
         self.max_concurrency = max_concurrency
+        self.library = library
         self.compose_defaults = {**COMPOSE_DEFAULTS, **(compose_defaults or {})}
-        self.chat_defaults = {**CHAT_DEFAULTS, **(chat_defaults or {})}
+        self.chat_defaults = {**(CHAT_DEFAULTS if self.vision else TEXT_CHAT_DEFAULTS), **(chat_defaults or {})}
         self.lock = threading.Lock()
         self.download_root = Path(tempfile.mkdtemp(prefix="xcomposer-downloads-"))
         self._thumbs: OrderedDict[tuple, str] = OrderedDict()
@@ -169,6 +174,9 @@ class DemoApp:
         """Validate uploaded files and keep a PNG copy of each in the session folder; returns
         (paths for the model, paths to show). Any bad file refuses the whole message."""
         paths = [_upload_path(f) for f in files or []]
+        if paths and not self.vision:
+            raise UserError("this model reads text only: send the question without images (an InternLM-XComposer "
+                            "checkpoint answers about images)")
         if len(paths) > MAX_UPLOADS:
             raise UserError(f"{len(paths)} images in one message; send at most {MAX_UPLOADS}")
         folder = session_dir(self.out_root, session_hash) / "uploads"
@@ -188,9 +196,10 @@ class DemoApp:
         return stored, paths
 
     def chat_turn(self, text: str, refs: list[str], shown: list[str], state: ChatSession,
-                  options: dict) -> Iterator[tuple[list[dict], ChatSession]]:
+                  options: dict, model_text: str | None = None) -> Iterator[tuple[list[dict], ChatSession]]:
         """Stream one turn: yields (messages to show, state); the state changes only when the
-        reply is complete."""
+        reply is complete. `model_text`, if given, is what the model reads instead of `text` (a
+        question with its documents in front)."""
         user_content: list[Any] = [{"path": p} for p in shown]
         if text:
             user_content.append(text)
@@ -199,11 +208,22 @@ class DemoApp:
         yield messages, state
         history = state.history
 
+        query = text if model_text is None else model_text
+
         def make():
-            stream = self.model.stream_chat(text, image=refs or None, history=history, **options)
-            for piece in stream:
-                yield ("piece", piece)
-            yield ("history", stream.history)
+            if self.vision:
+                stream = self.model.stream_chat(query, image=refs or None, history=history, **options)
+                for piece in stream:
+                    yield ("piece", piece)
+                yield ("history", stream.history)
+                return
+            # InternLM's README form: (query, response) pairs in, (response so far, history) out
+            sent, pairs = 0, None
+            for response, pairs in self.model.stream_chat(self.model.tokenizer, query,
+                                                          history=[tuple(t) for t in history], **options):
+                yield ("piece", response[sent:])
+                sent = len(response)
+            yield ("history", [list(t) for t in pairs])
 
         reply, new_history = "", None
         for kind, value in self.stream_locked(make):

@@ -1,4 +1,6 @@
-"""The web demo's page: the two tabs in one `gr.Blocks`, queued and served by `launch`."""
+"""The web demo's page, queued and served by `launch`: composition and chat for an InternLM-XComposer;
+chat and documents for a text-only InternLM (composition needs the vision model, so its tab is left
+out with a note)."""
 from __future__ import annotations
 
 import gradio as gr
@@ -6,18 +8,30 @@ import gradio as gr
 from .app import CSS, DemoApp
 from .chat_tab import chat_tab
 from .compose_tab import compose_tab
+from .documents_tab import documents_tab
+
+TEXT_ONLY_NOTE = ("This model reads text only: chat with it, or ask about your documents. Writing illustrated "
+                  "articles and questions about images need an InternLM-XComposer checkpoint (`--folder "
+                  "internlm/internlm-xcomposer-7b`).")
 
 
 def build_app(app: DemoApp):
     """The gradio Blocks for `app`; call `.queue(...)` / `.launch(...)` via `launch`."""
     model_job = dict(concurrency_limit=app.max_concurrency, concurrency_id="model")
-    with gr.Blocks(title="InternLM-XComposer", analytics_enabled=False) as demo:
+    with gr.Blocks(title="InternLM-XComposer" if app.vision else "InternLM", analytics_enabled=False) as demo:
         if app.banner:
             gr.Markdown(app.banner, elem_id="demo-banner")
-        gr.Markdown("# InternLM-XComposer\nWrite illustrated articles from a title, or chat about images.")
+        if app.vision:
+            gr.Markdown("# InternLM-XComposer\nWrite illustrated articles from a title, or chat about images.")
+        else:
+            gr.Markdown(f"# InternLM\n{TEXT_ONLY_NOTE}", elem_id="text-only-note")
         with gr.Tabs():
-            compose_tab(app, model_job)
-            chat_tab(app, model_job)
+            if app.vision:
+                compose_tab(app, model_job)
+                chat_tab(app, model_job)
+            else:
+                chat_tab(app, model_job)
+                documents_tab(app, model_job)
     return demo
 
 

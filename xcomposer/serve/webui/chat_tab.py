@@ -17,7 +17,8 @@ def chat_tab(app: DemoApp, model_job: dict) -> None:
         chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chatbot")
         chat_error = gr.Markdown("", elem_id="chat-error")
         chat_in = gr.MultimodalTextbox(file_types=["image"], file_count="multiple",
-                                       placeholder="Upload images and ask a question",
+                                       placeholder="Upload images and ask a question" if app.vision
+                                       else "Ask a question",
                                        elem_id="chat-input", show_label=False)
         with gr.Row():
             regen = gr.Button("Regenerate", elem_id="chat-regenerate")
