@@ -148,7 +148,8 @@ class Sampling:
 def parse_sampling(body: dict[str, Any]) -> Sampling:
     """OpenAI's options (plus vLLM/LMDeploy's extensions) as GenerationConfig options."""
     if _bool(body, "use_beam_search") or (_int(body, "best_of", 1) or 1) > 1 or (_int(body, "num_beams", 1) or 1) > 1:
-        param = next(p for p in ("use_beam_search", "best_of", "num_beams") if body.get(p) not in (None, False, 1))
+        param = "use_beam_search" if body.get("use_beam_search") is True else \
+            next(p for p in ("best_of", "num_beams") if (body.get(p) or 1) > 1)
         raise bad("beam search is not supported by the batching server (its beams cannot share the batch): "
                   "sample or decode greedily, or use the Python API (model.chat(..., num_beams=5))", param)
     for name in ("length_penalty", "early_stopping"):
