@@ -18,11 +18,14 @@ next step.
 The caches are the decoder's own static caches (`setup_caches(rows, session_len)`, so their head
 count and dtype are whatever the decoder family needs), with row r holding sequence r from slot 0.
 Two thin views of them are swapped in around each call: one row's slice for its prefill, and a
-writer that stores each row's new key/value at that row's own position during a decode step. The
-decode step always has `max_batch_size` rows (free rows compute a dummy token): shapes never
-change, so a row's numbers do not depend on which other rows are busy, and with
-`use_cuda_graphs(model)` the step is the fixed-shape step of `xcomposer.llm.fast_decode`,
-replayed as a CUDA graph on a GPU.
+writer that stores each row's new key/value at that row's own position during a decode step. With
+the fixed-shape step the decode step always has `max_batch_size` rows (free rows compute a dummy
+token), so shapes never change (with `use_cuda_graphs(model)` the step is the fixed-shape step of
+`xcomposer.llm.fast_decode`, replayed as a CUDA graph on a GPU). The eager step runs only the
+first n rows, n the smallest power of two covering every busy row (rows are handed out lowest
+first), so one request alone does not pay for sixteen rows on a CPU; each row's numbers are
+computed row by row either way, and the tests check that a request's greedy tokens do not depend
+on what else is in the batch.
 
 Sampling reuses `xcomposer.llm.generation`'s rules (`process_scores`, `warp_scores`,
 `seeded_generator`), so a request decodes exactly as `generate()` would decode it alone.
@@ -162,11 +165,12 @@ class _RowWriter(nn.Module):
     (`write_pos`, a (rows,) tensor the engine fills before the step; fixed address, so a captured
     CUDA graph reads it too). Duck-types `KVCache`: the step's shared `cache_pos` is ignored."""
 
-    def __init__(self, cache: nn.Module, write_pos: torch.Tensor):
+    def __init__(self, cache: nn.Module, write_pos: torch.Tensor, rows: int | None = None):
         super().__init__()
-        self.k, self.v = cache.k, cache.v
-        self.write_pos = write_pos
-        self.rows = torch.arange(cache.k.shape[0], device=cache.k.device)
+        rows = cache.k.shape[0] if rows is None else rows  # the first `rows` rows (a view)
+        self.k, self.v = cache.k[:rows], cache.v[:rows]
+        self.write_pos = write_pos[:rows]
+        self.rows = torch.arange(rows, device=cache.k.device)
 
     def update(self, pos, k, v):
         wp = self.write_pos.to(self.k.device)
@@ -231,7 +235,10 @@ class Engine:
         layers = llm.model.layers
         caches = [layer.self_attn.kv_cache for layer in layers]
         self.write_pos = torch.full((B,), S - 1, dtype=torch.long, device=self.device)
-        self._writers = [_RowWriter(c, self.write_pos) for c in caches]
+        # the eager step runs the first n rows only, n the smallest power of two (or B) that covers
+        # every running row; rows are handed out lowest first, so light load runs a small batch
+        self._buckets = sorted({min(1 << i, B) for i in range(B.bit_length() + 1)})
+        self._writers = {n: [_RowWriter(c, self.write_pos, n) for c in caches] for n in self._buckets}
         self._views = [[_RowView(c, r) for c in caches] for r in range(B)]
         for layer in layers:  # the model's own calls (generate) allocate their own caches again
             layer.self_attn.kv_cache = None
@@ -429,7 +436,9 @@ class Engine:
         rows = [s for s in self._slots if s is not None and s.pending is not None]
         if not rows:
             return
-        B, S = self.rows, self.session_len
+        S = self.session_len
+        top = max(s.row for s in rows) + 1
+        B = self.rows if self.static else next(n for n in self._buckets if n >= top)
         tokens = torch.zeros(B, 1, dtype=torch.long)
         pos = torch.zeros(B, 1, dtype=torch.long)
         write = torch.full((B,), S - 1, dtype=torch.long)  # free and prefilling rows write a scratch slot
@@ -437,14 +446,14 @@ class Engine:
             t = s.req.prompt.length + len(s.tokens) - 1  # slot (and rotary position) of the pending token
             tokens[s.row, 0], pos[s.row, 0], write[s.row] = s.pending, t, t
         tokens, pos = tokens.to(self.device), pos.to(self.device)
-        self.write_pos.copy_(write)
+        self.write_pos[:B].copy_(write)
         mask = torch.zeros(B, S, dtype=torch.bool, device=self.device)
         mask[:, 0] = True
         live = torch.tensor([s.row for s in rows], device=self.device)
         ends = torch.tensor([s.req.prompt.length + len(s.tokens) for s in rows], device=self.device)
         self.kv_valid[live, ends - 1] = True
         mask[live] = self.kv_valid[live]
-        self._install(self._writers)
+        self._install(self._writers[B])
         try:
             if self.static:
                 step = fast_decode.decode_step_for(self.llm, B, S)
