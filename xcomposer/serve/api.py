@@ -640,9 +640,71 @@ class _DrainingServer:
         return Server(config)
 
 
+def _tp_setup(args, tp: int, device: str | None) -> tuple[int, str | None]:
+    """Join (under torchrun) or start (spawning ranks 1..tp-1 here) a tensor-parallel group of `tp`
+    ranks; returns (this rank, this rank's device)."""
+    import torch
+    import torch.distributed as dist
+    if "WORLD_SIZE" not in os.environ:  # not under torchrun: this process is rank 0, spawn the others
+        import multiprocessing as mp
+        import socket
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(tp), RANK="0")
+        ctx = mp.get_context("spawn")
+        for rank in range(1, tp):
+            env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(tp), "RANK": str(rank)}
+            options = {k: v for k, v in vars(args).items() if k not in ("func", "group_parser")}
+            ctx.Process(target=_follower_main, args=(env, options), daemon=True).start()
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    if world != tp:
+        raise ValueError(f"--tp {tp} but torchrun started {world} processes: pass --nproc-per-node {tp}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, device
+
+
+def _follower_main(env: dict, options: dict) -> None:
+    import argparse
+    os.environ.update(env)
+    raise SystemExit(serve(argparse.Namespace(**options)))
+
+
+def _tp_model(args, device):
+    import torch.distributed as dist
+
+    from ..parallel.tensor_parallel import tensor_parallel
+    model = tensor_parallel(load_model(args.folder, device, args.dtype), dist.group.WORLD)
+    if args.cuda_graphs:
+        from ..llm.fast_decode import use_cuda_graphs
+        use_cuda_graphs(model)
+    return model
+
+
+def _engine_kwargs(args) -> dict:
+    return dict(max_batch_size=args.max_batch_size, max_queue=args.max_queue, session_len=args.session_len,
+                prefill_chunk=args.prefill_chunk)
+
+
 def serve(args) -> int:
-    """`python -m xcomposer serve ...` (args from cli.py)."""
+    """`python -m xcomposer serve ...` (args from cli.py). With `--tp N` rank 0 serves HTTP and every
+    rank runs each engine step together (`torch.distributed`: gloo on CPU, nccl on GPUs)."""
     import uvicorn
+
+    tp = getattr(args, "tp", 1) or 1
+    if tp < 1:
+        raise ValueError(f"--tp {tp} must be >= 1")
+    rank, device = (0, args.device) if tp == 1 else _tp_setup(args, tp, args.device)
+    if rank != 0:  # a follower: load, split, then run what rank 0 sends
+        import torch.distributed as dist
+        engine = Engine(_tp_model(args, device), start=False, tp_group=dist.group.WORLD, **_engine_kwargs(args))
+        engine.follow()
+        _tp_shutdown()
+        return 0
 
     api_key = args.api_key or os.environ.get("XCOMPOSER_API_KEY") or None
     media = MediaPolicy(allowed_local_path=Path(args.allowed_local_media_path) if args.allowed_local_media_path
@@ -652,14 +714,19 @@ def serve(args) -> int:
 
     def load() -> None:
         try:
-            model = load_model(args.folder, args.device, args.dtype)
-            if args.cuda_graphs:
-                from ..llm.fast_decode import use_cuda_graphs
-                use_cuda_graphs(model)
+            if tp > 1:
+                import torch.distributed as dist
+                model = _tp_model(args, device)
+                group = dist.group.WORLD
+            else:
+                model = load_model(args.folder, device, args.dtype)
+                group = None
+                if args.cuda_graphs:
+                    from ..llm.fast_decode import use_cuda_graphs
+                    use_cuda_graphs(model)
             name = args.model_name or Path(str(args.folder).rstrip("/")).name
             served = ServedModel(model, name)
-            engine = Engine(model, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                            session_len=args.session_len, prefill_chunk=args.prefill_chunk, metrics=state.metrics)
+            engine = Engine(model, metrics=state.metrics, tp_group=group, **_engine_kwargs(args))
             state.served, state.engine = served, engine
             print(f"serving {name!r} on http://{args.host}:{port}/v1 (batch {args.max_batch_size}, session "
                   f"{engine.session_len} tokens)", file=sys.stderr, flush=True)
@@ -676,8 +743,16 @@ def serve(args) -> int:
         server.run()
     finally:
         if state.engine is not None:
-            state.engine.close()
+            state.engine.close()  # under --tp this also stops the other ranks
+        if tp > 1 and state.engine is not None:
+            _tp_shutdown()
     return 0
+
+
+def _tp_shutdown() -> None:
+    import torch.distributed as dist
+    dist.barrier()  # no rank tears the group down while another still uses it
+    dist.destroy_process_group()
 
 
 __all__ = ["create_app", "ServerState", "APIError", "serve", "load_model",

@@ -179,6 +179,26 @@ class _RowWriter(nn.Module):
         return self.k, self.v
 
 
+_HEARTBEAT_S = 60.0
+
+
+class _Commands:
+    """Rank 0 broadcasts each model call to the other ranks of a tensor-parallel group."""
+
+    def __init__(self, group):
+        import torch.distributed as dist
+        self.dist, self.group = dist, group
+        self.src = dist.get_global_rank(group, 0) if group is not dist.group.WORLD else 0
+
+    def send(self, command) -> None:
+        self.dist.broadcast_object_list([command], src=self.src, group=self.group)
+
+    def recv(self):
+        box = [None]
+        self.dist.broadcast_object_list(box, src=self.src, group=self.group)
+        return box[0]
+
+
 def decoder_of(model: nn.Module) -> InternLMForCausalLM:
     """The causal LM inside `model` (itself for a text model, `.llm` for XComposer)."""
     llm = model if isinstance(model, InternLMForCausalLM) else getattr(model, "llm", None)
@@ -195,7 +215,8 @@ class Engine:
 
     def __init__(self, model: nn.Module, *, max_batch_size: int = DEFAULT_MAX_BATCH,
                  max_queue: int = DEFAULT_MAX_QUEUE, session_len: int | None = None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, tokenizer=None, metrics=None, start: bool = True):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, tokenizer=None, metrics=None, start: bool = True,
+                 tp_group=None):
         for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue),
                             ("prefill_chunk", prefill_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -214,6 +235,9 @@ class Engine:
         self.rows, self.max_queue, self.session_len, self.chunk = max_batch_size, max_queue, session_len, prefill_chunk
         self.metrics = metrics
         self.device = self.llm.device
+        # tensor parallel (the decoder split by xcomposer.parallel.tensor_parallel): this engine runs
+        # on rank 0 and sends every model call to the other ranks, which `follow()` it
+        self.tp = _Commands(tp_group) if tp_group is not None else None
         self._lock = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._slots: list[_Sequence | None] = [None] * self.rows
@@ -327,8 +351,11 @@ class Engine:
             while True:
                 with self._lock:
                     while not self._stopped and not self._waiting and self.running == 0:
-                        self._lock.wait()
+                        if not self._lock.wait(timeout=_HEARTBEAT_S) and self.tp is not None:
+                            self.tp.send(("noop", {}))  # followers wait in a collective with a timeout
                     if self._stopped:
+                        if self.tp is not None:
+                            self.tp.send(("stop", {}))
                         return
                 with torch.inference_mode():
                     self.step()
@@ -411,26 +438,64 @@ class Engine:
         start, n = seq.prefilled, seq.req.prompt.length
         end = min(start + self.chunk, n)  # fixed chunk boundaries: the same numbers whatever else runs
         r = seq.row
-        cache_pos = self.slots[start:end]
-        causal = self.slots[None, :end] <= cache_pos[:, None]  # (chunk, end)
-        mask = causal[None, None]
-        pos = cache_pos[None]
         if seq.embeds is not None:
-            kw = {"inputs_embeds": seq.embeds[None, start:end]}
+            x = seq.embeds[start:end]
         else:
-            ids = torch.tensor(seq.req.prompt.ids[start:end], dtype=torch.long, device=self.device)
-            kw = {"input_ids": ids[None]}
-        self._install(self._views[r])
-        try:
-            logits = self.llm(**kw, position_ids=pos, cache_pos=cache_pos, kv_mask=mask, last_only=True)
-        finally:
-            self._uninstall()
+            x = torch.tensor(seq.req.prompt.ids[start:end], dtype=torch.long)
+        logits = self._call("prefill", row=r, start=start, x=x)
         self.kv_valid[r, start:end] = True
         seq.prefilled = end
         if end == n:
             seq.embeds = None  # the cache holds it now
             self._sample(seq, logits[0, -1].float()[None])
         return end - start
+
+    # -- model calls (the only places the model runs; under tensor parallelism every rank runs them) --
+    def _call(self, kind: str, **kw) -> torch.Tensor:
+        if self.tp is not None:
+            self.tp.send((kind, {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}))
+        return getattr(self, "_run_" + kind)(**kw)
+
+    def _run_prefill(self, row: int, start: int, x: torch.Tensor) -> torch.Tensor:
+        """Prompt tokens (ids (T,) or embeddings (T, hidden)) at slots [start, start + T) of `row`."""
+        end = start + x.shape[0]
+        cache_pos = self.slots[start:end]
+        mask = (self.slots[None, :end] <= cache_pos[:, None])[None, None]  # causal over the row's slots
+        x = x.to(self.device) if x.dtype == torch.long else x.to(self.device, self.llm.dtype)
+        kw = {"input_ids": x[None]} if x.dtype == torch.long else {"inputs_embeds": x[None]}
+        self._install(self._views[row])
+        try:
+            return self.llm(**kw, position_ids=cache_pos[None], cache_pos=cache_pos, kv_mask=mask, last_only=True)
+        finally:
+            self._uninstall()
+
+    def _run_decode(self, tokens: torch.Tensor, pos: torch.Tensor, write: torch.Tensor, mask: torch.Tensor,
+                    length: int) -> torch.Tensor:
+        """One token per row for the first len(tokens) rows; row i writes slot write[i] and attends
+        to mask[i, :length]."""
+        B, S = tokens.shape[0], self.session_len
+        tokens, pos, mask = tokens.to(self.device), pos.to(self.device), mask.to(self.device)
+        self.write_pos[:B].copy_(write)
+        self._install(self._writers[B])
+        try:
+            if self.static:
+                step = fast_decode.decode_step_for(self.llm, B, S)
+                return step(tokens, pos, self._dummy_pos, mask[:, None, None, :])
+            return self.llm(tokens, position_ids=pos, cache_pos=self._dummy_pos, kv_mask=mask[:, None, None, :length])
+        finally:
+            self._uninstall()
+
+    def follow(self) -> None:
+        """On ranks other than 0: run every model call rank 0's engine sends, until it stops."""
+        if self.tp is None:
+            raise RuntimeError("follow() is for tensor-parallel ranks: build the engine with tp_group=...")
+        with torch.inference_mode():
+            while True:
+                kind, kw = self.tp.recv()
+                if kind == "stop":
+                    return
+                if kind != "noop":
+                    getattr(self, "_run_" + kind)(**kw)
 
     def _decode(self) -> None:
         rows = [s for s in self._slots if s is not None and s.pending is not None]
@@ -445,25 +510,14 @@ class Engine:
         for s in rows:
             t = s.req.prompt.length + len(s.tokens) - 1  # slot (and rotary position) of the pending token
             tokens[s.row, 0], pos[s.row, 0], write[s.row] = s.pending, t, t
-        tokens, pos = tokens.to(self.device), pos.to(self.device)
-        self.write_pos[:B].copy_(write)
         mask = torch.zeros(B, S, dtype=torch.bool, device=self.device)
         mask[:, 0] = True
         live = torch.tensor([s.row for s in rows], device=self.device)
-        ends = torch.tensor([s.req.prompt.length + len(s.tokens) for s in rows], device=self.device)
-        self.kv_valid[live, ends - 1] = True
+        ends = [s.req.prompt.length + len(s.tokens) for s in rows]
+        self.kv_valid[live, torch.tensor(ends, device=self.device) - 1] = True
         mask[live] = self.kv_valid[live]
-        self._install(self._writers[B])
-        try:
-            if self.static:
-                step = fast_decode.decode_step_for(self.llm, B, S)
-                logits = step(tokens, pos, self._dummy_pos, mask[:, None, None, :])
-            else:
-                L = int(ends.max())  # attend to the filled prefix only
-                logits = self.llm(tokens, position_ids=pos, cache_pos=self._dummy_pos,
-                                  kv_mask=mask[:, None, None, :L])
-        finally:
-            self._uninstall()
+        # the eager step attends to the filled prefix only
+        logits = self._call("decode", tokens=tokens, pos=pos, write=write, mask=mask, length=max(ends))
         logits = logits[:, -1].float()
         for s in rows:
             s.pending = None

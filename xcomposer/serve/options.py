@@ -30,6 +30,9 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     p.add_argument("--device", default=None, help="torch device (default cuda when available)")
     p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks: rank 0 serves HTTP, all run each step (default 1; under torchrun "
+                        "every rank runs this command)")
     p.add_argument("--cuda-graphs", action="store_true", help="replay decode steps as CUDA graphs (GPU)")
     p.add_argument("--drain-timeout", type=float, default=300.0,
                    help="seconds SIGTERM waits for running requests (default 300)")
