@@ -137,6 +137,10 @@ def test_cancelled_request_frees_its_row_at_the_next_step(lm):
     eng.step()  # a leaves and b takes the row in the same step
     assert eng.queue_depth == 0 and eng._slots[0].req.prompt.ids == b
     assert _drain(qa)[1].finish_reason == "cancelled"
+    rc = eng.submit(Prompt(ids=a), cfg, qa.put)  # b runs, c waits ...
+    rc.cancel()
+    eng.step()  # ... and gives its queue place back at the next step, not when a row frees
+    assert eng.queue_depth == 0 and _drain(qa)[1].finish_reason == "cancelled"
     eng.close()
     assert _drain(qb)[1].finish_reason == "cancelled"
     with pytest.raises(EngineClosedError):

@@ -380,6 +380,12 @@ class Engine:
         for seq in self._slots:
             if seq is not None and seq.req.cancelled:
                 self._finish(seq, "cancelled")
+        if any(r.cancelled for r in self._waiting):  # a cancelled request gives its queue place back now
+            with self._lock:
+                gone = [r for r in self._waiting if r.cancelled]
+                self._waiting = deque(r for r in self._waiting if not r.cancelled)
+            for req in gone:
+                self._cancelled_waiting(req)
         self._admit()
         self._prefill()
         self._decode()
@@ -394,7 +400,7 @@ class Engine:
                     return
                 req = self._waiting.popleft()
             if req.cancelled:
-                self._deliver(req, Event("done", finish_reason="cancelled", prompt_tokens=req.prompt.length))
+                self._cancelled_waiting(req)
                 continue
             row = free[0]
             embeds = None
@@ -589,6 +595,11 @@ class Engine:
             self.metrics.observe_done(reason, seq.req.prompt.length, len(seq.tokens))
         self._deliver(seq.req, Event("done", finish_reason=reason, prompt_tokens=seq.req.prompt.length,
                                      completion_tokens=len(seq.tokens), tokens=list(seq.tokens)))
+
+    def _cancelled_waiting(self, req: Request) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_done("cancelled", 0, 0)
+        self._deliver(req, Event("done", finish_reason="cancelled", prompt_tokens=req.prompt.length))
 
     def _deliver(self, req: Request, event: Event) -> None:
         if event.kind == "error" and self.metrics is not None:

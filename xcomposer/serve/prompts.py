@@ -62,10 +62,8 @@ class ServedModel:
         options = dict(options)
         options.setdefault("num_beams", 1)  # XComposer's default of 5 beams cannot share a batch
         ignore_eos = options.pop("ignore_eos", False)
-        if self.vision:
-            cfg = self.model._gen_config(options)
-            if completion and "eos_token_id" not in options:
-                cfg = self.model._completion_config(options)
+        if self.vision:  # completions stop on <eoh> too, as XComposer.complete() does
+            cfg = self.model._completion_config(options) if completion else self.model._gen_config(options)
         else:
             cfg = self.model._chat_config(self.tokenizer, options)
         tok = self.tokenizer
