@@ -183,3 +183,29 @@ def test_xcomposer_image_prompt_is_encoded_once_and_matches_chat(tmp_path):
         text, _ = eng.generate(prompt, cfg)
     assert text == ref
     assert len(calls) == 1  # encoded once, at admission, for the whole prefill
+
+
+def test_python_api_shares_the_model_with_a_running_engine_through_its_lock(folder):
+    """With `model_lock`, chat() under the same lock runs between engine steps: both give what they
+    give alone (the engine's views of its caches and the model's own caches never mix)."""
+    import threading
+    lm = InternLM.from_pretrained(folder)
+    tok = lm.tokenizer
+    p = _prompts(tok, 2)[1]
+    cfg = _cfg(tok, max_new_tokens=200, eos_token_id=None)
+    ref_engine = generate(lm, [p], config=cfg).tokens[0]
+    ref_chat, _ = lm.chat(tok, "Hello", do_sample=False, max_new_tokens=20)
+    lock = threading.Lock()
+    with Engine(lm, max_batch_size=2, session_len=256, model_lock=lock) as eng:
+        q = queue.Queue()
+        eng.submit(Prompt(ids=p), cfg, q.put)
+        q.get(timeout=60)  # the first piece: the engine is decoding
+        chats, busy = [], []
+        for _ in range(3):
+            with lock:  # the engine waits between two steps meanwhile
+                busy.append(eng.running)
+                chats.append(lm.chat(tok, "Hello", do_sample=False, max_new_tokens=20)[0])
+        text, done = _drain(q)
+    assert busy[0] == 1  # the chats ran while the engine's request was mid-decode
+    assert chats == [ref_chat] * 3
+    assert done.tokens == ref_engine

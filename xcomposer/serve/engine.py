@@ -216,7 +216,7 @@ class Engine:
     def __init__(self, model: nn.Module, *, max_batch_size: int = DEFAULT_MAX_BATCH,
                  max_queue: int = DEFAULT_MAX_QUEUE, session_len: int | None = None,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, tokenizer=None, metrics=None, start: bool = True,
-                 tp_group=None):
+                 tp_group=None, model_lock: threading.Lock | None = None):
         for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue),
                             ("prefill_chunk", prefill_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -238,6 +238,9 @@ class Engine:
         # tensor parallel (the decoder split by xcomposer.parallel.tensor_parallel): this engine runs
         # on rank 0 and sends every model call to the other ranks, which `follow()` it
         self.tp = _Commands(tp_group) if tp_group is not None else None
+        # held for each step when given: code that calls the model's own API (chat, generate, beam
+        # search: they use the model's caches) under the same lock runs between two steps
+        self.model_lock = model_lock
         self._lock = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._slots: list[_Sequence | None] = [None] * self.rows
@@ -358,7 +361,11 @@ class Engine:
                             self.tp.send(("stop", {}))
                         return
                 with torch.inference_mode():
-                    self.step()
+                    if self.model_lock is None:
+                        self.step()
+                    else:
+                        with self.model_lock:
+                            self.step()
         except BaseException as e:  # a bug: fail every request instead of hanging them
             self.error = e
             with self._lock:
