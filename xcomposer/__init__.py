@@ -10,7 +10,7 @@ from .llm.internlm import InternLM
 from .llm.tokenizer import InternLMTokenizer, load_tokenizer
 
 __all__ = ["InternLMConfig", "InternLMForCausalLM", "InternLM", "InternLMTokenizer", "load_tokenizer",
-           "GenerationConfig", "generate", "stream_generate", "XComposer", "XComposerConfig"]
+           "GenerationConfig", "generate", "stream_generate", "XComposer", "XComposerConfig", "pipeline"]
 
 
 def __getattr__(name: str):
@@ -18,4 +18,7 @@ def __getattr__(name: str):
     if name in ("XComposer", "XComposerConfig"):
         from .models import xcomposer
         return getattr(xcomposer, name)
+    if name == "pipeline":  # offline batches through the serving engine (xcomposer.serve.pipeline)
+        from .serve.pipeline import pipeline
+        return pipeline
     raise AttributeError(f"module 'xcomposer' has no attribute {name!r}")

@@ -40,7 +40,26 @@ def _build_parser() -> argparse.ArgumentParser:
     groups = parser.add_subparsers(title="commands", metavar="COMMAND")
     add_library_commands(groups)
     add_compose_commands(groups)
+    add_serve_commands(groups)
     return parser
+
+
+# --- serve --------------------------------------------------------------------------------------
+
+def add_serve_commands(groups: argparse._SubParsersAction) -> None:
+    from .serve.options import add_serve_arguments  # light: no torch for --help
+
+    s = groups.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                          description="Continuous batching behind /v1/chat/completions, /v1/completions, "
+                                      "/v1/models, /health and /metrics (docs/serving.md).")
+    add_serve_arguments(s)
+    s.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .serve.api import serve
+
+    return serve(args)
 
 
 # --- library ------------------------------------------------------------------------------------

@@ -473,3 +473,10 @@ def stream_generate(model, input_ids: Sequence[int] | None = None, *, inputs_emb
             yield piece
     if on_done is not None:
         on_done(result)
+
+
+# The per-step rules above, by public names, for other engines that must decode exactly as this one
+# does (xcomposer.serve.engine runs one sequence per row with its own options).
+process_scores = _process  # repetition penalty, then min-new-tokens (stop ids masked)
+warp_scores = _warp  # temperature -> top-k -> top-p
+seeded_generator = _generator  # a torch.Generator for cfg.seed, or None

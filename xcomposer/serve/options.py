@@ -1,0 +1,43 @@
+"""The server's command-line options and defaults (light: `--help` imports no torch)."""
+from __future__ import annotations
+
+DEFAULT_PORT = 23333
+DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_QUEUE = 64
+DEFAULT_PREFILL_CHUNK = 256
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_IMAGE_BYTES = 10 * 1024 * 1024
+
+
+def add_serve_arguments(p) -> None:
+    p.add_argument("--folder", required=True, help="checkpoint folder (InternLM chat or XComposer) or hub id")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the folder's name)")
+    p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH,
+                   help=f"sequences decoded together (default {DEFAULT_MAX_BATCH})")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help=f"requests waiting for a row before 429 (default {DEFAULT_MAX_QUEUE})")
+    p.add_argument("--session-len", type=int, default=None,
+                   help="tokens per sequence, prompt plus reply (default: the model's context window)")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help=f"prompt tokens prefilled per step (default {DEFAULT_PREFILL_CHUNK})")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set XCOMPOSER_API_KEY)")
+    p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="allow image_url file paths under DIR (default: none)")
+    p.add_argument("--allow-fetch", action="store_true", help="allow http(s) image URLs (public addresses only)")
+    p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES)
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    p.add_argument("--device", default=None, help="torch device (default cuda when available)")
+    p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks: rank 0 serves HTTP, all run each step (default 1; under torchrun "
+                        "every rank runs this command)")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay decode steps as CUDA graphs (GPU)")
+    p.add_argument("--drain-timeout", type=float, default=300.0,
+                   help="seconds SIGTERM waits for running requests (default 300)")
+    p.add_argument("--log-level", default="info")
+
+
+__all__ = ["add_serve_arguments", "DEFAULT_PORT", "DEFAULT_MAX_BATCH", "DEFAULT_MAX_QUEUE", "DEFAULT_PREFILL_CHUNK",
+           "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_IMAGE_BYTES"]

@@ -1,0 +1,140 @@
+"""From chat messages and completion prompts to what the engine feeds the decoder, per model.
+
+Every prompt is built by the model's own Python API, so the server sends the decoder exactly the
+ids (or embeddings) that `chat()` would, and template fixes in the models reach the server:
+
+* InternLM (`llm/internlm.py`): `_chat_config` (its defaults and stop tokens) and `_chat_prompt`
+  (`llm/chat.py`'s template, dropping the oldest turns that do not fit);
+* XComposer (`models/xcomposer.py`): `_gen_config`, `_prepare` (turns and image references) and
+  `build_prompt` (`models/vl_prompt.py`'s layout, images encoded once), the last one run in the
+  engine's thread when the request is admitted.
+
+Messages reach here already checked by the HTTP layer: (role, text, image references) with roles
+user/assistant alternating and ending with a user turn.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from torch import nn
+
+from ..llm.generation import GenerationConfig
+from ..llm.internlm import InternLM
+from ..models.vl_prompt import IMAGE_PLACEHOLDER, bot_turn
+from ..models.xcomposer import XComposer
+from .engine import Prompt
+
+
+class PromptError(ValueError):
+    """A request that this model's template cannot express; `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class Message:
+    role: str  # "system" | "user" | "assistant"
+    text: str
+    images: list[str] = field(default_factory=list)  # references load_image takes: data URIs, absolute paths
+    # where each image sat among the text parts: the text with IMAGE_PLACEHOLDER at those places
+    layout: str | None = None
+
+
+class ServedModel:
+    """One loaded model behind the API: its prompts, options and stop tokens."""
+
+    def __init__(self, model: nn.Module, name: str):
+        if not isinstance(model, (InternLM, XComposer)):
+            raise TypeError(f"the server serves InternLM and XComposer models, got {type(model).__name__}")
+        if model.tokenizer is None:
+            raise ValueError("the model has no tokenizer: load it with from_pretrained from a folder holding "
+                             "tokenizer.model")
+        self.model, self.name = model, name
+        self.tokenizer = model.tokenizer
+        self.vision = isinstance(model, XComposer)
+        # a system message becomes the template's system turn (meta_instruction) where there is one:
+        # internlm-chat-7b's 2023-12 template; not its July 2023 one, nor XComposer's
+        self.has_system_turn = not self.vision and getattr(model, "chat_template", None) == "2023-12"
+
+    # -- options -----------------------------------------------------------------------------
+    def config(self, options: dict[str, Any], completion: bool = False) -> GenerationConfig:
+        """The model's own defaults with `options` (GenerationConfig names) applied and checked."""
+        options = dict(options)
+        options.setdefault("num_beams", 1)  # XComposer's default of 5 beams cannot share a batch
+        ignore_eos = options.pop("ignore_eos", False)
+        if self.vision:  # completions stop on <eoh> too, as XComposer.complete() does
+            cfg = self.model._completion_config(options) if completion else self.model._gen_config(options)
+        else:
+            cfg = self.model._chat_config(self.tokenizer, options)
+        tok = self.tokenizer
+        if self.vision and not ignore_eos:
+            # XComposer's answers end at <eoh> too (its `_answer` cuts there): stop generating there
+            cfg = cfg.replace(eos_token_id=list(dict.fromkeys(cfg.stop_ids + [tok.eoh_token_id])))
+        if ignore_eos:
+            cfg = cfg.replace(eos_token_id=None)
+        return cfg
+
+    # -- prompts -----------------------------------------------------------------------------
+    def chat_prompt(self, messages: Sequence[Message], cfg: GenerationConfig) -> Prompt:
+        system = None
+        for i, m in enumerate(messages):
+            if m.role != "system":
+                continue
+            if i != 0 or not self.has_system_turn:
+                why = ("only the first message may be a system message" if self.has_system_turn else
+                       "this model's chat template has no system turn (its upstream chat() takes none): put the "
+                       "instruction into the first user message")
+                raise PromptError(why, f"messages[{i}].role")
+            if m.images:
+                raise PromptError("a system message takes text only", f"messages[{i}].content")
+            system = m.text
+        if system is not None:
+            messages = messages[1:]
+        if not self.vision:
+            for i, m in enumerate(messages):
+                if m.images:
+                    raise PromptError(f"model {self.name!r} is a text model and takes no images: send text parts "
+                                      f"only, or serve an XComposer checkpoint", f"messages[{i}].content")
+            history = [(messages[k].text, messages[k + 1].text) for k in range(0, len(messages) - 1, 2)]
+            query = messages[-1].text
+            if not query.strip():
+                raise PromptError("the last user message is empty: send a question", f"messages[{len(messages) - 1}]"
+                                                                                   ".content")
+            # no system message: the model's default system text, as its chat() uses
+            return Prompt(ids=self.model._chat_prompt(self.tokenizer, query, history, cfg, system))
+        history: list[dict[str, Any]] = []
+        for k in range(0, len(messages) - 1, 2):
+            user, bot = messages[k], messages[k + 1]
+            history += [{"role": "user", "text": user.layout or user.text, "images": list(user.images)},
+                        bot_turn(bot.text)]
+        last = messages[-1]
+        text = last.layout if last.layout is not None else last.text
+        try:
+            turns, fresh, _ = self.model._prepare(text, last.images or None, history, {})
+        except ValueError as e:
+            raise PromptError(str(e), "messages") from e
+        model = self.model
+        return Prompt(build=lambda: model.build_prompt(turns, cfg, fresh)[0])
+
+    def completion_prompt(self, text: str, cfg: GenerationConfig) -> Prompt:
+        if self.vision:
+            if IMAGE_PLACEHOLDER in text:
+                raise PromptError(f"/v1/completions takes text only; send images through /v1/chat/completions "
+                                  f"(the prompt contains {IMAGE_PLACEHOLDER})", "prompt")
+            model = self.model
+            return Prompt(build=lambda: model.raw_prompt(text, None, 0))
+        return Prompt(ids=self.tokenizer.encode(text, add_bos=True))
+
+
+def layout_text(parts: Sequence[tuple[str, str]]) -> tuple[str, str | None]:
+    """(plain text, text with an image placeholder at each image part) of ("text"|"image", str) parts."""
+    plain = "".join(v for kind, v in parts if kind == "text")
+    if not any(kind == "image" for kind, _ in parts):
+        return plain, None
+    return plain, "".join(v if kind == "text" else IMAGE_PLACEHOLDER for kind, v in parts)
+
+
+__all__ = ["ServedModel", "Message", "PromptError", "layout_text"]
