@@ -14,10 +14,11 @@ from typing import Any, Iterator
 
 import torch
 
-from .chat import Turn, build_chat_ids, check_history
+from .chat import INTERNLM2_META_INSTRUCTION, Turn, build_chat_ids, build_chatml_ids, chatml_stop_ids, check_history
 from .checkpoint import CheckpointError, checkpoint_folder, load_checkpoint_into
-from .config import InternLMConfig
-from .decoder import InternLMForCausalLM
+from .config import InternLMConfig, config_from_json
+from .decoder import InternLMForCausalLM, kv_cache_bytes, num_parameters
+from .internlm2 import apply_overrides, checkpoint_options
 from .generation import GenerationConfig, generate, stream_generate
 from .tokenizer import IncrementalDecoder, InternLMTokenizer, load_tokenizer
 
@@ -52,6 +53,39 @@ def check_device(device: torch.device) -> None:
                                                                             if count else ""))
 
 
+class InsufficientMemoryError(RuntimeError):
+    """The model and one session's KV cache do not fit the device; the message has the numbers."""
+
+
+# held back for the CUDA context, allocator slack and prefill activations (as parallel.sharding's)
+RESERVE_BYTES = 1 << 30
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
+
+
+def check_fits_device(model, dtype: torch.dtype, free_bytes: int, device: str = "the device") -> None:
+    """Refuse (before any weight is read) a model, built on the meta device, whose weights plus the
+    KV cache of one session of `model.context_window` tokens plus a reserve exceed `free_bytes`."""
+    cfg = model.config
+    elem = torch.empty(0, dtype=dtype).element_size()
+    weights = num_parameters(model) * elem
+    window = model.context_window
+    per_token = kv_cache_bytes(cfg, 1, 1, dtype)
+    need = weights + per_token * window + RESERVE_BYTES
+    if need <= free_bytes:
+        return
+    room = (free_bytes - weights - RESERVE_BYTES) // per_token
+    fix = (f"load with max_context={int(room)} or less (the most that fits), " if room >= 2 else "")
+    raise InsufficientMemoryError(
+        f"the model does not fit {device}: {str(dtype).replace('torch.', '')} weights {_gib(weights)} + KV cache "
+        f"for one {window}-token session {_gib(per_token * window)} ({per_token // 1024} KiB per token) + "
+        f"{_gib(RESERVE_BYTES)} reserve = {_gib(need)}, but {device} has {_gib(free_bytes)} free. To fix: {fix}"
+        f"split it over GPUs (xcomposer.parallel.memory_report(config, num_gpus=N, cache_len={window}) says how "
+        f"many; tensor_parallel splits the KV heads across ranks), or free GPU memory")
+
+
 class InternLM(InternLMForCausalLM):
     """InternLM v1 chat model (internlm-chat-7b layout) with InternLM's `chat`/`stream_chat`."""
 
@@ -59,21 +93,32 @@ class InternLM(InternLMForCausalLM):
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | str | None = None, fuse: bool = True) -> "InternLM":
-        """Load a local folder or hub id in the internlm-chat-7b layout, strictly.
+                        dtype: torch.dtype | str | None = None, fuse: bool = True, rope_scaling: Any = "config",
+                        rope_scaling_factor: float | None = None, max_context: int | None = None) -> "InternLM":
+        """Load a local folder or hub id of either family, strictly: InternLM v1 (internlm-chat-7b
+        layout) or InternLM2 / InternLM2.5 (`model_type` "internlm2" in config.json).
 
         The model is built on the meta device and filled shard by shard, so memory peaks at
         the model plus one shard. `fuse` packs q/k/v and gate/up once loaded
-        (`fuse_projections`).
+        (`fuse_projections`). InternLM2 only: `rope_scaling` ({"type": "dynamic" | "linear",
+        "factor": f} or None) and `rope_scaling_factor` override config.json's rotary scaling.
+        `max_context` sets the context window (prompt plus reply; default max_position_embeddings),
+        e.g. 1048576 for internlm2_5-7b-chat-1m with dynamic NTK. On a GPU, a model whose weights
+        plus the KV cache of one `max_context` session do not fit is refused before any weight is read.
         """
         folder, cfg_file = checkpoint_folder(path_or_hub_id, "InternLM")
-        cfg = InternLMConfig.from_json(cfg_file)
+        cfg = apply_overrides(config_from_json(cfg_file), rope_scaling=rope_scaling,
+                              rope_scaling_factor=rope_scaling_factor, max_context=max_context)
         device = torch.device(device)
         check_device(device)
         dtype = resolve_dtype(dtype, device, cfg.torch_dtype)
         with torch.device("meta"):
             model = cls(cfg)
-        load_checkpoint_into(model, folder, device=device, dtype=dtype)
+        if max_context is not None:
+            model.context_window = max_context
+        if device.type == "cuda":
+            check_fits_device(model, dtype, int(torch.cuda.mem_get_info(device)[0]), str(device))
+        load_checkpoint_into(model, folder, device=device, dtype=dtype, **checkpoint_options(cfg))
         model.setup_rope(cfg.max_position_embeddings)
         if fuse:
             model.fuse_projections()
@@ -83,13 +128,58 @@ class InternLM(InternLMForCausalLM):
         model.source = Path(folder)
         return model
 
+    # -- transformers-style generate ---------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, input_ids, attention_mask=None, **options: Any) -> torch.Tensor:
+        """`model.generate(input_ids, attention_mask=None, max_new_tokens=..., do_sample=..., num_beams=...)`
+        as transformers users call it: a (B, T) LongTensor batch in (left padding marked by
+        `attention_mask`), the prompt plus the new tokens out, (B, T + n), finished rows filled
+        with the pad id as transformers does. Options are `GenerationConfig`'s; the stop and pad
+        ids default to config.json's. The engine is `xcomposer.generate` (which takes and returns
+        lists of ids, unpadded)."""
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32) or ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a (batch, length) LongTensor of token ids with length >= 1, got "
+                             f"shape {tuple(ids.shape)} and dtype {ids.dtype}")
+        if attention_mask is None:
+            mask = torch.ones_like(ids, dtype=torch.bool)
+        else:
+            mask = torch.as_tensor(attention_mask).to(ids.device).bool()
+            if mask.shape != ids.shape:
+                raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(ids.shape)}: "
+                                 f"give one 0/1 entry per token")
+            if (mask.long().diff(dim=1) < 0).any():
+                raise ValueError("attention_mask marks padding after real tokens: pad on the left "
+                                 "(tokenizer.padding_side = 'left'), as generation needs")
+        options.setdefault("eos_token_id", self.config.eos_token_id)
+        options.setdefault("pad_token_id", self.config.pad_token_id)
+        rows = [r[m].tolist() for r, m in zip(ids.cpu(), mask.cpu())]
+        out = generate(self, rows, **options)
+        pad = int(options["pad_token_id"])
+        width = max((len(t) for t in out.tokens), default=0)
+        new = torch.full((ids.shape[0], width), pad, dtype=ids.dtype)
+        for i, t in enumerate(out.tokens):
+            new[i, :len(t)] = torch.tensor(t, dtype=ids.dtype)
+        return torch.cat([ids, new.to(ids.device)], dim=1)
+
     # -- chat --------------------------------------------------------------------------------
     def _chat_config(self, tokenizer: InternLMTokenizer, options: dict[str, Any]) -> GenerationConfig:
+        if self.config.family == "internlm2":  # chatml: stop on </s> or <|im_end|>; meta_instruction is no option
+            options = {k: v for k, v in options.items() if k != "meta_instruction"}
         merged = {**CHAT_DEFAULTS, **options}
-        stop = [tokenizer.eos_token_id, tokenizer.eoa_token_id]
+        stop = chatml_stop_ids(tokenizer) if self.config.family == "internlm2" else \
+            [tokenizer.eos_token_id, tokenizer.eoa_token_id]
         return GenerationConfig(eos_token_id=stop, pad_token_id=tokenizer.pad_token_id).replace(**merged)
 
-    def _chat_prompt(self, tokenizer, query: str, history, cfg: GenerationConfig) -> list[int]:
+    def _chat_prompt(self, tokenizer, query: str, history, cfg: GenerationConfig,
+                     options: dict[str, Any] | None = None) -> list[int]:
+        if self.config.family == "internlm2":
+            meta = (options or {}).get("meta_instruction", INTERNLM2_META_INSTRUCTION)
+            return build_chatml_ids(tokenizer, query, history, self.context_window, cfg.max_new_tokens, meta)[0]
+        if (options or {}).get("meta_instruction") is not None:
+            raise ValueError("meta_instruction is an InternLM2 chat option; InternLM v1's template has no system text")
         ids, _dropped = build_chat_ids(tokenizer, query, history, self.context_window, cfg.max_new_tokens)
         return ids
 
@@ -104,7 +194,7 @@ class InternLM(InternLMForCausalLM):
         """
         history = check_history(history)
         cfg = self._chat_config(tokenizer, options)
-        ids = self._chat_prompt(tokenizer, query, history, cfg)
+        ids = self._chat_prompt(tokenizer, query, history, cfg, options)
         if streamer is not None:
             streamer.put(torch.tensor([ids]))
             tokens: list[int] = []
@@ -125,7 +215,7 @@ class InternLM(InternLMForCausalLM):
         """
         history = check_history(history)
         cfg = self._chat_config(tokenizer, options)
-        ids = self._chat_prompt(tokenizer, query, history, cfg)
+        ids = self._chat_prompt(tokenizer, query, history, cfg, options)
         text = IncrementalDecoder(tokenizer, skip_special_tokens=True)
         response = ""
         for piece in stream_generate(self, ids, config=cfg):
@@ -137,4 +227,5 @@ class InternLM(InternLMForCausalLM):
         yield response, history + [(query, response)]
 
 
-__all__ = ["InternLM", "load_tokenizer", "CHAT_DEFAULTS", "resolve_dtype", "check_device"]
+__all__ = ["InternLM", "load_tokenizer", "CHAT_DEFAULTS", "resolve_dtype", "check_device", "check_fits_device",
+           "InsufficientMemoryError"]
