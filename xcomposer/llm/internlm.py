@@ -87,7 +87,8 @@ def check_fits_device(model, dtype: torch.dtype, free_bytes: int, device: str = 
 
 
 class InternLM(InternLMForCausalLM):
-    """InternLM v1 chat model (internlm-chat-7b layout) with InternLM's `chat`/`stream_chat`."""
+    """InternLM chat model, either family (InternLM v1 in the internlm-chat-7b layout, InternLM2 /
+    InternLM2.5 in upstream's internlm2 layout), with InternLM's `chat`/`stream_chat`."""
 
     tokenizer: InternLMTokenizer | None = None
 
@@ -178,8 +179,6 @@ class InternLM(InternLMForCausalLM):
         if self.config.family == "internlm2":
             meta = (options or {}).get("meta_instruction", INTERNLM2_META_INSTRUCTION)
             return build_chatml_ids(tokenizer, query, history, self.context_window, cfg.max_new_tokens, meta)[0]
-        if (options or {}).get("meta_instruction") is not None:
-            raise ValueError("meta_instruction is an InternLM2 chat option; InternLM v1's template has no system text")
         ids, _dropped = build_chat_ids(tokenizer, query, history, self.context_window, cfg.max_new_tokens)
         return ids
 
@@ -189,7 +188,8 @@ class InternLM(InternLMForCausalLM):
         """One chat turn: `(response, history + [(query, response)])`.
 
         `options` are generation options (transformers' names); defaults are InternLM's
-        (sampling at temperature 0.8, top_p 0.8, up to 1024 new tokens). `streamer`, if given,
+        (sampling at temperature 0.8, top_p 0.8, up to 1024 new tokens). InternLM2 checkpoints use
+        the chatml template and also take `meta_instruction=` (the system text; "" leaves it out). `streamer`, if given,
         receives token tensors through `put()` and `end()` like a transformers streamer.
         """
         history = check_history(history)
