@@ -127,3 +127,6 @@ def test_loading_refuses_before_reading_weights_when_the_session_cannot_fit():
     model.context_window = room + 64
     with pytest.raises(InsufficientMemoryError):
         check_fits_device(model, torch.float16, H200, "cuda:0")
+    # two tensor-parallel ranks share the cache: a 1M session fits each H200 while loading
+    model.context_window = 1 << 20
+    check_fits_device(model, torch.float16, H200, "cuda:0", kv_split=2)

@@ -65,14 +65,17 @@ def _gib(n: int) -> str:
     return f"{n / (1 << 30):.2f} GiB"
 
 
-def check_fits_device(model, dtype: torch.dtype, free_bytes: int, device: str = "the device") -> None:
+def check_fits_device(model, dtype: torch.dtype, free_bytes: int, device: str = "the device",
+                      kv_split: int = 1) -> None:
     """Refuse (before any weight is read) a model, built on the meta device, whose weights plus the
-    KV cache of one session of `model.context_window` tokens plus a reserve exceed `free_bytes`."""
+    KV cache of one session of `model.context_window` tokens plus a reserve exceed `free_bytes`.
+    `kv_split` ranks share the cache (tensor parallelism after loading: each rank first loads every
+    weight, then keeps 1/W of them and of the kv heads)."""
     cfg = model.config
     elem = torch.empty(0, dtype=dtype).element_size()
     weights = num_parameters(model) * elem
     window = model.context_window
-    per_token = kv_cache_bytes(cfg, 1, 1, dtype)
+    per_token = kv_cache_bytes(cfg, 1, 1, dtype) // kv_split
     need = weights + per_token * window + RESERVE_BYTES
     if need <= free_bytes:
         return
@@ -80,7 +83,8 @@ def check_fits_device(model, dtype: torch.dtype, free_bytes: int, device: str = 
     fix = (f"load with max_context={int(room)} or less (the most that fits), " if room >= 2 else "")
     raise InsufficientMemoryError(
         f"the model does not fit {device}: {str(dtype).replace('torch.', '')} weights {_gib(weights)} + KV cache "
-        f"for one {window}-token session {_gib(per_token * window)} ({per_token // 1024} KiB per token) + "
+        f"for one {window}-token session {_gib(per_token * window)} ({per_token // 1024} KiB per token"
+        f"{f' on each of {kv_split} tensor-parallel ranks' if kv_split > 1 else ''}) + "
         f"{_gib(RESERVE_BYTES)} reserve = {_gib(need)}, but {device} has {_gib(free_bytes)} free. To fix: {fix}"
         f"split it over GPUs (xcomposer.parallel.memory_report(config, num_gpus=N, cache_len={window}) says how "
         f"many; tensor_parallel splits the KV heads across ranks), or free GPU memory")
@@ -117,8 +121,10 @@ class InternLM(InternLMForCausalLM):
             model = cls(cfg)
         if max_context is not None:
             model.context_window = max_context
-        if device.type == "cuda":
-            check_fits_device(model, dtype, int(torch.cuda.mem_get_info(device)[0]), str(device))
+        if device.type == "cuda":  # under torch.distributed, tensor_parallel will split the cache over the ranks
+            ranks = torch.distributed.get_world_size() if torch.distributed.is_available() \
+                and torch.distributed.is_initialized() else 1
+            check_fits_device(model, dtype, int(torch.cuda.mem_get_info(device)[0]), str(device), kv_split=ranks)
         load_checkpoint_into(model, folder, device=device, dtype=dtype, **checkpoint_options(cfg))
         model.setup_rope(cfg.max_position_embeddings)
         if fuse:
