@@ -216,3 +216,21 @@ def test_v1_state_dict_and_rope_unchanged():
     assert "model.layers.0.self_attn.q_proj.weight" in m.state_dict()
     assert m.model.layers[0].self_attn.n_kv_heads == m.config.num_attention_heads
     assert to_llama  # the helper is the same module the twins use
+
+
+def test_capture_path_with_gqa_and_dynamic_ntk_is_token_identical():
+    """The fixed-shape step as a CUDA graph would replay it (CPU test double from test_fast_decode):
+    the dynamic base is computed on the device from the step's own position, so one capture serves
+    every step past the window."""
+    from test_fast_decode import RecomputeOnReplay
+
+    from xcomposer.llm.fast_decode import use_cuda_graphs
+    m = tiny2_model(seed=3, **LONG, rope_scaling={"type": "dynamic", "factor": 2.5}).fuse_projections()
+    m.context_window = 200
+    p = [1] + torch.randint(3, VOCAB, (70,), generator=torch.Generator().manual_seed(9)).tolist()
+    runs = [dict(max_new_tokens=20), dict(max_new_tokens=12, num_beams=3)]
+    ref = [generate(m, [p, p[:40]], **kw).tokens for kw in runs]
+    use_cuda_graphs(m)
+    backend = m.static_decode.backend = RecomputeOnReplay()
+    assert [generate(m, [p, p[:40]], **kw).tokens for kw in runs] == ref
+    assert backend.captures == 2 and backend.replays > 20
