@@ -3,6 +3,8 @@
     python web_demo.py --num_gpus 1 --port 6006                          # internlm/internlm-xcomposer-7b
     python web_demo.py --folder /path/to/internlm-xcomposer-7b --library lib/
     python web_demo.py --demo                                             # tiny random model, any machine
+    python web_demo.py --folder internlm/internlm2_5-7b-chat-1m --max-context 262144   # text-only: chat + documents
+    python web_demo.py --demo-text                                        # the text-only page on a tiny model
 
 The server listens on 127.0.0.1 unless `--host` says otherwise (use `--host 0.0.0.0` to expose it
 on purpose). Articles and uploads are written under `--out`, one folder per browser session.
@@ -10,6 +12,7 @@ on purpose). Articles and uploads are written under `--out`, one folder per brow
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -37,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model jobs running at once; the rest wait in the queue (default 1)")
     p.add_argument("--cuda-graphs", "--cuda_graphs", dest="cuda_graphs", action="store_true",
                    help="replay each decode step from a CUDA graph (xcomposer.llm.fast_decode; one GPU only)")
+    p.add_argument("--max-context", "--max_context", dest="max_context", type=int, default=None,
+                   help="text-only models: the context window in tokens (prompt plus reply; default the "
+                        "checkpoint's max_position_embeddings; dynamic NTK lets InternLM2 go past it)")
+    p.add_argument("--demo-text", action="store_true",
+                   help="the text-only page (chat and documents) on a tiny random InternLM2 built on the fly")
     p.add_argument("--demo", action="store_true",
                    help="tiny random model and demo library built on the fly: try the interface anywhere "
                         "(its output is noise)")
@@ -86,6 +94,41 @@ def load_model(args: argparse.Namespace):
     return model
 
 
+def text_only(folder: str) -> bool:
+    """Whether `folder` (a local folder or hub id) holds a text-only InternLM: config.json's
+    `model_type` is "internlm" or "internlm2" (an XComposer's is "InternLMXComposer")."""
+    path = Path(folder).expanduser()
+    cfg = path / "config.json"
+    if not path.is_dir():
+        try:
+            from huggingface_hub import hf_hub_download
+            cfg = Path(hf_hub_download(folder, "config.json"))
+        except Exception:  # not reachable or not a repo: the model loader below says what is wrong
+            return False
+    try:
+        d = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and str(d.get("model_type", "")).lower() in ("internlm", "internlm2")
+
+
+def load_text_model(args: argparse.Namespace, folder: str):
+    """An InternLM chat model (either family) for the text-only page; exits with the reason on failure."""
+    import torch
+
+    from xcomposer import InternLM
+    from xcomposer.llm.checkpoint import CheckpointError
+
+    device = "cuda" if args.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    if args.num_gpus > 1:
+        print(f"warning: --num_gpus {args.num_gpus}: a text-only model is loaded on one device here "
+              f"(tensor parallelism runs under torchrun, docs/sharding.md)", file=sys.stderr)
+    try:
+        return InternLM.from_pretrained(folder, device=device, dtype=args.dtype, max_context=args.max_context)
+    except (CheckpointError, OSError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"error: could not load the text model from --folder {folder!r}: {e}") from None
+
+
 def load_library(path: str | None):
     if path is None:
         return None
@@ -113,6 +156,21 @@ def main(argv: list[str] | None = None) -> int:
     check_args(args)
     from xcomposer.serve.webui import CHAT_DEFAULTS, DEMO_BANNER, DemoApp, launch
 
+    if args.demo_text or (not args.demo and text_only(args.folder)):
+        from xcomposer.serve.webui.text_app import TEXT_BANNER, TextDemoApp
+
+        if args.demo_text:
+            from xcomposer.tiny import write_tiny_internlm2
+            folder = Path(tempfile.gettempdir()) / "xcomposer-web-demo" / "text-model"
+            if not (folder / "config.json").is_file():
+                write_tiny_internlm2(folder)
+            model = load_text_model(args, str(folder))
+            app = TextDemoApp(model, args.out, banner=TEXT_BANNER, max_concurrency=args.max_concurrency,
+                              chat_defaults=dict(max_new_tokens=48), doc_defaults=dict(max_new_tokens=48))
+        else:
+            app = TextDemoApp(load_text_model(args, args.folder), args.out, max_concurrency=args.max_concurrency)
+        launch(app, host=args.host, port=args.port)
+        return 0
     if args.demo:
         model, library = demo_setup(args)
         app = DemoApp(model, library, args.out, banner=DEMO_BANNER, max_concurrency=args.max_concurrency,

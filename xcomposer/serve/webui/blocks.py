@@ -11,6 +11,8 @@ from .compose_tab import compose_tab
 def build_app(app: DemoApp):
     """The gradio Blocks for `app`; call `.queue(...)` / `.launch(...)` via `launch`."""
     model_job = dict(concurrency_limit=app.max_concurrency, concurrency_id="model")
+    if getattr(app, "text_only", False):  # an InternLM chat model: chat and documents, no composition
+        return _text_page(app, model_job)
     with gr.Blocks(title="InternLM-XComposer", analytics_enabled=False) as demo:
         if app.banner:
             gr.Markdown(app.banner, elem_id="demo-banner")
@@ -18,6 +20,21 @@ def build_app(app: DemoApp):
         with gr.Tabs():
             compose_tab(app, model_job)
             chat_tab(app, model_job)
+    return demo
+
+
+def _text_page(app, model_job: dict):
+    from .text_tabs import documents_tab, text_chat_tab
+
+    with gr.Blocks(title=f"{app.family} chat", analytics_enabled=False) as demo:
+        if app.banner:
+            gr.Markdown(app.banner, elem_id="demo-banner")
+        gr.Markdown(f"# {app.family} chat\nChat, or ask about your documents (context window: {app.window} "
+                    f"tokens).\n\n*The composition and image-chat tabs need an InternLM-XComposer model; this "
+                    f"folder holds a text-only model, so they are left out.*", elem_id="text-only-note")
+        with gr.Tabs():
+            text_chat_tab(app, model_job)
+            documents_tab(app, model_job)
     return demo
 
 
