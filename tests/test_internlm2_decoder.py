@@ -234,3 +234,16 @@ def test_capture_path_with_gqa_and_dynamic_ntk_is_token_identical():
     backend = m.static_decode.backend = RecomputeOnReplay()
     assert [generate(m, [p, p[:40]], **kw).tokens for kw in runs] == ref
     assert backend.captures == 2 and backend.replays > 20
+
+
+def test_gqa_without_enable_gqa_repeats_kv_heads(monkeypatch):
+    """torch < 2.5 has no `enable_gqa`: the fallback repeats each kv head for its group (the flag is
+    switched off here to drive that branch on this torch)."""
+    import xcomposer.llm.decoder as decoder
+    m = tiny2_model()
+    ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = m(ids)
+        monkeypatch.setattr(decoder, "_SDPA_GQA", False)
+        got = m(ids)
+    assert (got - want).abs().max().item() < 1e-5

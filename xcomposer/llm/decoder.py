@@ -20,6 +20,10 @@ from torch import nn
 from .config import InternLMConfig
 
 
+# scaled_dot_product_attention(enable_gqa=True) exists from torch 2.5
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -224,8 +228,11 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(cache_pos, k, v)
             if mask.shape[-1] < k.shape[2]:  # the mask covers the filled prefix: skip the empty tail
                 k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
-        if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves a group
+        if self.n_kv_heads != self.n_heads and _SDPA_GQA:  # grouped-query attention: kv head i // g
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        elif self.n_kv_heads != self.n_heads:  # torch < 2.5: repeat each kv head for its query group
+            g = self.n_heads // self.n_kv_heads
+            y = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         # -1, not C: under tensor parallelism this rank holds n_heads * head_dim < C features

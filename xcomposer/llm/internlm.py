@@ -86,8 +86,8 @@ def check_fits_device(model, dtype: torch.dtype, free_bytes: int, device: str = 
         f"for one {window}-token session {_gib(per_token * window)} ({per_token // 1024} KiB per token"
         f"{f' on each of {kv_split} tensor-parallel ranks' if kv_split > 1 else ''}) + "
         f"{_gib(RESERVE_BYTES)} reserve = {_gib(need)}, but {device} has {_gib(free_bytes)} free. To fix: {fix}"
-        f"split it over GPUs (xcomposer.parallel.memory_report(config, num_gpus=N, cache_len={window}) says how "
-        f"many; tensor_parallel splits the KV heads across ranks), or free GPU memory")
+        f"split it over GPUs (xcomposer.parallel.sharding.gpus_needed(config, gpu_bytes, cache_len={window}) says "
+        f"how many; tensor_parallel splits the KV heads across ranks), or free GPU memory")
 
 
 class InternLM(InternLMForCausalLM):
