@@ -4,6 +4,8 @@ InternLM folder: chat and questions about documents).
     python web_demo.py --num_gpus 1 --port 6006                          # internlm/internlm-xcomposer-7b
     python web_demo.py --folder /path/to/internlm-xcomposer-7b --library lib/
     python web_demo.py --folder /path/to/internlm-chat-7b                # chat + documents
+    python web_demo.py --folder internlm/internlm2_5-7b-chat-1m --max-context 262144
+    python web_demo.py --demo-text                                        # the text-only page, tiny model
     python web_demo.py --demo                                             # tiny random model, any machine
 
 The server listens on 127.0.0.1 unless `--host` says otherwise (use `--host 0.0.0.0` to expose it
@@ -43,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default=None, choices=["7b", "vl-7b"],
                    help="internlm-xcomposer-7b (meta instruction, 500 new tokens) or -vl-7b; default: read from the "
                         "folder's modeling_InternLM_XComposer.py, else from its name")
+    p.add_argument("--max-context", "--max_context", dest="max_context", type=int, default=None,
+                   help="text-only models: the context window in tokens (prompt plus reply; default the "
+                        "checkpoint's max_position_embeddings; dynamic NTK lets InternLM2 go past it)")
+    p.add_argument("--demo-text", action="store_true",
+                   help="the text-only page (chat and documents) on a tiny random InternLM2 built on the fly")
     p.add_argument("--demo", action="store_true",
                    help="tiny random model and demo library built on the fly: try the interface anywhere "
                         "(its output is noise)")
@@ -56,6 +63,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --port {args.port} is not a port number (0-65535)")
     if args.max_concurrency < 1:
         raise SystemExit(f"error: --max-concurrency {args.max_concurrency} must be at least 1")
+    if args.max_context is not None and args.max_context < 2:
+        raise SystemExit(f"error: --max-context {args.max_context} must be at least 2 tokens")
 
 
 _FOLDER_HELP = ("Pass --folder with a local internlm-xcomposer-7b (or -vl-7b) folder, or a text-only InternLM chat "
@@ -69,6 +78,7 @@ def load_model(args: argparse.Namespace):
 
     from xcomposer import InternLM, XComposer
     from xcomposer.llm.checkpoint import CheckpointError, checkpoint_folder
+    from xcomposer.llm.internlm import InsufficientMemoryError
     from xcomposer.models.xcomposer import is_xcomposer_config
     from xcomposer.parallel.sharding import ShardingError
 
@@ -87,6 +97,7 @@ def load_model(args: argparse.Namespace):
         if args.num_gpus > 1 and device == "cuda":
             kwargs["num_gpus"] = args.num_gpus
     else:  # a text-only InternLM: the page offers chat and documents
+        kwargs["max_context"] = args.max_context
         if args.num_gpus > 1:
             print(f"warning: --num_gpus {args.num_gpus} splits XComposer models only; the text model loads on one "
                   f"device", file=sys.stderr)
@@ -94,9 +105,9 @@ def load_model(args: argparse.Namespace):
             print("warning: --variant applies to InternLM-XComposer checkpoints; ignored", file=sys.stderr)
     try:
         model = (XComposer if vision else InternLM).from_pretrained(args.folder, **kwargs)
-    except ShardingError as e:
+    except (ShardingError, InsufficientMemoryError) as e:
         raise SystemExit(f"error: --num_gpus {args.num_gpus}: {e}") from None
-    except (CheckpointError, OSError) as e:
+    except (CheckpointError, OSError, ValueError) as e:
         raise SystemExit(f"error: could not load the model from --folder {args.folder!r}: {e}\n{_FOLDER_HELP}") from None
     if args.cuda_graphs:
         if device != "cuda" or args.num_gpus > 1:
@@ -134,6 +145,18 @@ def main(argv: list[str] | None = None) -> int:
     check_args(args)
     from xcomposer.serve.webui import CHAT_DEFAULTS, DEMO_BANNER, DemoApp, launch
 
+    if args.demo_text:
+        from xcomposer import InternLM
+        from xcomposer.tiny import write_tiny_internlm2
+
+        folder = Path(tempfile.gettempdir()) / "xcomposer-web-demo" / "text-model"
+        if not (folder / "config.json").is_file():
+            write_tiny_internlm2(folder)
+        model = InternLM.from_pretrained(folder, max_context=args.max_context)
+        app = DemoApp(model, None, args.out, banner=DEMO_BANNER, max_concurrency=args.max_concurrency,
+                      chat_defaults={"max_new_tokens": 48})
+        launch(app, host=args.host, port=args.port)
+        return 0
     if args.demo:
         model, library = demo_setup(args)
         app = DemoApp(model, library, args.out, banner=DEMO_BANNER, max_concurrency=args.max_concurrency,

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decoder.py                      # small model on CPU (or 7B shape on CUDA)
     python benchmarks/bench_decoder.py --device cuda --mode 7b --json out.json
+    python benchmarks/bench_decoder.py --family internlm2 --no-image   # the InternLM2 (GQA) shape
 
 Both models hold the same random weights (ours is initialised, transformers' loads a copy of
 its state dict) and run in eval mode with the same prompts. Ours runs in several variants that
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import inspect
 import json
 import os
 import platform
@@ -44,6 +46,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from xcomposer import InternLMConfig, InternLMForCausalLM
+from xcomposer.llm.config import InternLM2Config, internlm2_5_7b_chat_config
 from xcomposer.llm.fast_decode import CapturedCall, CudaGraphBackend, use_cuda_graphs
 from xcomposer.llm.generation import generate
 
@@ -54,6 +57,12 @@ SMALL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidd
              num_attention_heads=8, max_position_embeddings=2048)
 INTERNLM_7B = dict(vocab_size=103168, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                    num_attention_heads=32, max_position_embeddings=2048)  # biases on q/k/v/o: cfg.bias
+
+# InternLM2 (grouped-query attention: 4 query heads per kv head, no biases, rope_theta 1e6 with
+# dynamic NTK as internlm2_5-7b-chat's config.json); "7b" is internlm2_5-7b-chat itself
+SMALL2 = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+              num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048, rope_theta=1000000.0,
+              rope_scaling={"type": "dynamic", "factor": 2.0})
 
 PREFILL_LEN = 512
 DECODE_PROMPT_LEN = 16
@@ -69,7 +78,24 @@ VARIANTS = {
 
 
 def hf_config(cfg: InternLMConfig) -> LlamaConfig:
-    """transformers' Llama with attention biases is InternLM v1's math (see tests/conftest.py::hf_twin)."""
+    """transformers' Llama with attention biases is InternLM v1's math (see tests/conftest.py::hf_twin);
+    with num_key_value_heads, no biases and the same rope, InternLM2's (tests/internlm2_util.py)."""
+    if cfg.family == "internlm2":
+        kw = dict(num_key_value_heads=cfg.num_key_value_heads, attention_bias=cfg.bias)
+        rope = {"rope_type": cfg.rope_scaling_type or "default", "rope_theta": cfg.rope_theta}
+        if cfg.rope_scaling is not None:
+            rope["factor"] = cfg.rope_scaling_factor
+        if "rope_parameters" in inspect.signature(LlamaConfig.__init__).parameters:
+            kw["rope_parameters"] = rope
+        else:
+            kw.update(rope_theta=cfg.rope_theta, rope_scaling=None if cfg.rope_scaling is None else
+                      {"rope_type": rope["rope_type"], "factor": rope["factor"]})
+        return LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                           intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+                           num_attention_heads=cfg.num_attention_heads, rms_norm_eps=cfg.rms_norm_eps,
+                           max_position_embeddings=cfg.max_position_embeddings,
+                           tie_word_embeddings=cfg.tie_word_embeddings, pad_token_id=0, bos_token_id=1,
+                           eos_token_id=2, **kw)
     return LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
                        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_attention_heads,
@@ -94,7 +120,9 @@ def build_models(cfg: InternLMConfig, device: str, dtype: torch.dtype, seed: int
             hf = LlamaForCausalLM(hf_config(cfg)).eval()
     finally:
         torch.set_default_dtype(prev)
-    missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
+    # our module names are transformers' Llama names (InternLM2's state_dict() renames them to upstream's
+    # keys and packs wqkv; the plain nn.Module view gives the Llama layout for either family)
+    missing, unexpected = hf.load_state_dict(torch.nn.Module.state_dict(ours), strict=False)
     assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
     assert all(p.dtype == dtype for p in hf.parameters()), "transformers' model was not built in the asked dtype"
     if fuse:
@@ -260,12 +288,18 @@ def image_question(ours, hf, device: str, dtype: torch.dtype, mode: str, repeats
 
 def bench(device: str, mode: str, repeats: int, beam_steps: int, num_layers: int | None = None,
           batches=(1, 8, 32), variants: list[str] | None = None, decode_steps: int = DECODE_STEPS,
-          image: bool = True, vision_depth: int | None = None) -> dict:
+          image: bool = True, vision_depth: int | None = None, family: str = "internlm") -> dict:
     """Build the models, time them side by side, and return the results as a dict (see print_report)."""
-    shape = dict(SMALL if mode == "small" else INTERNLM_7B)
+    if family == "internlm2":
+        shape = dict(SMALL2) if mode == "small" else {
+            k: v for k, v in internlm2_5_7b_chat_config().to_dict().items()
+            if k in SMALL2 or k in ("rms_norm_eps", "bias")}
+        image = False  # a text-only family: the image rows belong to XComposer (InternLM v1)
+    else:
+        shape = dict(SMALL if mode == "small" else INTERNLM_7B)
     if num_layers:  # a quick smoke run of a shape with fewer layers
         shape["num_hidden_layers"] = num_layers
-    cfg = InternLMConfig(**shape)
+    cfg = InternLM2Config(**shape) if family == "internlm2" else InternLMConfig(**shape)
     dtype = torch.float32 if mode == "small" else torch.float16
     kind = "cuda" if device.startswith("cuda") else "cpu"
     chosen = {k: v for k, v in VARIANTS[kind].items() if variants is None or k in variants}
@@ -322,7 +356,7 @@ def bench(device: str, mode: str, repeats: int, beam_steps: int, num_layers: int
         date=datetime.date.today().isoformat(),
         device=device_name(device),
         threads=torch.get_num_threads(), torch=torch.__version__, transformers=transformers.__version__,
-        mode=mode, dtype=str(dtype).replace("torch.", ""), config=shape, bias=cfg.bias, params=n_params,
+        mode=mode, family=family, dtype=str(dtype).replace("torch.", ""), config=shape, bias=cfg.bias, params=n_params,
         weight_bytes=weight_bytes, read_bytes=read_bytes, hf_attn=hf.config._attn_implementation, repeats=repeats,
         variants={k: v for k, v in chosen.items()}, greedy_tokens_match=same_tokens, vision_depth=image_depth,
         rows=[dict(name=n, values=v, ratios=r) for n, v, r in rows],
@@ -343,7 +377,8 @@ def bench(device: str, mode: str, repeats: int, beam_steps: int, num_layers: int
 def print_report(r: dict) -> None:
     print(f"date {r['date']}  device {r['device']}  torch.get_num_threads() {r['threads']}")
     print(f"torch {r['torch']}  transformers {r['transformers']} (attn: {r['hf_attn']}, generate with its default cache)")
-    print(f"mode {r['mode']}  dtype {r['dtype']}  config {r['config']}  q/k/v/o bias {r['bias']}")
+    print(f"family {r.get('family', 'internlm')}  mode {r['mode']}  dtype {r['dtype']}  config {r['config']}  "
+          f"q/k/v/o bias {r['bias']}")
     print(f"parameters {r['params'] / 1e6:.1f} M  weights {r['weight_bytes'] / 1e9:.3f} GB  "
           f"median of {r['repeats']} runs after 1 warm-up")
     print("our variants: " + "; ".join(f"{k}: {'eager engine, packed projections' if v is None else 'fixed-shape step ' + json.dumps(v)}"
@@ -385,12 +420,15 @@ def main(argv=None) -> dict:
     p.add_argument("--vision-depth", type=int, default=None, help="EVA blocks for the image rows (default: 39 "
                    "for 7b, 2 for small)")
     p.add_argument("--num-layers", type=int, default=None, help="override the layer count (smoke runs only)")
+    p.add_argument("--family", choices=["internlm", "internlm2"], default="internlm",
+                   help="internlm: v1 shape (peer: Llama with attention biases); internlm2: the GQA shape (peer: "
+                   "Llama with num_key_value_heads, the same dynamic rope); no image rows for internlm2")
     p.add_argument("--json", default=None, help="also write the results to this file")
     a = p.parse_args(argv)
     cuda = a.device == "cuda"
     r = bench(a.device, a.mode or ("7b" if cuda else "small"), a.repeats or 5,
               a.beam_steps or (DECODE_STEPS if cuda else 32), a.num_layers, tuple(a.batches), a.variants,
-              a.decode_steps, not a.no_image, a.vision_depth)
+              a.decode_steps, not a.no_image, a.vision_depth, a.family)
     print_report(r)
     if a.json:
         with open(a.json, "w") as f:

@@ -10,6 +10,7 @@
 # 2. the decoder benchmark at the InternLM-7B shape in fp16 (ours eager / graph / graph+compiled
 #    against transformers' Llama, prefill, decode batch 1/8/32, 5 beams, image question time to
 #    first token, image encode batch 1/8 with the real EVA ViT-g, the bandwidth limit).
+# 3. (STEPS="bench2") the same benchmark at the internlm2_5-7b-chat shape (grouped-query attention).
 # One device call may run 10 minutes at most: STEPS="tests" or STEPS="bench" runs one part, and
 # BENCH_ARGS passes options to the benchmark, e.g. BENCH_ARGS="--variants ours ours-graph --repeats 3"
 # (the compiled variant compiles once per batch shape: budget a minute or more per shape).
@@ -23,10 +24,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python3 -c "import torch, transformers, timm; print('torch', torch.__version__, 'transformers', transformers.__version__, 'timm', timm.__version__)" | tee -a "$out/gpu.txt"
 if [[ " $steps " == *" tests "* ]]; then
     python3 -m pytest -q -p no:cacheprovider -rs tests/test_fast_decode.py tests/test_sharding.py tests/test_decoder.py \
-        tests/test_generation.py 2>&1 | tee "$out/tests.txt" || rc=1
+        tests/test_generation.py tests/test_internlm2_decoder.py tests/test_internlm2_parallel.py 2>&1 \
+        | tee "$out/tests.txt" || rc=1
 fi
 if [[ " $steps " == *" bench "* ]]; then
     python3 benchmarks/bench_decoder.py --device cuda --mode 7b --json "$out/decoder.json" ${BENCH_ARGS:-} 2>&1 \
         | tee "$out/decoder.txt" || rc=1
+fi
+if [[ " $steps " == *" bench2 "* ]]; then  # the internlm2_5-7b-chat shape (GQA), STEPS="bench2"
+    python3 benchmarks/bench_decoder.py --device cuda --mode 7b --family internlm2 --no-image \
+        --json "$out/decoder_internlm2.json" ${BENCH_ARGS:-} 2>&1 | tee "$out/decoder_internlm2.txt" || rc=1
 fi
 exit $rc

@@ -27,3 +27,12 @@ def test_decoder_benchmark_smoke_run():
     assert r["greedy_tokens_match"] == {"ours": True}  # same weights, same greedy tokens as transformers
     assert math.isfinite(r["decode_limit_b1"]) and math.isfinite(r["beam_over_greedy"]["ours"])
     bench_decoder.print_report(r)
+
+
+def test_decoder_benchmark_internlm2_gqa_smoke_run():
+    r = bench_decoder.bench("cpu", "small", repeats=1, beam_steps=3, num_layers=1, batches=(1,),
+                            variants=["ours"], decode_steps=3, family="internlm2")
+    assert r["family"] == "internlm2" and r["config"]["num_key_value_heads"] == 2
+    assert not any(row["name"].startswith("image") for row in r["rows"])
+    assert r["greedy_tokens_match"] == {"ours": True}  # same GQA weights, same greedy tokens as transformers
+    bench_decoder.print_report(r)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .llm.checkpoint import save_checkpoint
-from .llm.config import InternLMConfig
+from .llm.config import InternLM2Config, InternLMConfig
 from .llm.decoder import InternLMForCausalLM
 from .llm.tokenizer import load_tokenizer, train_tiny_tokenizer
 
@@ -102,6 +102,83 @@ def write_tiny_internlm(folder: str | Path, *, fmt: str = "safetensors", max_sha
         indent=2), encoding="utf-8")
     if revision is not None:
         write_remote_code(folder, "modeling_internlm.py", revision)
+    return folder
+
+
+# -- InternLM2 / InternLM2.5 -----------------------------------------------------------------
+
+# grouped-query attention at tiny size: 8 query heads share 2 kv heads (groups of 4, as in the 7B)
+TINY2_SHAPE = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=8,
+                   num_key_value_heads=2, max_position_embeddings=512, rope_theta=1000000.0,
+                   rope_scaling={"type": "dynamic", "factor": 2.0})
+
+# internlm2_5-7b-chat's tokenizer_config.json names these pieces of its tokenizer.model
+# ([UNUSED_TOKEN_141] .. [UNUSED_TOKEN_146] at ids 92538 .. 92543); the tiny model holds the same
+# pieces at other ids, and loading finds them by name, never by id
+INTERNLM2_CHAT_TOKENS = {"[UNUSED_TOKEN_141]": "<|plugin|>", "[UNUSED_TOKEN_142]": "<|interpreter|>",
+                         "[UNUSED_TOKEN_143]": "<|action_end|>", "[UNUSED_TOKEN_144]": "<|action_start|>",
+                         "[UNUSED_TOKEN_145]": "<|im_end|>", "[UNUSED_TOKEN_146]": "<|im_start|>"}
+
+
+def tiny_internlm2_config(vocab_size: int, **overrides) -> InternLM2Config:
+    return InternLM2Config(**{**TINY2_SHAPE, "vocab_size": vocab_size, "torch_dtype": "float32",
+                              "eos_token_id": 2, "pad_token_id": 2, **overrides})
+
+
+def upstream_internlm2_config_dict(cfg: InternLM2Config) -> dict:
+    """config.json as the internlm2_5-7b-chat repository writes it (remote-code fields included)."""
+    d = cfg.to_dict()
+    d.setdefault("auto_map", {
+        "AutoConfig": "configuration_internlm2.InternLM2Config",
+        "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+        "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
+    })
+    for k, v in (("attn_implementation", "eager"), ("initializer_range", 0.02), ("pretraining_tp", 1),
+                 ("use_cache", True), ("transformers_version", "4.41.0")):
+        d.setdefault(k, v)
+    return d
+
+
+def write_internlm2_tokenizer(folder: str | Path, vocab_size: int = 1000) -> Path:
+    """A tiny real tokenizer.model shaped like InternLM2's (no dummy prefix, the chat slots as
+    `[UNUSED_TOKEN_14x]` pieces) plus the tokenizer_config.json that names them."""
+    folder = Path(folder)
+    train_tiny_tokenizer(folder / "tokenizer.model", vocab_size=vocab_size, chat_pieces=list(INTERNLM2_CHAT_TOKENS),
+                         add_dummy_prefix=False)
+    plain = load_tokenizer(folder / "tokenizer.model")  # the bare model file: pieces under their own names
+    entry = dict(lstrip=False, normalized=False, rstrip=False, single_word=False, special=True)
+    added = {str(i): {"content": plain.id_to_token(i), **entry} for i in (0, 1, 2)}
+    for piece, name in INTERNLM2_CHAT_TOKENS.items():
+        added[str(plain.token_to_id(piece))] = {"content": name, **entry}
+    config = {
+        "add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": added,
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|action_start|>", "<|action_end|>",
+                                      "<|interpreter|>", "<|plugin|>"],
+        "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer",
+                                       "tokenization_internlm2_fast.InternLM2TokenizerFast"]},
+        "bos_token": "<s>", "clean_up_tokenization_spaces": False, "decode_with_prefix_space": False,
+        "eos_token": "</s>", "pad_token": "</s>", "tokenizer_class": "InternLM2Tokenizer", "unk_token": "<unk>",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    return folder
+
+
+def write_tiny_internlm2(folder: str | Path, *, fmt: str = "safetensors", max_shard_bytes: int = 200_000,
+                         seed: int = 0, std: float = 0.2, vocab_size: int = 1000, **overrides) -> Path:
+    """Write a random tiny InternLM2 chat checkpoint (upstream config.json names, packed `wqkv`,
+    sharded weights with index, tokenizer.model + tokenizer_config.json) and return the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_internlm2_tokenizer(folder, vocab_size)
+    tok = load_tokenizer(folder)
+    cfg = tiny_internlm2_config(tok.vocab_size, **overrides)
+    model = InternLMForCausalLM(cfg)
+    model.init_weights(std=std, generator=torch.Generator().manual_seed(seed))
+    save_checkpoint(dict(model.state_dict()), folder, fmt=fmt, max_shard_bytes=max_shard_bytes)
+    (folder / "config.json").write_text(json.dumps(upstream_internlm2_config_dict(cfg), indent=2), encoding="utf-8")
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 1, "eos_token_id": [2, tok.chat_token_id("<|im_end|>")], "pad_token_id": 2}, indent=2),
+        encoding="utf-8")
     return folder
 
 

@@ -206,6 +206,17 @@ def iter_shards(folder: Path) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
 
 # -- loading into a model ------------------------------------------------------------------
 
+class SplitKey:
+    """What a `key_map` returns for a checkpoint tensor that fills several model tensors (InternLM2's
+    packed `wqkv` fills q/k/v): their `names`, and `split(tensor)` giving one tensor per name."""
+
+    def __init__(self, names: tuple[str, ...], split: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]):
+        self.names, self.split = tuple(names), split
+
+    def __repr__(self) -> str:
+        return f"SplitKey({self.names})"
+
+
 def _default_skip(key: str) -> bool:
     # upstream shards carry the rotary inverse frequencies, which the model derives itself
     return key.endswith("rotary_emb.inv_freq")
@@ -369,6 +380,10 @@ def load_checkpoint_into(
     def target(key: str) -> str | None:
         return None if skip(key) else key_map(key)
 
+    def targets(key: str) -> tuple[str, ...]:
+        name = target(key)
+        return () if name is None else name.names if isinstance(name, SplitKey) else (name,)
+
     # with an index the key sets are known before any tensor is read: fail fast and completely
     _, weight_map, index = _read_index(folder)
     if weight_map is not None:
@@ -378,7 +393,7 @@ def load_checkpoint_into(
         for key, shard in weight_map.items():
             if lora is not None and lora.base_of(key) is not None:
                 continue  # an adapter: it ends up inside its base weight
-            if (name := target(key)) is not None:
+            for name in targets(key):
                 names.setdefault(name, f"{name} (shard {shard})" if name == key
                                  else f"{name} (from {key}, shard {shard})")
         unexpected = [where for n, where in names.items() if n not in slots.where]
@@ -389,36 +404,48 @@ def load_checkpoint_into(
 
     loaded: dict[str, tuple[str, str]] = {}  # model name -> (checkpoint key, shard name)
     unexpected = []
-    for path, key, tensor in _entries(folder, weight_map, lora):
+    def pieces(path: Path, key: str, tensor: torch.Tensor):
         name = target(key)
-        if name is None:
-            continue
-        if name not in slots.where:
-            unexpected.append(f"{name} (shard {path.name})" if name == key
-                              else f"{name} (from {key}, shard {path.name})")
-            continue
-        if name in loaded:
-            first_key, first_shard = loaded[name]
-            raise CheckpointError(f"key {name!r} is stored twice: as {first_key!r} in shard {first_shard} and "
-                                  f"as {key!r} in shard {path.name}; the checkpoint folder mixes files "
-                                  f"from different exports: re-download it")
-        if tensor.shape != slots.shape[name]:
-            raise CheckpointError(f"shape mismatch for {name!r} in shard {path}: checkpoint has "
-                                  f"{tuple(tensor.shape)}, the model expects {tuple(slots.shape[name])}; "
-                                  f"config.json does not describe these weights")
-        convert = dtype if dtype is not None and tensor.is_floating_point() else None
-        tensor = tensor.to(device=device(name) if callable(device) else device, dtype=convert)
-        tied_done = [n for n in slots.group[name] if n in loaded]
-        if tied_done:
-            # the checkpoint stores a tied tensor under a second name: it must be the same tensor
-            if not torch.equal(slots.current(name).data, tensor):
-                raise CheckpointError(
-                    f"{name!r} (shard {path.name}) and {tied_done[0]!r} are tied in the model but differ "
-                    f"in the checkpoint; the weights are untied: set tie_word_embeddings=False in config.json")
-        else:
-            slots.assign(name, tensor)
-        loaded[name] = (key, path.name)
-        del tensor
+        if not isinstance(name, SplitKey):
+            return [(name, tensor)]
+        try:
+            parts = name.split(tensor)
+        except (ValueError, RuntimeError) as e:
+            raise CheckpointError(f"cannot split {key!r} (shard {path}) of shape {tuple(tensor.shape)} into "
+                                  f"{', '.join(name.names)}: {e}; config.json does not describe these weights") from e
+        return list(zip(name.names, parts))
+
+    for path, key, whole in _entries(folder, weight_map, lora):
+        for name, tensor in pieces(path, key, whole):
+            if name is None:
+                continue
+            if name not in slots.where:
+                unexpected.append(f"{name} (shard {path.name})" if name == key
+                                  else f"{name} (from {key}, shard {path.name})")
+                continue
+            if name in loaded:
+                first_key, first_shard = loaded[name]
+                raise CheckpointError(f"key {name!r} is stored twice: as {first_key!r} in shard {first_shard} and "
+                                      f"as {key!r} in shard {path.name}; the checkpoint folder mixes files "
+                                      f"from different exports: re-download it")
+            if tensor.shape != slots.shape[name]:
+                raise CheckpointError(f"shape mismatch for {name!r} in shard {path}: checkpoint has "
+                                      f"{tuple(tensor.shape)}, the model expects {tuple(slots.shape[name])}; "
+                                      f"config.json does not describe these weights")
+            convert = dtype if dtype is not None and tensor.is_floating_point() else None
+            tensor = tensor.to(device=device(name) if callable(device) else device, dtype=convert)
+            tied_done = [n for n in slots.group[name] if n in loaded]
+            if tied_done:
+                # the checkpoint stores a tied tensor under a second name: it must be the same tensor
+                if not torch.equal(slots.current(name).data, tensor):
+                    raise CheckpointError(
+                        f"{name!r} (shard {path.name}) and {tied_done[0]!r} are tied in the model but differ "
+                        f"in the checkpoint; the weights are untied: set tie_word_embeddings=False in config.json")
+            else:
+                slots.assign(name, tensor)
+            loaded[name] = (key, path.name)
+            del tensor
+        del whole
 
     covered = {m for n in loaded for m in slots.group[n]}
     missing = [n for n in slots.where if n not in covered]

@@ -20,6 +20,10 @@ from torch import nn
 from .config import InternLMConfig
 
 
+# scaled_dot_product_attention(enable_gqa=True) exists from torch 2.5
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -50,6 +54,38 @@ def rope_tables(head_dim: int, length: int, base: float, max_position: int, dyna
     return emb.cos(), emb.sin()
 
 
+def rope_from_positions(position_ids: torch.Tensor, cfg: InternLMConfig,
+                        seq_len: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (B, T, head_dim) in fp32 for the InternLM2 family, computed from the positions of
+    this forward call (no table), with its `rope_scaling`:
+
+    * "linear": every frequency divided by the factor (positions / factor, as upstream writes it);
+    * "dynamic" (NTK): the base depends on the length of *this call*, `seq_len`, by default the
+      largest position + 1: base * ((f * n / max_pos) - (f - 1)) ** (d / (d - 2)) with
+      n = max(seq_len, max_pos). A prefill uses the base for the prompt's length, each decode
+      step the base for its own position + 1; keys already in the cache keep the rotation they
+      were written with. Upstream's `InternLM2DynamicNTKScalingRotaryEmbedding` and transformers'
+      "dynamic" rope do the same. Everything stays on the device (no host sync), so the
+      fixed-shape decode step can be captured as a CUDA graph.
+    """
+    d = cfg.head_dim
+    exps = torch.arange(0, d, 2, dtype=torch.int64, device=position_ids.device).float() / d
+    kind, factor, base = cfg.rope_scaling_type, cfg.rope_scaling_factor, cfg.rope_base
+    if kind == "dynamic":
+        if seq_len is None:
+            n = position_ids.max() + 1
+        else:
+            n = torch.as_tensor(seq_len, dtype=torch.int64, device=position_ids.device)
+        n = torch.clamp_min(n, cfg.max_position_embeddings)
+        base = base * ((factor * n / cfg.max_position_embeddings) - (factor - 1)) ** (d / (d - 2))
+    inv_freq = 1.0 / (base ** exps)
+    if kind == "linear":
+        inv_freq = inv_freq / factor
+    freqs = position_ids.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -61,7 +97,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache(nn.Module):
-    """Preallocated (B, H, S, D) key/value buffers for one layer."""
+    """Preallocated (B, H, S, D) key/value buffers for one layer (H: the layer's kv heads)."""
 
     def __init__(self, batch: int, heads: int, length: int, head_dim: int, dtype, device):
         super().__init__()
@@ -153,11 +189,13 @@ class Attention(nn.Module):
     def __init__(self, cfg: InternLMConfig):
         super().__init__()
         self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.kv_heads  # fewer than n_heads with grouped-query attention (InternLM2)
         self.head_dim = cfg.head_dim
         h = cfg.hidden_size
+        kv = self.n_kv_heads * self.head_dim
         self.q_proj = nn.Linear(h, h, bias=cfg.bias)
-        self.k_proj = nn.Linear(h, h, bias=cfg.bias)
-        self.v_proj = nn.Linear(h, h, bias=cfg.bias)
+        self.k_proj = nn.Linear(h, kv, bias=cfg.bias)
+        self.v_proj = nn.Linear(h, kv, bias=cfg.bias)
         # set by fuse(), which empties q/k/v_proj; registered here so state_dict order stays upstream's
         self.register_module("qkv_proj", None)
         self.o_proj = nn.Linear(h, h, bias=cfg.bias)
@@ -182,15 +220,21 @@ class Attention(nn.Module):
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         if self.kv_cache is not None and cache_pos is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)
             if mask.shape[-1] < k.shape[2]:  # the mask covers the filled prefix: skip the empty tail
                 k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.n_kv_heads != self.n_heads and _SDPA_GQA:  # grouped-query attention: kv head i // g
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        elif self.n_kv_heads != self.n_heads:  # torch < 2.5: repeat each kv head for its query group
+            g = self.n_heads // self.n_kv_heads
+            y = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         # -1, not C: under tensor parallelism this rank holds n_heads * head_dim < C features
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -281,6 +325,8 @@ class InternLMForCausalLM(nn.Module):
     def setup_rope(self, length: int) -> None:
         """Build rotary tables covering positions [0, length)."""
         cfg = self.config
+        if cfg.family == "internlm2":  # computed per forward from the positions (rope_from_positions)
+            return
         length = max(length, cfg.max_position_embeddings)
         if length == self._rope_len and self.rope_cos.device == self.device:
             return
@@ -302,7 +348,7 @@ class InternLMForCausalLM(nn.Module):
         for layer in self.model.layers:
             attn = layer.self_attn
             attn.kv_cache = None  # free the old buffers before allocating the new ones
-            attn.kv_cache = KVCache(batch, attn.n_heads, length, attn.head_dim, dtype, attn.o_proj.weight.device)
+            attn.kv_cache = KVCache(batch, attn.n_kv_heads, length, attn.head_dim, dtype, attn.o_proj.weight.device)
         self.cache_batch, self.cache_len = batch, length
         self.cache_generation += 1
         self.setup_rope(length)
@@ -355,8 +401,20 @@ class InternLMForCausalLM(nn.Module):
         self.fused = None
         return self
 
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """Upstream's keys and shapes: v1's as they are; InternLM2's renamed, with q/k/v packed
+        back into one `attention.wqkv` per layer in upstream's kv-group layout."""
+        sd = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if self.config.family == "internlm2":
+            from .internlm2 import to_internlm2_state_dict
+            to_internlm2_state_dict(sd, self.config, prefix)
+        return sd
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Upstream keys load into a fused model too: it is unfused, loaded and fused again."""
+        if self.config.family == "internlm2":
+            from .internlm2 import from_internlm2_state_dict
+            state_dict = from_internlm2_state_dict(state_dict, self.config)
         fused = self.fused
         if fused is not None:
             self.unfuse_projections()
@@ -380,6 +438,7 @@ class InternLMForCausalLM(nn.Module):
         cache_pos: torch.Tensor | None = None,
         kv_mask: torch.Tensor | None = None,
         last_only: bool = False,
+        rope_seq_len: int | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab), or (B, 1, vocab) with `last_only`.
 
@@ -387,7 +446,9 @@ class InternLMForCausalLM(nn.Module):
         real tokens (0 for left padding). With `cache_pos` (T,) and `kv_mask` (B, 1, T, L),
         L <= cache length: keys/values are written to the static caches at `cache_pos` and
         queries attend over the first L cache slots where `kv_mask` is True; `position_ids`
-        (B, T) must be given.
+        (B, T) must be given. `rope_seq_len` is the sequence length dynamic rotary scaling
+        (InternLM2) sizes its base for, when it is not this call's largest position + 1: a chunked
+        prefill passes the whole prompt's length.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -407,7 +468,10 @@ class InternLMForCausalLM(nn.Module):
             if position_ids is None or kv_mask is None:
                 raise ValueError("cached forward needs position_ids and kv_mask")
             mask = kv_mask
-        if cache_pos is None or self.cache_len == 0 or self._rope_len < self.cache_len \
+        if self.config.family == "internlm2":
+            cos, sin = rope_from_positions(position_ids, self.config, rope_seq_len)
+            cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]
+        elif cache_pos is None or self.cache_len == 0 or self._rope_len < self.cache_len \
                 or self.rope_cos.device != x.device:
             # uncached calls size the table to their own length (dynamic scaling depends on it);
             # cached calls use the table that setup_caches built for the whole generation (a
@@ -415,8 +479,9 @@ class InternLMForCausalLM(nn.Module):
             needed = int(position_ids.max()) + 1 if position_ids.numel() else 0
             if cache_pos is None or needed > self._rope_len or self.rope_cos.device != x.device:
                 self.setup_rope(needed)
-        cos = self.rope_cos[position_ids].to(x.dtype)[:, None]
-        sin = self.rope_sin[position_ids].to(x.dtype)[:, None]
+        if self.config.family != "internlm2":
+            cos = self.rope_cos[position_ids].to(x.dtype)[:, None]
+            sin = self.rope_sin[position_ids].to(x.dtype)[:, None]
         home = x.device
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache_pos)
@@ -442,8 +507,9 @@ def num_parameters(model: nn.Module) -> int:
 
 def kv_cache_bytes(cfg: InternLMConfig, batch: int, length: int, dtype=torch.float16) -> int:
     elem = torch.empty(0, dtype=dtype).element_size()
-    return 2 * cfg.num_hidden_layers * batch * length * cfg.hidden_size * elem
+    return 2 * cfg.num_hidden_layers * batch * length * cfg.kv_heads * cfg.head_dim * elem
 
 
-__all__ = ["InternLMForCausalLM", "PackedLinear", "RMSNorm", "KVCache", "rope_tables", "apply_rope", "kv_cache_bytes",
+__all__ = ["InternLMForCausalLM", "PackedLinear", "RMSNorm", "KVCache", "rope_tables", "rope_from_positions",
+           "apply_rope", "kv_cache_bytes",
            "num_parameters"]

@@ -15,10 +15,12 @@ from typing import Any, Iterator
 
 import torch
 
-from .chat import Turn, build_chat_ids, chat_template_of, check_history, check_template
+from .chat import (INTERNLM2_META_INSTRUCTION, Turn, build_chat_ids, build_chatml_ids, chat_template_of,
+                   chatml_stop_ids, check_history, check_template)
 from .checkpoint import CheckpointError, checkpoint_folder, load_checkpoint_into
-from .config import InternLMConfig
-from .decoder import InternLMForCausalLM
+from .config import InternLMConfig, config_from_json
+from .decoder import InternLMForCausalLM, kv_cache_bytes, num_parameters
+from .internlm2 import apply_overrides, checkpoint_options
 from .generation import GenerationConfig, generate, stream_generate
 from .tokenizer import IncrementalDecoder, InternLMTokenizer, load_tokenizer
 
@@ -53,34 +55,89 @@ def check_device(device: torch.device) -> None:
                                                                             if count else ""))
 
 
+class InsufficientMemoryError(RuntimeError):
+    """The model and one session's KV cache do not fit the device; the message has the numbers."""
+
+
+# held back for the CUDA context, allocator slack and prefill activations (as parallel.sharding's)
+RESERVE_BYTES = 1 << 30
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
+
+
+def check_fits_device(model, dtype: torch.dtype, free_bytes: int, device: str = "the device",
+                      kv_split: int = 1) -> None:
+    """Refuse (before any weight is read) a model, built on the meta device, whose weights plus the
+    KV cache of one session of `model.context_window` tokens plus a reserve exceed `free_bytes`.
+    `kv_split` ranks share the cache (tensor parallelism after loading: each rank first loads every
+    weight, then keeps 1/W of them and of the kv heads)."""
+    cfg = model.config
+    elem = torch.empty(0, dtype=dtype).element_size()
+    weights = num_parameters(model) * elem
+    window = model.context_window
+    per_token = kv_cache_bytes(cfg, 1, 1, dtype) // kv_split
+    need = weights + per_token * window + RESERVE_BYTES
+    if need <= free_bytes:
+        return
+    room = (free_bytes - weights - RESERVE_BYTES) // per_token
+    fix = (f"load with max_context={int(room)} or less (the most that fits), " if room >= 2 else "")
+    raise InsufficientMemoryError(
+        f"the model does not fit {device}: {str(dtype).replace('torch.', '')} weights {_gib(weights)} + KV cache "
+        f"for one {window}-token session {_gib(per_token * window)} ({per_token // 1024} KiB per token"
+        f"{f' on each of {kv_split} tensor-parallel ranks' if kv_split > 1 else ''}) + "
+        f"{_gib(RESERVE_BYTES)} reserve = {_gib(need)}, but {device} has {_gib(free_bytes)} free. To fix: {fix}"
+        f"split it over GPUs (xcomposer.parallel.sharding.gpus_needed(config, gpu_bytes, cache_len={window}) says "
+        f"how many; tensor_parallel splits the KV heads across ranks), or free GPU memory")
+
+
 class InternLM(InternLMForCausalLM):
-    """InternLM v1 chat model (internlm-chat-7b layout) with InternLM's `chat`/`stream_chat`."""
+    """InternLM chat model, either family (InternLM v1 in the internlm-chat-7b layout, InternLM2 /
+    InternLM2.5 in upstream's internlm2 layout), with InternLM's `chat`/`stream_chat`."""
 
     tokenizer: InternLMTokenizer | None = None
-    chat_template: str = "2023-12"  # llm/chat.py: "2023-07" or "2023-12", set by from_pretrained
+    chat_template: str = "2023-12"  # llm/chat.py: "2023-07", "2023-12" (v1) or "chatml" (InternLM2), set on loading
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | str | None = None, fuse: bool = True,
+                        dtype: torch.dtype | str | None = None, fuse: bool = True, rope_scaling: Any = "config",
+                        rope_scaling_factor: float | None = None, max_context: int | None = None,
                         template: str | None = None) -> "InternLM":
-        """Load a local folder or hub id in the internlm-chat-7b layout, strictly.
+        """Load a local folder or hub id of either family, strictly: InternLM v1 (internlm-chat-7b
+        layout) or InternLM2 / InternLM2.5 (`model_type` "internlm2" in config.json).
 
         The model is built on the meta device and filled shard by shard, so memory peaks at
         the model plus one shard. `fuse` packs q/k/v and gate/up once loaded
-        (`fuse_projections`). `template` ("2023-07" or "2023-12") overrides the chat template
-        read from the folder's `modeling_internlm.py` (llm/chat.py, `chat_template_of`); what
-        decided it is printed and kept in `model.load_notes`.
+        (`fuse_projections`). InternLM2 only: `rope_scaling` ({"type": "dynamic" | "linear",
+        "factor": f} or None) and `rope_scaling_factor` override config.json's rotary scaling.
+        `max_context` sets the context window (prompt plus reply; default max_position_embeddings),
+        e.g. 1048576 for internlm2_5-7b-chat-1m with dynamic NTK. On a GPU, a model whose weights
+        plus the KV cache of one `max_context` session do not fit is refused before any weight is read.
+        InternLM v1 only: `template` ("2023-07" or "2023-12") overrides the chat template read from
+        the folder's `modeling_internlm.py` (llm/chat.py, `chat_template_of`); InternLM2 uses chatml.
+        What decided the template is printed and kept in `model.load_notes`.
         """
         if template is not None:
             check_template(template)
         folder, cfg_file = checkpoint_folder(path_or_hub_id, "InternLM")
-        cfg = InternLMConfig.from_json(cfg_file)
+        cfg = apply_overrides(config_from_json(cfg_file), rope_scaling=rope_scaling,
+                              rope_scaling_factor=rope_scaling_factor, max_context=max_context)
+        if cfg.family == "internlm2" and template is not None:
+            raise ValueError(f"template={template!r} applies to InternLM v1 (internlm-chat-7b); InternLM2 checkpoints "
+                             f"use the chatml template")
         device = torch.device(device)
         check_device(device)
         dtype = resolve_dtype(dtype, device, cfg.torch_dtype)
         with torch.device("meta"):
             model = cls(cfg)
-        load_checkpoint_into(model, folder, device=device, dtype=dtype)
+        if max_context is not None:
+            model.context_window = max_context
+        if device.type == "cuda":  # under torch.distributed, tensor_parallel will split the cache over the ranks
+            ranks = torch.distributed.get_world_size() if torch.distributed.is_available() \
+                and torch.distributed.is_initialized() else 1
+            check_fits_device(model, dtype, int(torch.cuda.mem_get_info(device)[0]), str(device), kv_split=ranks)
+        load_checkpoint_into(model, folder, device=device, dtype=dtype, **checkpoint_options(cfg))
         model.setup_rope(cfg.max_position_embeddings)
         if fuse:
             model.fuse_projections()
@@ -88,7 +145,9 @@ class InternLM(InternLMForCausalLM):
         if (folder / "tokenizer.model").is_file():
             model.tokenizer = load_tokenizer(folder)
         model.source = Path(folder)
-        if template is not None:
+        if cfg.family == "internlm2":
+            model.chat_template, why = "chatml", "config.json model_type internlm2"
+        elif template is not None:
             model.chat_template, why = template, "template= given"
         else:
             model.chat_template, why = chat_template_of(folder)
@@ -96,14 +155,55 @@ class InternLM(InternLMForCausalLM):
         print(f"InternLM {folder.name}: " + "; ".join(model.load_notes), file=sys.stderr)
         return model
 
+    # -- transformers-style generate ---------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, input_ids, attention_mask=None, **options: Any) -> torch.Tensor:
+        """`model.generate(input_ids, attention_mask=None, max_new_tokens=..., do_sample=..., num_beams=...)`
+        as transformers users call it: a (B, T) LongTensor batch in (left padding marked by
+        `attention_mask`), the prompt plus the new tokens out, (B, T + n), finished rows filled
+        with the pad id as transformers does. Options are `GenerationConfig`'s; the stop and pad
+        ids default to config.json's. The engine is `xcomposer.generate` (which takes and returns
+        lists of ids, unpadded)."""
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32) or ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a (batch, length) LongTensor of token ids with length >= 1, got "
+                             f"shape {tuple(ids.shape)} and dtype {ids.dtype}")
+        if attention_mask is None:
+            mask = torch.ones_like(ids, dtype=torch.bool)
+        else:
+            mask = torch.as_tensor(attention_mask).to(ids.device).bool()
+            if mask.shape != ids.shape:
+                raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(ids.shape)}: "
+                                 f"give one 0/1 entry per token")
+            if (mask.long().diff(dim=1) < 0).any():
+                raise ValueError("attention_mask marks padding after real tokens: pad on the left "
+                                 "(tokenizer.padding_side = 'left'), as generation needs")
+        options.setdefault("eos_token_id", self.config.eos_token_id)
+        options.setdefault("pad_token_id", self.config.pad_token_id)
+        rows = [r[m].tolist() for r, m in zip(ids.cpu(), mask.cpu())]
+        out = generate(self, rows, **options)
+        pad = int(options["pad_token_id"])
+        width = max((len(t) for t in out.tokens), default=0)
+        new = torch.full((ids.shape[0], width), pad, dtype=ids.dtype)
+        for i, t in enumerate(out.tokens):
+            new[i, :len(t)] = torch.tensor(t, dtype=ids.dtype)
+        return torch.cat([ids, new.to(ids.device)], dim=1)
+
     # -- chat --------------------------------------------------------------------------------
     def _chat_config(self, tokenizer: InternLMTokenizer, options: dict[str, Any]) -> GenerationConfig:
         merged = {**CHAT_DEFAULTS, **options}
-        stop = [tokenizer.eos_token_id, tokenizer.eoa_token_id]
+        stop = chatml_stop_ids(tokenizer) if self.config.family == "internlm2" else \
+            [tokenizer.eos_token_id, tokenizer.eoa_token_id]
         return GenerationConfig(eos_token_id=stop, pad_token_id=tokenizer.pad_token_id).replace(**merged)
 
     def _chat_prompt(self, tokenizer, query: str, history, cfg: GenerationConfig,
-                     meta_instruction: str | None) -> list[int]:
+                     meta_instruction: str | None = None) -> list[int]:
+        """The prompt ids; `meta_instruction` None means the template's default system text."""
+        if self.config.family == "internlm2":
+            meta = INTERNLM2_META_INSTRUCTION if meta_instruction is None else meta_instruction
+            return build_chatml_ids(tokenizer, query, history, self.context_window, cfg.max_new_tokens, meta)[0]
         ids, _dropped = build_chat_ids(tokenizer, query, history, self.context_window, cfg.max_new_tokens,
                                        self.chat_template, meta_instruction)
         return ids
@@ -116,7 +216,9 @@ class InternLM(InternLMForCausalLM):
         `options` are generation options (transformers' names); defaults are InternLM's
         (sampling at temperature 0.8, top_p 0.8, up to 1024 new tokens). `streamer`, if given,
         receives token tensors through `put()` and `end()` like a transformers streamer.
-        `meta_instruction` replaces the 2023-12 template's system text ("" leaves the system turn out).
+        `meta_instruction` replaces the system text of InternLM2's chatml template and of
+        internlm-chat-7b's 2023-12 template ("" leaves the system turn out; the July 2023 template
+        has none).
         """
         history = check_history(history)
         cfg = self._chat_config(tokenizer, options)
@@ -153,4 +255,5 @@ class InternLM(InternLMForCausalLM):
         yield response, history + [(query, response)]
 
 
-__all__ = ["InternLM", "load_tokenizer", "CHAT_DEFAULTS", "resolve_dtype", "check_device"]
+__all__ = ["InternLM", "load_tokenizer", "CHAT_DEFAULTS", "resolve_dtype", "check_device", "check_fits_device",
+           "InsufficientMemoryError"]

@@ -16,6 +16,7 @@ things sentencepiece does not do for us:
 from __future__ import annotations
 
 import io
+import json
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -27,11 +28,15 @@ __all__ = [
     "IncrementalDecoder",
     "load_tokenizer",
     "train_tiny_tokenizer",
+    "apply_tokenizer_config",
+    "clean_up_tokenization",
     "TOKENIZER_FILE",
     "check_text",
+    "TOKENIZER_CONFIG_FILE",
 ]
 
 TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 
 def check_text(text, what: str = "the text") -> str:
@@ -252,7 +257,8 @@ class InternLMTokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Ids to text. Specials are dropped, or written as their piece text."""
-        return self._decode(_as_list(ids), skip_special_tokens, at_start=True)
+        text = self._decode(_as_list(ids), skip_special_tokens, at_start=True)
+        return clean_up_tokenization(text) if self.clean_up_tokenization_spaces else text
 
     def _decode(self, ids: Sequence[int], skip_special_tokens: bool, at_start: bool) -> str:
         # at_start: nothing but <s> precedes ids[0] in the full sequence, so
@@ -281,6 +287,78 @@ class InternLMTokenizer:
 
     def __repr__(self) -> str:
         return f"InternLMTokenizer({str(self.model_file)!r}, vocab_size={self.vocab_size})"
+
+    # ------------------------------------------------- added tokens (InternLM2)
+
+    #: transformers' clean-up of spaces before punctuation on decode, as tokenizer_config.json's
+    #: `clean_up_tokenization_spaces` says (InternLM2's published configs say false)
+    clean_up_tokenization_spaces = False
+
+    def add_named_tokens(self, tokens: dict[int, str], source: str = "tokenizer_config.json") -> None:
+        """Name existing ids by new texts, as `added_tokens_decoder` does in a tokenizer_config.json.
+
+        InternLM2's model file holds `[UNUSED_TOKEN_141..146]` pieces that its tokenizer config
+        names `<|plugin|>` .. `<|im_start|>`. Each named id becomes special: `encode` matches its
+        text literally (the text around it is encoded span by span), `decode` writes the name (or
+        drops it with `skip_special_tokens`), and `token_to_id` finds it under both names.
+        """
+        for token_id, text in tokens.items():
+            if not isinstance(text, str) or not text:
+                raise ValueError(f"{source}: added token {token_id} has no text ({text!r})")
+            if not (isinstance(token_id, int) and 0 <= token_id < len(self._pieces)):
+                raise ValueError(f"{source} names token id {token_id} ({text!r}) but {self.model_file} has "
+                                 f"{len(self._pieces)} pieces: the files come from different checkpoints")
+        special = set(self._special_ids)
+        for token_id, text in tokens.items():
+            if self._pieces[token_id] == text:
+                special.add(token_id)
+                continue
+            self._pieces[token_id] = text
+            self._piece_to_id[text] = token_id
+            special.add(token_id)
+        self._special_ids = frozenset(special)
+        self._special_by_piece = {self._pieces[i]: i for i in special if self._pieces[i]}
+        alternatives = sorted(self._special_by_piece, key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
+
+    def chat_token_id(self, text: str) -> int:
+        """The id of a named chat token such as "<|im_end|>"; an error naming the fix if absent."""
+        token_id = self._piece_to_id.get(text)
+        if token_id is None or token_id not in self._special_ids:
+            raise ValueError(f"{self.model_file} has no {text} token: InternLM2 names it in "
+                             f"{TOKENIZER_CONFIG_FILE} (added_tokens_decoder); put the checkpoint's "
+                             f"{TOKENIZER_CONFIG_FILE} next to {TOKENIZER_FILE}")
+        return token_id
+
+
+def clean_up_tokenization(text: str) -> str:
+    """transformers' `clean_up_tokenization`: no space before . ? ! , and English contractions."""
+    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(a, b)
+    return text
+
+
+def apply_tokenizer_config(tokenizer: InternLMTokenizer, path: str | Path) -> InternLMTokenizer:
+    """Read `added_tokens_decoder` and `clean_up_tokenization_spaces` from a tokenizer_config.json."""
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-download {TOKENIZER_CONFIG_FILE}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} holds {type(cfg).__name__}, not a JSON object; re-download it")
+    added = cfg.get("added_tokens_decoder") or {}
+    tokens = {}
+    for key, entry in added.items():
+        text = entry.get("content") if isinstance(entry, dict) else entry
+        try:
+            tokens[int(key)] = text
+        except ValueError:
+            raise ValueError(f"{path}: added_tokens_decoder key {key!r} is not a token id") from None
+    tokenizer.add_named_tokens(tokens, str(path))
+    tokenizer.clean_up_tokenization_spaces = bool(cfg.get("clean_up_tokenization_spaces", False))
+    return tokenizer
 
 
 def _as_list(ids: Iterable[int]) -> list[int]:
@@ -376,7 +454,10 @@ def load_tokenizer(path: str | Path) -> InternLMTokenizer:
                 f"no {TOKENIZER_FILE} in folder {path} (looked for {model_file}); "
                 f"copy the checkpoint's sentencepiece model there or pass the file's path"
             )
-        return InternLMTokenizer(model_file)
+        tok = InternLMTokenizer(model_file)
+        if (path / TOKENIZER_CONFIG_FILE).is_file():  # InternLM2 names its chat tokens there
+            apply_tokenizer_config(tok, path / TOKENIZER_CONFIG_FILE)
+        return tok
     if not path.exists():
         raise FileNotFoundError(
             f"tokenizer path not found: {path}; pass a checkpoint folder containing "
@@ -470,6 +551,8 @@ def train_tiny_tokenizer(
     vocab_size: int = 1000,
     extra_pieces: Sequence[str] = (),
     xcomposer_names: bool = False,
+    chat_pieces: Sequence[str] | None = None,
+    add_dummy_prefix: bool = True,
 ) -> Path:
     """Train a small real sentencepiece BPE model shaped like InternLM's.
 
@@ -479,12 +562,15 @@ def train_tiny_tokenizer(
     Identity normalisation, no whitespace collapsing and byte fallback make
     every string round-trip. Single-threaded, so the bytes are deterministic.
     ``out_path`` is a ``*.model`` file or a folder (gets ``tokenizer.model``).
-    Returns the written file.
+    Returns the written file. ``chat_pieces`` replaces the chat pieces (InternLM2's model file
+    holds ``[UNUSED_TOKEN_141..146]`` there); ``add_dummy_prefix=False`` as InternLM2's has.
     """
     out = Path(out_path)
     if out.suffix != ".model":
         out = out / TOKENIZER_FILE
     chat = ["<TOKENS_UNUSED_0>", "<TOKENS_UNUSED_1>"] if xcomposer_names else ["<eoh>", "<eoa>"]
+    if chat_pieces is not None:
+        chat = list(chat_pieces)
     symbols = list(dict.fromkeys(chat + list(extra_pieces)))
     buf = io.BytesIO()
     try:
@@ -500,6 +586,7 @@ def train_tiny_tokenizer(
             split_digits=True,
             allow_whitespace_only_pieces=True,
             remove_extra_whitespaces=False,
+            add_dummy_prefix=add_dummy_prefix,
             normalization_rule_name="identity",
             num_threads=1,
             shuffle_input_sentence=False,

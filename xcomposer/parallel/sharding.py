@@ -126,9 +126,10 @@ def _llm_config(config: AnyConfig) -> InternLMConfig:
 
 
 def kv_bytes_per_layer(config: AnyConfig, batch: int, cache_len: int, dtype: torch.dtype) -> int:
-    """Keys + values of one decoder layer for `batch` rows of `cache_len` tokens."""
+    """Keys + values of one decoder layer for `batch` rows of `cache_len` tokens (the kv heads only:
+    with grouped-query attention, InternLM2's 8 of 32)."""
     c = _llm_config(config)
-    return 2 * batch * cache_len * c.num_attention_heads * c.head_dim * _elem(dtype)
+    return 2 * batch * cache_len * c.kv_heads * c.head_dim * _elem(dtype)
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -315,6 +316,23 @@ def memory_report(config: AnyConfig, num_gpus: int = 1, dtype: torch.dtype = tor
     return MemoryReport(devices, dtype, batch, cache_len, device_map, per_token)
 
 
+def gpus_needed(config: AnyConfig, gpu_bytes: int, *, dtype: torch.dtype = torch.float16, batch: int = 1,
+                cache_len: int | None = None, reserve: int = DEFAULT_RESERVE) -> tuple[int, MemoryReport]:
+    """The fewest GPUs of `gpu_bytes` each that hold the model plus a `batch` x `cache_len` KV cache
+    in the balanced placement, and that placement's report; `ShardingError` when even one GPU per
+    decoder layer is not enough. E.g. a 1M-token session of internlm2_5-7b-chat-1m:
+    `gpus_needed(internlm2_5_7b_chat_1m_config(), 141 * 10**9, cache_len=1 << 20)`."""
+    if not isinstance(gpu_bytes, int) or gpu_bytes <= 0:
+        raise ShardingError(f"gpu_bytes={gpu_bytes!r} must be a positive byte count")
+    layers = _llm_config(config).num_hidden_layers
+    for n in range(1, layers + 1):
+        report = memory_report(config, n, dtype, batch, cache_len, [gpu_bytes] * n, reserve=reserve)
+        if report.fits:
+            return n, report
+    raise ShardingError(f"even {layers} GPUs of {_gib(gpu_bytes)} (one decoder layer each) cannot hold the model "
+                        f"and its KV cache:\n{report}\nshorten the cache (cache_len, batch) or use larger GPUs")
+
+
 def placement(config: AnyConfig, num_gpus: int = 1, *, dtype: torch.dtype = torch.float16, batch: int = 1,
               cache_len: int | None = None, budgets: Sequence[int] | None = None,
               reserve: int = DEFAULT_RESERVE) -> dict[str, int]:
@@ -400,6 +418,6 @@ def require_gpus(num_gpus: int) -> None:
             + (" with device='cpu'" if have == 0 else "") + f", or run on a machine with {num_gpus} GPUs")
 
 
-__all__ = ["ShardingError", "DeviceMemory", "MemoryReport", "memory_report", "placement", "check_fits",
+__all__ = ["ShardingError", "DeviceMemory", "MemoryReport", "memory_report", "placement", "check_fits", "gpus_needed",
            "kv_bytes_per_layer", "dispatch", "device_of", "cuda_budgets", "require_gpus",
            "DEFAULT_RESERVE", "DEFAULT_KV_BATCH"]

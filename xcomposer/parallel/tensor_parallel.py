@@ -4,7 +4,9 @@ Megatron-style split of every decoder layer across the W ranks of a group (docs/
 
 * q/k/v and gate/up are column-parallel: rank r keeps rows [r*n/W, (r+1)*n/W) of each weight
   (and of the q/k/v biases), so it computes its own H/W attention heads and its own slice of the
-  MLP's intermediate features without talking to anyone;
+  MLP's intermediate features without talking to anyone. With grouped-query attention (InternLM2)
+  the same cut gives rank r kv heads [r*KV/W, (r+1)*KV/W) and exactly the query heads that share
+  them (query head i uses kv head i // (H/KV)), so W must divide the kv heads too;
 * o_proj and down_proj are row-parallel: rank r keeps the matching input columns, computes a
   partial product, and an `all_reduce` (sum) makes the full output on every rank; the bias is
   added once, after the reduce;
@@ -64,6 +66,11 @@ def check_shardable(cfg: InternLMConfig, world_size: int) -> None:
     if cfg.intermediate_size % world_size:
         raise ValueError(f"intermediate_size={cfg.intermediate_size} cannot be split evenly over {world_size} "
                          f"ranks: use a world size that divides it")
+    if cfg.kv_heads % world_size:  # grouped-query attention (InternLM2): each rank keeps whole kv heads
+        ok = [w for w in range(1, cfg.kv_heads + 1) if cfg.kv_heads % w == 0 and cfg.intermediate_size % w == 0]
+        raise ValueError(f"num_key_value_heads={cfg.kv_heads} cannot be split evenly over {world_size} ranks (each "
+                         f"rank keeps whole key/value heads and the query heads that share them): use a world size "
+                         f"among {ok}")
 
 
 def _rows(t: torch.Tensor | None, rank: int, world: int) -> torch.Tensor | None:
@@ -109,6 +116,7 @@ def shard_decoder(model: InternLMForCausalLM, group=None) -> InternLMForCausalLM
                                                                                      attn.v_proj))
         attn.o_proj = _row(attn.o_proj, rank, world, group)
         attn.n_heads = model.config.num_attention_heads // world
+        attn.n_kv_heads = model.config.kv_heads // world  # rank r: kv heads [r*KV/W, ...) and their query groups
         mlp.gate_proj, mlp.up_proj = _column(mlp.gate_proj, rank, world), _column(mlp.up_proj, rank, world)
         mlp.down_proj = _row(mlp.down_proj, rank, world, group)
     model.tp_group, model.tp_rank, model.tp_world_size = group, rank, world

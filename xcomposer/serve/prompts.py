@@ -56,8 +56,8 @@ class ServedModel:
         self.tokenizer = model.tokenizer
         self.vision = isinstance(model, XComposer)
         # a system message becomes the template's system turn (meta_instruction) where there is one:
-        # internlm-chat-7b's 2023-12 template; not its July 2023 one, nor XComposer's
-        self.has_system_turn = not self.vision and getattr(model, "chat_template", None) == "2023-12"
+        # internlm-chat-7b's 2023-12 template and InternLM2's chatml; not the July 2023 one, nor XComposer's
+        self.has_system_turn = not self.vision and getattr(model, "chat_template", None) in ("2023-12", "chatml")
 
     # -- options -----------------------------------------------------------------------------
     def config(self, options: dict[str, Any], completion: bool = False) -> GenerationConfig:
