@@ -214,7 +214,7 @@ def test_chat_defaults_and_stops_are_upstreams(model):
     cfg = model._chat_config(tok, {})
     assert (cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p) == (1024, True, 0.8, 0.8)
     assert cfg.stop_ids == [2, tok.chat_token_id("<|im_end|>")]
-    assert model._chat_config(tok, {"meta_instruction": "x", "top_p": 0.5}).top_p == 0.5
+    assert model._chat_config(tok, {"top_p": 0.5}).top_p == 0.5  # meta_instruction is chat()'s own argument
 
 
 def test_chat_matches_transformers_generate(model, hf):

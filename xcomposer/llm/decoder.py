@@ -61,7 +61,7 @@ def rope_from_positions(position_ids: torch.Tensor, cfg: InternLMConfig,
 
     * "linear": every frequency divided by the factor (positions / factor, as upstream writes it);
     * "dynamic" (NTK): the base depends on the length of *this call*, `seq_len`, by default the
-      largest position + 1: base * ((f * n / max_pos) - (f - 1)) ** (d / (d - 2)) with
+      largest position + 1 of each row: base * ((f * n / max_pos) - (f - 1)) ** (d / (d - 2)) with
       n = max(seq_len, max_pos). A prefill uses the base for the prompt's length, each decode
       step the base for its own position + 1; keys already in the cache keep the rotation they
       were written with. Upstream's `InternLM2DynamicNTKScalingRotaryEmbedding` and transformers'
@@ -72,13 +72,17 @@ def rope_from_positions(position_ids: torch.Tensor, cfg: InternLMConfig,
     exps = torch.arange(0, d, 2, dtype=torch.int64, device=position_ids.device).float() / d
     kind, factor, base = cfg.rope_scaling_type, cfg.rope_scaling_factor, cfg.rope_base
     if kind == "dynamic":
+        # per row: a sequence's rotation never depends on the other rows of its batch (the serving
+        # engine batches unrelated requests); for one sequence this is upstream's rule exactly
         if seq_len is None:
-            n = position_ids.max() + 1
+            n = position_ids.amax(dim=-1) + 1
         else:
-            n = torch.as_tensor(seq_len, dtype=torch.int64, device=position_ids.device)
-        n = torch.clamp_min(n, cfg.max_position_embeddings)
+            n = torch.as_tensor(seq_len, dtype=torch.int64, device=position_ids.device).expand(position_ids.shape[0])
+        n = torch.clamp_min(n, cfg.max_position_embeddings).float()[:, None]
         base = base * ((factor * n / cfg.max_position_embeddings) - (factor - 1)) ** (d / (d - 2))
-    inv_freq = 1.0 / (base ** exps)
+        inv_freq = (1.0 / (base ** exps))[:, None, :]  # (B, 1, d/2)
+    else:
+        inv_freq = 1.0 / (base ** exps)
     if kind == "linear":
         inv_freq = inv_freq / factor
     freqs = position_ids.float()[..., None] * inv_freq
