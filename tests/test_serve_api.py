@@ -506,3 +506,21 @@ def test_loading_and_draining_answer_503(lm_server):
     finally:
         s.server.should_exit = True
         s.thread.join(30)
+
+
+def test_internlm2_system_message_is_the_chatml_system_turn(tmp_path):
+    """For InternLM2 (chatml) a first system message is the meta instruction, as chat(meta_instruction=)."""
+    from xcomposer.llm.chat import INTERNLM2_META_INSTRUCTION, build_chatml_ids
+    from xcomposer.serve.prompts import Message
+    from xcomposer.tiny import write_tiny_internlm2
+
+    m = InternLM.from_pretrained(write_tiny_internlm2(tmp_path / "lm2"))
+    served = ServedModel(m, "tiny2")
+    assert served.has_system_turn and m.chat_template == "chatml"
+    cfg = served.config({"max_new_tokens": 8})
+    tok = m.tokenizer
+    for system, meta in (("Be brief.", "Be brief."), (None, INTERNLM2_META_INSTRUCTION)):
+        msgs = ([Message("system", system)] if system else []) + [Message("user", "hi"), Message("assistant", "yo"),
+                                                                Message("user", "more")]
+        ids = served.chat_prompt(msgs, cfg).ids
+        assert ids == build_chatml_ids(tok, "more", [("hi", "yo")], m.context_window, 8, meta)[0]

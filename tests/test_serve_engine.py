@@ -209,3 +209,31 @@ def test_python_api_shares_the_model_with_a_running_engine_through_its_lock(fold
     assert busy[0] == 1  # the chats ran while the engine's request was mid-decode
     assert chats == [ref_chat] * 3
     assert done.tokens == ref_engine
+
+
+@pytest.mark.parametrize("step", ["eager", "static"])
+def test_internlm2_requests_past_the_window_equal_each_alone(tmp_path, step):
+    """GQA caches and per-row dynamic NTK in the engine: InternLM2 prompts beyond
+    max_position_embeddings (each row its own rotary base), batched, equal each request alone."""
+    from xcomposer.llm.chat import chatml_stop_ids
+    from xcomposer.tiny import write_tiny_internlm2
+
+    m = InternLM.from_pretrained(write_tiny_internlm2(tmp_path / "lm2", max_position_embeddings=64,
+                                                      rope_scaling={"type": "dynamic", "factor": 2.0}),
+                                 max_context=256)
+    assert m.config.num_key_value_heads < m.config.num_attention_heads
+    if step == "static":
+        use_cuda_graphs(m)
+    tok = m.tokenizer
+    g = torch.Generator().manual_seed(0)
+    prompts = [[tok.bos_token_id] + torch.randint(10, 900, (n,), generator=g).tolist() for n in (20, 90, 130, 50)]
+    cfg = GenerationConfig(eos_token_id=chatml_stop_ids(tok), pad_token_id=0, max_new_tokens=12)
+    ref = [generate(m, [p], config=cfg).tokens[0] for p in prompts]
+    with Engine(m, max_batch_size=4, session_len=256, prefill_chunk=32) as eng:
+        qs = []
+        for p in prompts:
+            q = queue.Queue()
+            eng.submit(Prompt(ids=p), cfg, q.put)
+            qs.append(q)
+        together = [_drain(q)[1].tokens for q in qs]
+    assert together == ref

@@ -442,7 +442,7 @@ class InternLMForCausalLM(nn.Module):
         cache_pos: torch.Tensor | None = None,
         kv_mask: torch.Tensor | None = None,
         last_only: bool = False,
-        rope_seq_len: int | None = None,
+        rope_seq_len: int | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab), or (B, 1, vocab) with `last_only`.
 

@@ -257,8 +257,8 @@ class _Batch:
             mask = mask | (slots[None, :] == cache_pos[:, None])[None, None]  # pad rows see themselves: no NaN
             x = self.x[:, start:end]
             kw = {"inputs_embeds": x} if self.embeds else {"input_ids": x}
-            if chunk < T:  # dynamic rotary scaling (InternLM2) sizes its base for the whole prompt
-                kw["rope_seq_len"] = int(pos.max()) + 1
+            if chunk < T:  # dynamic rotary scaling (InternLM2) sizes each row's base for its whole prompt
+                kw["rope_seq_len"] = pos.amax(dim=1) + 1
             logits = self.model(**kw, position_ids=pos[:, start:end], cache_pos=cache_pos, kv_mask=mask,
                                 last_only=True)
         return logits[:, -1].float()

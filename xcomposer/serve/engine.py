@@ -455,7 +455,7 @@ class Engine:
             x = seq.embeds[start:end]
         else:
             x = torch.tensor(seq.req.prompt.ids[start:end], dtype=torch.long)
-        logits = self._call("prefill", row=r, start=start, x=x)
+        logits = self._call("prefill", row=r, start=start, x=x, total=n)
         self.kv_valid[r, start:end] = True
         seq.prefilled = end
         if end == n:
@@ -469,8 +469,10 @@ class Engine:
             self.tp.send((kind, {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}))
         return getattr(self, "_run_" + kind)(**kw)
 
-    def _run_prefill(self, row: int, start: int, x: torch.Tensor) -> torch.Tensor:
-        """Prompt tokens (ids (T,) or embeddings (T, hidden)) at slots [start, start + T) of `row`."""
+    def _run_prefill(self, row: int, start: int, x: torch.Tensor, total: int | None = None) -> torch.Tensor:
+        """Prompt tokens (ids (T,) or embeddings (T, hidden)) at slots [start, start + T) of `row`, a
+        chunk of a `total`-token prompt (dynamic rotary scaling sizes its base for the whole prompt, so
+        chunks equal one pass)."""
         end = start + x.shape[0]
         cache_pos = self.slots[start:end]
         mask = (self.slots[None, :end] <= cache_pos[:, None])[None, None]  # causal over the row's slots
@@ -478,7 +480,8 @@ class Engine:
         kw = {"input_ids": x[None]} if x.dtype == torch.long else {"inputs_embeds": x[None]}
         self._install(self._views[row])
         try:
-            return self.llm(**kw, position_ids=cache_pos[None], cache_pos=cache_pos, kv_mask=mask, last_only=True)
+            return self.llm(**kw, position_ids=cache_pos[None], cache_pos=cache_pos, kv_mask=mask, last_only=True,
+                            rope_seq_len=total)
         finally:
             self._uninstall()
 
