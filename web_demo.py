@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default=None, choices=["7b", "vl-7b"],
                    help="internlm-xcomposer-7b (meta instruction, 500 new tokens) or -vl-7b; default: read from the "
                         "folder's modeling_InternLM_XComposer.py, else from its name")
+    p.add_argument("--max-batch-size", "--max_batch_size", dest="max_batch_size", type=int, default=4,
+                   help="one-beam chats of up to this many sessions run together in the batching engine "
+                        "(default 4; its KV cache holds this many full-context rows); 1 answers one at a time")
     p.add_argument("--max-context", "--max_context", dest="max_context", type=int, default=None,
                    help="text-only models: the context window in tokens (prompt plus reply; default the "
                         "checkpoint's max_position_embeddings; dynamic NTK lets InternLM2 go past it)")
@@ -63,6 +66,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --port {args.port} is not a port number (0-65535)")
     if args.max_concurrency < 1:
         raise SystemExit(f"error: --max-concurrency {args.max_concurrency} must be at least 1")
+    if args.max_batch_size < 1:
+        raise SystemExit(f"error: --max-batch-size {args.max_batch_size} must be at least 1")
     if args.max_context is not None and args.max_context < 2:
         raise SystemExit(f"error: --max-context {args.max_context} must be at least 2 tokens")
 
@@ -154,18 +159,19 @@ def main(argv: list[str] | None = None) -> int:
             write_tiny_internlm2(folder)
         model = InternLM.from_pretrained(folder, max_context=args.max_context)
         app = DemoApp(model, None, args.out, banner=DEMO_BANNER, max_concurrency=args.max_concurrency,
-                      chat_defaults={"max_new_tokens": 48})
+                      max_batch_size=args.max_batch_size, chat_defaults={"max_new_tokens": 48})
         launch(app, host=args.host, port=args.port)
         return 0
     if args.demo:
         model, library = demo_setup(args)
         app = DemoApp(model, library, args.out, banner=DEMO_BANNER, max_concurrency=args.max_concurrency,
-                      compose_defaults=dict(max_new_tokens=200, num_beams=1, num_images=3),
+                      max_batch_size=args.max_batch_size, compose_defaults=dict(max_new_tokens=200, num_beams=1, num_images=3),
                       chat_defaults={**CHAT_DEFAULTS, "max_new_tokens": 64, "num_beams": 1})
     else:
         library = load_library(args.library)  # a bad library fails before the long model load
         model = load_model(args)
-        app = DemoApp(model, library, args.out, max_concurrency=args.max_concurrency)
+        app = DemoApp(model, library, args.out, max_concurrency=args.max_concurrency,
+                      max_batch_size=args.max_batch_size)
     if library is None and app.vision:
         print("note: no --library given: articles get captions but no pictures", file=sys.stderr)
     launch(app, host=args.host, port=args.port)

@@ -257,3 +257,43 @@ def test_several_gpus_without_cuda_load_on_the_cpu_with_a_warning(model, tmp_pat
     assert "--num_gpus 2 but no CUDA device is visible" in err
     assert "--cuda-graphs needs the model on one CUDA GPU" in err
 
+
+
+# -- one-beam chats through the batching engine ---------------------------------------------------
+
+def _final(app, *args, **kw):
+    return list(app.chat_turn(*args, **kw))[-1]
+
+
+def test_one_beam_chats_of_several_sessions_share_the_engine(model, tmp_path):
+    """Two sessions' greedy chats, run at the same time through the engine, answer exactly what each
+    gets alone from the model's own chat; a beam-search chat still runs (between engine steps)."""
+    import threading
+
+    lone = DemoApp(model, None, tmp_path / "alone")
+    refs, shown = lone.store_uploads([str(_png(tmp_path / "a.png"))], "s")
+    greedy = lone.chat_options(40, 1, 1.0, False, 1.0, 1.0)
+    want_a = _final(lone, "What is in the picture?", refs, shown, ChatSession(), greedy)[1]
+    want_b = _final(lone, "Tell me a story.", [], [], ChatSession(), greedy)[1]
+
+    app = DemoApp(model, None, tmp_path / "out", max_batch_size=4)
+    try:
+        got = {}
+        threads = [threading.Thread(target=lambda k=k, q=q, r=r: got.__setitem__(
+            k, _final(app, q, r, r and shown, ChatSession(), greedy)[1]))
+            for k, q, r in (("a", "What is in the picture?", refs), ("b", "Tell me a story.", []))]
+        steps_before = app.engine.steps
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert got["a"].history == want_a.history and got["b"].history == want_b.history
+        assert app.engine.steps > steps_before  # answered by the engine, not the model's own chat
+        beams = _final(app, "Again?", [], [], got["b"], app.chat_options(8, 2, 1.0, False, 1.0, 1.0))[1]
+        assert len(beams.history) == 4
+        # a second engine turn continues the history exactly as the model's own chat would
+        second = _final(app, "And then?", [], [], got["b"], greedy)[1]
+        alone2 = _final(lone, "And then?", [], [], want_b, greedy)[1]
+        assert second.history == alone2.history
+    finally:
+        app.close()

@@ -112,7 +112,8 @@ class DemoApp:
     session's state and return its new value."""
 
     def __init__(self, model, library=None, out_root: str | Path = "web_demo_output", *, banner: str | None = None,
-                 max_concurrency: int = 1, compose_defaults: dict | None = None, chat_defaults: dict | None = None):
+                 max_concurrency: int = 1, compose_defaults: dict | None = None, chat_defaults: dict | None = None,
+                 max_batch_size: int = 1):
         self.model = model
         # an XComposer sees images and writes articles; a text-only InternLM chats and reads documents
         self.vision = hasattr(model, "encode_image")
@@ -124,6 +125,14 @@ class DemoApp:
         self.compose_defaults = {**COMPOSE_DEFAULTS, **(compose_defaults or {})}
         self.chat_defaults = {**(CHAT_DEFAULTS if self.vision else TEXT_CHAT_DEFAULTS), **(chat_defaults or {})}
         self.lock = threading.Lock()
+        # one-beam chats of several sessions run together in the batching engine (serve/engine.py),
+        # which holds the same lock for each step: beam search and composition run between steps
+        self.engine = None
+        if max_batch_size > 1:
+            from ..engine import Engine
+            from ..prompts import ServedModel
+            self.served = ServedModel(model, "web-demo")
+            self.engine = Engine(model, max_batch_size=max_batch_size, model_lock=self.lock)
         self.download_root = Path(tempfile.mkdtemp(prefix="xcomposer-downloads-"))
         self._thumbs: OrderedDict[tuple, str] = OrderedDict()
 
@@ -226,7 +235,9 @@ class DemoApp:
             yield ("history", [list(t) for t in pairs])
 
         reply, new_history = "", None
-        for kind, value in self.stream_locked(make):
+        batched = self.engine is not None and int(options.get("num_beams", 1)) == 1
+        source = self._engine_pieces(query, refs, history, options) if batched else self.stream_locked(make)
+        for kind, value in source:
             if kind == "piece":
                 reply += value
                 messages[-1] = {"role": "assistant", "content": reply}
@@ -237,6 +248,48 @@ class DemoApp:
             messages[-1] = {"role": "assistant", "content": "(the model gave an empty reply)"}
         new = ChatSession(history=new_history, messages=messages, last=(text, refs, shown))
         yield messages, new
+
+    def _engine_pieces(self, query: str, refs: list[str], history: list, options: dict) -> Iterator[tuple[str, Any]]:
+        """One chat turn through the batching engine, as ("piece", text) ... ("history", history); the
+        prompt and options are the model's own (serve/prompts.py builds them with its chat code)."""
+        from ..engine import Prompt, QueueFullError
+
+        model, cfg = self.model, self.served.config(options)
+        if self.vision:
+            turns, fresh, _ = model._prepare(query, refs or None, history, {})
+            prompt = Prompt(build=lambda: model.build_prompt(turns, cfg, fresh)[0])
+
+            def new_history(reply: str) -> list:
+                return turns + [{"role": "bot", "text": reply}]
+        else:
+            pairs = [tuple(t) for t in history]
+            prompt = Prompt(ids=model._chat_prompt(model.tokenizer, query, pairs, cfg))
+
+            def new_history(reply: str) -> list:
+                return [list(t) for t in pairs] + [[query, reply]]
+        events: queue.Queue = queue.Queue()
+        try:
+            req = self.engine.submit(prompt, cfg, events.put)
+        except QueueFullError as e:
+            raise UserError(f"the server is busy ({e}); try again in a moment") from None
+        try:
+            reply = ""
+            while True:
+                ev = events.get()
+                if ev.kind == "text":
+                    reply += ev.text
+                    yield "piece", ev.text
+                elif ev.kind == "error":
+                    raise (UserError(ev.text) if ev.error_type == "invalid_request" else RuntimeError(ev.text))
+                else:
+                    break
+            yield "history", new_history(reply)
+        finally:
+            req.cancel()  # the page went away (or the reply is complete: then nothing happens)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
 
     # -- composition ---------------------------------------------------------------------------
     def composer(self, lang: str = "zh"):

@@ -18,6 +18,8 @@ TEXT_ONLY_NOTE = ("This model reads text only: chat with it, or ask about your d
 def build_app(app: DemoApp):
     """The gradio Blocks for `app`; call `.queue(...)` / `.launch(...)` via `launch`."""
     model_job = dict(concurrency_limit=app.max_concurrency, concurrency_id="model")
+    # chats share the batching engine's rows (beam-search chats wait for the model lock inside)
+    chat_job = model_job if app.engine is None else dict(concurrency_limit=app.engine.rows, concurrency_id="chat")
     with gr.Blocks(title="InternLM-XComposer" if app.vision else "InternLM", analytics_enabled=False) as demo:
         if app.banner:
             gr.Markdown(app.banner, elem_id="demo-banner")
@@ -28,10 +30,10 @@ def build_app(app: DemoApp):
         with gr.Tabs():
             if app.vision:
                 compose_tab(app, model_job)
-                chat_tab(app, model_job)
+                chat_tab(app, chat_job)
             else:
-                chat_tab(app, model_job)
-                documents_tab(app, model_job)
+                chat_tab(app, chat_job)
+                documents_tab(app, chat_job)
     return demo
 
 
