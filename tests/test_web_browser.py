@@ -4,6 +4,7 @@ can be named with XCOMPOSER_CHROMIUM). Screenshots of each tab go to `artifacts/
 XCOMPOSER_ARTIFACTS)."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
@@ -33,21 +34,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("web")
-    (root / "tmp").mkdir()
+@contextlib.contextmanager
+def web_demo(root: Path, *args: str):
+    """`web_demo.py ARGS --port P --out ROOT/out` in a subprocess until it serves its page; yields
+    {"url", "root", "out", "proc"} and stops the server afterwards."""
+    (root / "tmp").mkdir(exist_ok=True)
     port = _free_port()
     env = {**os.environ, "TMPDIR": str(root / "tmp"), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
            "PYTHONUNBUFFERED": "1"}
     log = open(root / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, str(REPO / "web_demo.py"), "--demo", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, str(REPO / "web_demo.py"), *args, "--port", str(port),
                              "--out", str(root / "out")], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 240
     while True:
         if proc.poll() is not None:
-            pytest.fail(f"web_demo.py --demo exited with {proc.returncode}:\n{(root / 'server.log').read_text()}")
+            pytest.fail(f"web_demo.py {' '.join(args)} exited with {proc.returncode}:\n"
+                        f"{(root / 'server.log').read_text()}")
         try:
             with urllib.request.urlopen(url, timeout=5) as r:
                 if r.status == 200:
@@ -56,15 +59,23 @@ def server(tmp_path_factory):
             pass
         if time.time() > deadline:
             proc.kill()
-            pytest.fail(f"web_demo.py --demo did not serve {url} in time:\n{(root / 'server.log').read_text()}")
+            pytest.fail(f"web_demo.py did not serve {url} in time:\n{(root / 'server.log').read_text()}")
         time.sleep(0.5)
-    yield {"url": url, "root": root, "out": root / "out", "proc": proc}
-    proc.terminate()
     try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        yield {"url": url, "root": root, "out": root / "out", "proc": proc}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with web_demo(tmp_path_factory.mktemp("web"), "--demo") as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +336,6 @@ def _raw_call(url: str, api_name: str, data: list, session: str) -> list:
     """One event through gradio's queue over plain HTTP, the JSON written with escapes as a browser's
     JSON.stringify writes a lone surrogate ("\\ud800"); httpx (under gradio_client) cannot send one."""
     import json
-    import uuid
 
     config = json.loads(urllib.request.urlopen(url + "config", timeout=30).read())
     fn = next(i for i, d in enumerate(config["dependencies"]) if d.get("api_name") == api_name)

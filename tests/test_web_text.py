@@ -4,10 +4,6 @@ a question about it answered in a stream; a corrupt PDF is reported and the tab 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,7 +11,7 @@ import pytest
 from xcomposer.tiny import write_tiny_internlm
 
 from conftest import make_text_pdf
-from test_web_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, JOB_TIMEOUT_MS, REPO, _free_port
+from test_web_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, JOB_TIMEOUT_MS, web_demo
 
 playwright_sync = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[test]' installs playwright")
 
@@ -24,36 +20,8 @@ playwright_sync = pytest.importorskip("playwright.sync_api", reason="pip install
 def text_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("webtext")
     folder = write_tiny_internlm(root / "tiny-internlm", revision="2023-12", max_position_embeddings=2048)
-    (root / "tmp").mkdir()
-    port = _free_port()
-    env = {**os.environ, "TMPDIR": str(root / "tmp"), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "PYTHONUNBUFFERED": "1"}
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, str(REPO / "web_demo.py"), "--folder", str(folder), "--num_gpus", "0",
-                             "--port", str(port), "--out", str(root / "out")], cwd=root, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 240
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"web_demo.py exited with {proc.returncode}:\n{(root / 'server.log').read_text()}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"web_demo.py did not serve {url} in time:\n{(root / 'server.log').read_text()}")
-        time.sleep(0.5)
-    yield {"url": url, "root": root, "log": root / "server.log"}
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with web_demo(root, "--folder", str(folder), "--num_gpus", "0") as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
