@@ -273,3 +273,13 @@ def test_whole_model_logits_equal_transformers_reference(ckpt, model):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     with torch.no_grad():  # the LoRA matters: without the mask the logits differ
         assert (model.llm(inputs_embeds=got_in["inputs_embeds"]) - want).abs().amax() > 1e-3
+
+
+def test_one_loader_for_both_generations(ckpt):
+    import xcomposer
+    from xcomposer.models.xcomposer import XComposer
+
+    m = XComposer.from_pretrained(ckpt)
+    assert isinstance(m, xcomposer.XComposer2)
+    with pytest.raises(ValueError, match="XComposer2 checkpoint"):
+        XComposer.from_pretrained(ckpt, variant="7b")
