@@ -50,6 +50,8 @@ VISION_WIDTH = 1024
 
 # upstream InternLMXComposer2ForCausalLM.chat() defaults
 GEN_DEFAULTS = dict(do_sample=True, temperature=1.0, top_p=0.8, repetition_penalty=1.005, max_new_tokens=1024)
+# upstream stream_chat() passes temperature=0.8 (the rest as chat())
+STREAM_DEFAULTS = dict(temperature=0.8)
 
 # upstream InternLMXComposer2ForCausalLM.chat()'s default `meta_instruction`
 XCOMPOSER2_META_INSTRUCTION = (
@@ -420,7 +422,7 @@ class XComposer2(nn.Module):
 
     def _stream_chat(self, text: str, image=None, history=None, meta_instruction: str | None = None,
                      **options: Any) -> ChatStream:
-        cfg = self.gen_config(options)
+        cfg = self.gen_config({**STREAM_DEFAULTS, **options})
         with torch.inference_mode():
             x, m, ids = self.build_inputs(text, image, history, meta_instruction)
         query, past = self._last_query, check_history(history)
