@@ -283,3 +283,22 @@ def test_one_loader_for_both_generations(ckpt):
     assert isinstance(m, xcomposer.XComposer2)
     with pytest.raises(ValueError, match="XComposer2 checkpoint"):
         XComposer.from_pretrained(ckpt, variant="7b")
+
+
+def test_memory_planning_knows_the_full_size_model():
+    from xcomposer.models.xcomposer2 import xcomposer2_vl_7b_config
+    from xcomposer.parallel import sharding
+
+    cfg = xcomposer2_vl_7b_config()
+    assert cfg.tokens_per_image == 1225 and xcomposer2_vl_7b_config(224).tokens_per_image == 256
+    model, prefix, head = cfg.meta_model()
+    n = sum(p.numel() for p in model.parameters())
+    lora = sum(p.numel() for name, p in model.named_parameters() if "_lora." in name)
+    # per layer: qkv A 256x4096 + B 6144x256, o 2 x 256x4096, gate/up/down 3 x (256x4096 + 256x14336)
+    assert lora == 32 * 256 * (4096 + 6144 + 2 * 4096 + 3 * (4096 + 14336))
+    assert model.vit.vision_tower.embeddings.position_embedding.weight.shape == (1226, 1024)
+    assert n > 8_000_000_000 and prefix == "llm." and head == ["vit", "vision_proj"]
+    report = sharding.memory_report(cfg, 1, torch.float16, batch=1, cache_len=4096, budgets=[1 << 30])
+    assert not report.fits
+    with pytest.raises(sharding.ShardingError, match="1225 tokens each"):
+        sharding.check_fits(report, cfg)

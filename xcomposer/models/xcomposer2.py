@@ -103,6 +103,12 @@ class XComposer2Config:
         return cls(llm=llm, img_size=int(d.get("img_size", 490)), max_length=int(d.get("max_length", 4096)),
                    vision_config=vision, plora_rank=int(d.get("plora_rank", PLORA_RANK)), raw=dict(d))
 
+    def meta_model(self) -> tuple[nn.Module, str, list[str]]:
+        """The model on the meta device for `xcomposer.parallel.sharding`'s memory planning: (model,
+        decoder prefix, modules on device 0 before the token embeddings)."""
+        with torch.device("meta"):
+            return XComposer2(self), "llm.", ["vit", "vision_proj"]
+
     @classmethod
     def from_json(cls, path: str | Path) -> "XComposer2Config":
         try:
@@ -110,6 +116,17 @@ class XComposer2Config:
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path} cannot be read as JSON ({e}); re-download config.json") from e
         return cls.from_dict(d)
+
+
+def xcomposer2_vl_7b_config(img_size: int = 490) -> XComposer2Config:
+    """internlm-xcomposer2-vl-7b's shapes for planning without weights: InternLM2-7B (the same shapes
+    as `internlm2_5_7b_chat_config`), CLIP ViT-L/14 at `img_size` (490; -7b: 224), Partial LoRA of
+    rank 256, context 4096 (config.json `max_length`)."""
+    from ..llm.config import internlm2_5_7b_chat_config
+
+    d = {**internlm2_5_7b_chat_config(torch_dtype="float16").to_dict(), "architectures": [ARCHITECTURE],
+         "img_size": img_size, "max_length": 4096}
+    return XComposer2Config.from_dict(d)
 
 
 def _check_query(query) -> str:
@@ -226,6 +243,14 @@ class XComposer2(nn.Module):
         device = torch.device(device)
         check_device(device)
         dtype = resolve_dtype(dtype, device, cfg.llm.torch_dtype)
+        report = None
+        if device.type == "cuda":  # weights plus one full-context cache row must fit before reading
+            from ..parallel import sharding
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            report = sharding.memory_report(cfg, 1, dtype, batch=1, cache_len=cfg.max_length,
+                                            budgets=[int(torch.cuda.mem_get_info(index)[0])])
+            print(report, file=sys.stderr)
+            sharding.check_fits(report, cfg)
         with torch.device("meta"):
             model = cls(cfg)
         load_checkpoint_into(model, folder, device=device, dtype=dtype, key_map=model.key_map,
@@ -239,6 +264,7 @@ class XComposer2(nn.Module):
                 raise CheckpointError(f"{folder / 'tokenizer.model'} has no {name} piece: XComposer2's chat "
                                       f"prompt needs it; use the checkpoint's own tokenizer.model")
         model.source = Path(folder)
+        model.memory_report = report
         print(f"XComposer2 {Path(folder).name}: {cfg.img_size} px, {cfg.tokens_per_image} tokens per image",
               file=sys.stderr)
         return model.eval()
@@ -452,4 +478,4 @@ class XComposer2(nn.Module):
 
 __all__ = ["XComposer2", "XComposer2Config", "ChatStream", "GEN_DEFAULTS", "XCOMPOSER2_META_INSTRUCTION",
            "ARCHITECTURE", "IM_START", "IM_END", "PLORA_RANK", "is_xcomposer2_config", "format_prompt",
-           "prompt_parts", "check_history"]
+           "prompt_parts", "check_history", "xcomposer2_vl_7b_config"]
