@@ -302,3 +302,38 @@ def test_memory_planning_knows_the_full_size_model():
     assert not report.fits
     with pytest.raises(sharding.ShardingError, match="1225 tokens each"):
         sharding.check_fits(report, cfg)
+
+
+def test_fixed_shape_decode_step_is_token_identical(ckpt):
+    """The fixed-shape decode step as a CUDA graph would replay it (the CPU test double of
+    test_fast_decode): image prompts decode the same tokens; decode steps never see the mask."""
+    from test_fast_decode import RecomputeOnReplay
+
+    from xcomposer.llm.fast_decode import use_cuda_graphs
+    m = XComposer2.from_pretrained(ckpt)
+    pic = _picture(6)
+    q = "<ImageHere>Once upon a time"
+    ref = m.chat(q, image=pic, do_sample=False, max_new_tokens=10)[0]
+    use_cuda_graphs(m)
+    backend = m.llm.static_decode.backend = RecomputeOnReplay()
+    assert m.chat(q, image=pic, do_sample=False, max_new_tokens=10)[0] == ref
+    assert backend.captures >= 1 and backend.replays >= 5
+
+
+def test_two_images_in_one_query_and_their_mask(model, ckpt):
+    raw = _raw(ckpt)
+    a, b = _picture(7), _picture(8)
+    cap = Capture(model.llm)
+    try:
+        _, history = model.chat("first <ImageHere> then <ImageHere> compare", image=[a, b], do_sample=False,
+                                max_new_tokens=2, meta_instruction="")
+    finally:
+        cap.close()
+    S, E = "[UNUSED_TOKEN_146]", "[UNUSED_TOKEN_145]"
+    x, m, ids = _expected_inputs(model, raw, [f"{S}user\nfirst ", a, " then ", b, f" compare{E}\n{S}assistant\n"])
+    got = cap.calls[0]
+    torch.testing.assert_close(got["inputs_embeds"][0], x, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got["image_mask"][0], m)
+    n0, n1 = len(ids[0]), len(ids[1])
+    assert m.nonzero().flatten().tolist() == list(range(n0, n0 + 4)) + list(range(n0 + 4 + n1, n0 + 8 + n1))
+    assert history[0][0] == "first <ImageHere> then <ImageHere> compare"
