@@ -374,6 +374,10 @@ class XComposer2(nn.Module):
         """(embeddings (L, hidden), image mask (L,) bool, text ids for the repetition penalty) of one
         chat turn. With images but no `<ImageHere>` anywhere, one placeholder per image is put at the
         start of the query (upstream's examples write them there; docs/checkpoint-format.md)."""
+        return self._build(query, image, history, meta_instruction)[:3]
+
+    def _build(self, query, image, history, meta_instruction):
+        """`build_inputs` plus the query as the history stores it (placeholders included)."""
         tok = self._require_tokenizer()
         query = _check_query(query)
         history = check_history(history)
@@ -400,8 +404,7 @@ class XComposer2(nn.Module):
                 f"the prompt is {x.shape[0]} tokens ({self.config.tokens_per_image} per image) but the context "
                 f"window (config.json max_length) is {self.llm.context_window}: shorten the history or send "
                 f"fewer images")
-        self._last_query = query
-        return x, m, ids
+        return x, m, ids, query
 
     def _answer(self, tokens: list[int]) -> str:
         tok = self._require_tokenizer()
@@ -436,10 +439,10 @@ class XComposer2(nn.Module):
     def _chat(self, text: str, image=None, history=None, meta_instruction: str | None = None,
               **options: Any) -> tuple[str, list[tuple[str, str]]]:
         cfg = self.gen_config(options)
-        x, m, ids = self.build_inputs(text, image, history, meta_instruction)
+        x, m, ids, query = self._build(text, image, history, meta_instruction)
         out = generate(self.llm, inputs_embeds=[x], image_mask=[m], penalty_ids=[ids], config=cfg)
         reply = self._answer(out.tokens[0])
-        return reply, check_history(history) + [(self._last_query, reply)]
+        return reply, check_history(history) + [(query, reply)]
 
     def stream_chat(self, *args, **kwargs) -> ChatStream:
         """Like `chat`, as text pieces; afterwards `stream.reply` and `stream.history` are set."""
@@ -450,8 +453,8 @@ class XComposer2(nn.Module):
                      **options: Any) -> ChatStream:
         cfg = self.gen_config({**STREAM_DEFAULTS, **options})
         with torch.inference_mode():
-            x, m, ids = self.build_inputs(text, image, history, meta_instruction)
-        query, past = self._last_query, check_history(history)
+            x, m, ids, query = self._build(text, image, history, meta_instruction)
+        past = check_history(history)
         tok = self._require_tokenizer()
         stops = set(cfg.stop_ids)
 
