@@ -8,3 +8,4 @@ from .sampler import (
     sampler_to_checkpoint,
     to_blip2_qformer,
 )
+from .mlp import VisionProjector  # XComposer2 vision_proj

@@ -1,5 +1,6 @@
 """Image loading, validation, preprocessing and the EVA ViT-g vision tower (see issue: vision/model)."""
 
+from .clip import CLIP_VIT_L14, ClipTower, clip_vision_config, interpolate_positions  # XComposer2
 from .eva import (  # EVA ViT-g/14 tower + ln_vision
     EvaConfig,
     VisionTower,

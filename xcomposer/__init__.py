@@ -10,7 +10,7 @@ from .llm.internlm import InternLM
 from .llm.tokenizer import InternLMTokenizer, load_tokenizer
 
 __all__ = ["InternLMConfig", "InternLMForCausalLM", "InternLM", "InternLMTokenizer", "load_tokenizer",
-           "GenerationConfig", "generate", "stream_generate", "XComposer", "XComposerConfig", "pipeline"]
+           "GenerationConfig", "generate", "stream_generate", "XComposer", "XComposerConfig", "XComposer2", "pipeline"]
 
 
 def __getattr__(name: str):
@@ -18,6 +18,9 @@ def __getattr__(name: str):
     if name in ("XComposer", "XComposerConfig"):
         from .models import xcomposer
         return getattr(xcomposer, name)
+    if name == "XComposer2":
+        from .models.xcomposer2 import XComposer2
+        return XComposer2
     if name == "pipeline":  # offline batches through the serving engine (xcomposer.serve.pipeline)
         from .serve.pipeline import pipeline
         return pipeline

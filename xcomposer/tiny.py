@@ -336,3 +336,64 @@ def write_tiny_clip(folder: str | Path, *, seed: int = 0) -> tuple[str, Path, Pa
     config_path.write_text(json.dumps(TINY_CLIP_CONFIG, indent=2) + "\n", encoding="utf-8")
     save_file(state, str(weights_path))
     return TINY_CLIP_NAME, config_path, weights_path
+
+
+# -- XComposer2 ------------------------------------------------------------------------------
+
+TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "patch_size": 14, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
+
+
+def write_xcomposer2_tokenizer(folder: str | Path, vocab_size: int = 1000) -> Path:
+    """A tiny real tokenizer.model with XComposer2's chat pieces `[UNUSED_TOKEN_141..146]` (used
+    under those names in its prompts) and a tokenizer_config.json naming only `<unk>`/`<s>`/`</s>`."""
+    folder = Path(folder)
+    train_tiny_tokenizer(folder / "tokenizer.model", vocab_size=vocab_size, chat_pieces=list(INTERNLM2_CHAT_TOKENS),
+                         add_dummy_prefix=False)
+    plain = load_tokenizer(folder / "tokenizer.model")
+    entry = dict(lstrip=False, normalized=False, rstrip=False, single_word=False, special=True)
+    config = {
+        "add_bos_token": True, "add_eos_token": False,
+        "added_tokens_decoder": {str(i): {"content": plain.id_to_token(i), **entry} for i in (0, 1, 2)},
+        "auto_map": {"AutoTokenizer": ["tokenization_internlm_xcomposer2.InternLMXComposer2Tokenizer", None]},
+        "bos_token": "<s>", "clean_up_tokenization_spaces": False, "eos_token": "</s>", "pad_token": "</s>",
+        "tokenizer_class": "InternLMXComposer2Tokenizer", "unk_token": "<unk>",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return folder
+
+
+def write_tiny_xcomposer2(folder: str | Path, *, fmt: str = "safetensors", max_shard_bytes: int = 200_000,
+                          seed: int = 0, std: float = 0.2, vocab_size: int = 1000, img_size: int = 28,
+                          plora_rank: int = 8, max_length: int = 512, model_type: str = "internlmxcomposer2",
+                          **overrides) -> Path:
+    """Write a random tiny InternLM-XComposer2 checkpoint in upstream's layout (config.json with
+    `architectures` ["InternLMXComposer2ForCausalLM"], `img_size`, `max_length`; keys `model.*` with
+    Plora_A/Plora_B, `output`, `vit.vision_tower.vision_model.*`, `vision_proj.*`, sharded with an
+    index) plus its tokenizer, and return the folder. `vision_config` and `plora_rank` in config.json
+    are our extension for tiny shapes (upstream's are fixed in its code)."""
+    from .models.xcomposer2 import XComposer2, XComposer2Config
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_xcomposer2_tokenizer(folder, vocab_size)
+    tok = load_tokenizer(folder)
+    llm = tiny_internlm2_config(tok.vocab_size, **overrides)
+    d = upstream_internlm2_config_dict(llm)
+    d.update({"architectures": ["InternLMXComposer2ForCausalLM"], "model_type": model_type,
+              "auto_map": {"AutoConfig": "configuration_internlm_xcomposer2.InternLMXcomposer2Config",
+                           "AutoModel": "modeling_internlm_xcomposer2.InternLMXComposer2ForCausalLM",
+                           "AutoModelForCausalLM": "modeling_internlm_xcomposer2.InternLMXComposer2ForCausalLM"},
+              "img_size": img_size, "max_length": max_length, "vision_config": dict(TINY_CLIP),
+              "plora_rank": plora_rank})
+    model = XComposer2(XComposer2Config.from_dict(d))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    save_checkpoint(dict(model.state_dict()), folder, fmt=fmt, max_shard_bytes=max_shard_bytes)
+    (folder / "config.json").write_text(json.dumps(d, indent=2), encoding="utf-8")
+    return folder

@@ -189,6 +189,30 @@ class PackedLinear(nn.Module):
         return f"{'+'.join(self.names)}: in={self.in_features}, out={list(self.sizes)}, weight {layout}"
 
 
+class PartialLoRA(nn.Module):
+    """XComposer2's Partial LoRA on one projection: `A` (in -> r) and `B` (r -> out), no biases,
+    scale 1, added to the base projection's output only on the rows `image_mask` marks (image
+    tokens), so it cannot be merged into the base weight. Text rows, and every decode step (no
+    mask), get the base projection alone."""
+
+    def __init__(self, in_features: int, rank: int, out_features: int):
+        super().__init__()
+        self.A = nn.Linear(in_features, rank, bias=False)
+        self.B = nn.Linear(rank, out_features, bias=False)
+
+    def add(self, y: torch.Tensor, x: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
+        """y (B, T, out) = base(x) for x (B, T, in); returns y + B(A(x)) on the masked rows."""
+        if image_mask is None:
+            return y
+        delta = self.B(self.A(x[image_mask]))
+        return y.index_put((image_mask,), delta.to(y.dtype), accumulate=True)
+
+
+def _lora(module: nn.Module, name: str, y: torch.Tensor, x: torch.Tensor, image_mask) -> torch.Tensor:
+    lora = getattr(module, name, None)
+    return y if lora is None else lora.add(y, x, image_mask)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: InternLMConfig):
         super().__init__()
@@ -217,12 +241,15 @@ class Attention(nn.Module):
             self.qkv_proj = None
             self.q_proj, self.k_proj, self.v_proj = parts["q_proj"], parts["k_proj"], parts["v_proj"]
 
-    def forward(self, x, cos, sin, mask, cache_pos=None):
+    def forward(self, x, cos, sin, mask, cache_pos=None, image_mask=None):
         B, T, C = x.shape
         if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+            q, k, v = self.qkv_proj.split(_lora(self, "qkv_lora", self.qkv_proj(x), x, image_mask))
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            if getattr(self, "qkv_lora", None) is not None and image_mask is not None:
+                q, k, v = self.qkv_lora.add(torch.cat([q, k, v], -1), x, image_mask).split(
+                    [q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -240,7 +267,8 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         # -1, not C: under tensor parallelism this rank holds n_heads * head_dim < C features
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        return _lora(self, "o_lora", self.o_proj(y), y, image_mask)
 
 
 class MLP(nn.Module):
@@ -263,12 +291,16 @@ class MLP(nn.Module):
             self.gate_up_proj = None
             self.gate_proj, self.up_proj = parts["gate_proj"], parts["up_proj"]
 
-    def forward(self, x):
+    def forward(self, x, image_mask=None):
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        if image_mask is not None:
+            gate = _lora(self, "gate_lora", gate, x, image_mask)
+            up = _lora(self, "up_lora", up, x, image_mask)
+        h = F.silu(gate) * up
+        return _lora(self, "down_lora", self.down_proj(h), h, image_mask)
 
 
 class DecoderLayer(nn.Module):
@@ -279,9 +311,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache_pos=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_pos)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, cache_pos=None, image_mask=None):
+        if image_mask is None:  # the plain decoder's call, unchanged
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_pos)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_pos, image_mask)
+        return x + self.mlp(self.post_attention_layernorm(x), image_mask)
 
 
 class InternLMModel(nn.Module):
@@ -368,6 +403,26 @@ class InternLMForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.kv_cache.reorder(index, length)
 
+    # -- Partial LoRA (XComposer2) ---------------------------------------------------------
+    def add_partial_lora(self, rank: int) -> "InternLMForCausalLM":
+        """Give every projection (q/k/v together, o, gate, up, down) a `PartialLoRA` of `rank`
+        (XComposer2's Plora on wqkv, wo, w1, w3, w2); forward applies them where `image_mask` is
+        True. The qkv LoRA's B rows are in our q | k | v order (upstream's wqkv layout is mapped at
+        load and save, llm/internlm2.py)."""
+        cfg = self.config
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"Partial LoRA rank={rank!r} must be a positive integer")
+        h, kv, inter = cfg.hidden_size, cfg.kv_heads * cfg.head_dim, cfg.intermediate_size
+        dev, dt = self.device, self.dtype
+        for layer in self.model.layers:
+            layer.self_attn.qkv_lora = PartialLoRA(h, rank, h + 2 * kv).to(dev, dt)
+            layer.self_attn.o_lora = PartialLoRA(h, rank, h).to(dev, dt)
+            layer.mlp.gate_lora = PartialLoRA(h, rank, inter).to(dev, dt)
+            layer.mlp.up_lora = PartialLoRA(h, rank, inter).to(dev, dt)
+            layer.mlp.down_lora = PartialLoRA(inter, rank, h).to(dev, dt)
+        self.partial_lora_rank = rank
+        return self
+
     # -- fused layout ----------------------------------------------------------------------
     @torch.no_grad()
     def fuse_projections(self, transpose: bool | None = None) -> "InternLMForCausalLM":
@@ -443,6 +498,7 @@ class InternLMForCausalLM(nn.Module):
         kv_mask: torch.Tensor | None = None,
         last_only: bool = False,
         rope_seq_len: int | torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab), or (B, 1, vocab) with `last_only`.
 
@@ -452,7 +508,9 @@ class InternLMForCausalLM(nn.Module):
         queries attend over the first L cache slots where `kv_mask` is True; `position_ids`
         (B, T) must be given. `rope_seq_len` is the sequence length dynamic rotary scaling
         (InternLM2) sizes its base for, when it is not this call's largest position + 1: a chunked
-        prefill passes the whole prompt's length.
+        prefill passes the whole prompt's length. `image_mask` (B, T) bool marks image-token
+        positions, where a model with Partial LoRA (`add_partial_lora`, XComposer2) adds it; None
+        (text, every decode step) runs the base projections only.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -487,8 +545,15 @@ class InternLMForCausalLM(nn.Module):
             cos = self.rope_cos[position_ids].to(x.dtype)[:, None]
             sin = self.rope_sin[position_ids].to(x.dtype)[:, None]
         home = x.device
+        if image_mask is not None:
+            if image_mask.shape != (B, T):
+                raise ValueError(f"image_mask must be (batch, tokens) = {(B, T)}, got {tuple(image_mask.shape)}")
+            image_mask = image_mask.to(x.device, torch.bool)
+            if getattr(self, "partial_lora_rank", 0) == 0 or not bool(image_mask.any()):
+                image_mask = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache_pos)
+            x = layer(x, cos, sin, mask, cache_pos) if image_mask is None else \
+                layer(x, cos, sin, mask, cache_pos, image_mask.to(x.device))
         if last_only:
             x = x[:, -1:]
         # with layers spread over GPUs (xcomposer.parallel.sharding) the head sits on the last one: hand the
@@ -514,6 +579,6 @@ def kv_cache_bytes(cfg: InternLMConfig, batch: int, length: int, dtype=torch.flo
     return 2 * cfg.num_hidden_layers * batch * length * cfg.kv_heads * cfg.head_dim * elem
 
 
-__all__ = ["InternLMForCausalLM", "PackedLinear", "RMSNorm", "KVCache", "rope_tables", "rope_from_positions",
+__all__ = ["InternLMForCausalLM", "PackedLinear", "PartialLoRA", "RMSNorm", "KVCache", "rope_tables", "rope_from_positions",
            "apply_rope", "kv_cache_bytes",
            "num_parameters"]

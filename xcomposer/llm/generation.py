@@ -170,7 +170,7 @@ def _warp(scores: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
 class _Batch:
     """Prompt rows left-padded into the static cache, plus the per-row bookkeeping."""
 
-    def __init__(self, model, input_ids, inputs_embeds, cfg: GenerationConfig, penalty_ids=None):
+    def __init__(self, model, input_ids, inputs_embeds, cfg: GenerationConfig, penalty_ids=None, image_mask=None):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         rows = list(input_ids if input_ids is not None else inputs_embeds)
@@ -236,6 +236,18 @@ class _Batch:
         self.slots = torch.arange(self.cache_len, device=self.device)
         self.decode_step = None
         self.chunk = cfg.prefill_chunk_size
+        # image-token positions of each prompt (Partial LoRA, XComposer2), left-padded like the prompt
+        self.image_mask = None
+        if image_mask is not None:
+            im = torch.zeros(B, T, dtype=torch.bool)
+            if len(image_mask) != B:
+                raise ValueError(f"image_mask has {len(image_mask)} rows for {B} prompts")
+            for i, r in enumerate(image_mask):
+                r = torch.as_tensor(r, dtype=torch.bool)
+                if r.shape != (lens[i],):
+                    raise ValueError(f"image_mask row {i} has shape {tuple(r.shape)}, prompt {i} has {lens[i]} tokens")
+                im[i, T - lens[i]:] = r
+            self.image_mask = rep(im).to(self.device)
 
     def prefill(self) -> torch.Tensor:
         """Write the prompt into the caches; returns the logits after its last token (N, V) in fp32.
@@ -259,6 +271,8 @@ class _Batch:
             kw = {"inputs_embeds": x} if self.embeds else {"input_ids": x}
             if chunk < T:  # dynamic rotary scaling (InternLM2) sizes each row's base for its whole prompt
                 kw["rope_seq_len"] = pos.amax(dim=1) + 1
+            if self.image_mask is not None:  # decode steps never pass one: text tokens
+                kw["image_mask"] = self.image_mask[:, start:end]
             logits = self.model(**kw, position_ids=pos[:, start:end], cache_pos=cache_pos, kv_mask=mask,
                                 last_only=True)
         return logits[:, -1].float()
@@ -427,9 +441,9 @@ def _beam_search(batch: _Batch, cfg: GenerationConfig, stream: bool):
     return tokens, finished
 
 
-def _run(model, input_ids, inputs_embeds, cfg: GenerationConfig, stream: bool, penalty_ids=None):
+def _run(model, input_ids, inputs_embeds, cfg: GenerationConfig, stream: bool, penalty_ids=None, image_mask=None):
     cfg.validate()
-    batch = _Batch(model, input_ids, inputs_embeds, cfg, penalty_ids)
+    batch = _Batch(model, input_ids, inputs_embeds, cfg, penalty_ids, image_mask)
     engine = _beam_search if cfg.num_beams > 1 else _greedy_or_sample
     tokens, finished = yield from engine(batch, cfg, stream)
     return GenerationOutput(tokens, batch.lens, batch.truncated, batch.max_new, finished)
@@ -438,10 +452,12 @@ def _run(model, input_ids, inputs_embeds, cfg: GenerationConfig, stream: bool, p
 @torch.inference_mode()
 def generate(model, input_ids: Sequence[Sequence[int]] | None = None, *,
              inputs_embeds: Sequence[torch.Tensor] | None = None, config: GenerationConfig | None = None,
-             penalty_ids: Sequence[Sequence[int]] | None = None, **options: Any) -> GenerationOutput:
-    """Generate for a batch of prompts (token-id lists or (T_i, hidden) embedding tensors)."""
+             penalty_ids: Sequence[Sequence[int]] | None = None, image_mask: Sequence[torch.Tensor] | None = None,
+             **options: Any) -> GenerationOutput:
+    """Generate for a batch of prompts (token-id lists or (T_i, hidden) embedding tensors).
+    `image_mask`: per prompt a (T_i,) bool tensor of image-token positions (Partial LoRA)."""
     cfg = (config or GenerationConfig()).replace(**options)
-    it = _run(model, input_ids, inputs_embeds, cfg, stream=False, penalty_ids=penalty_ids)
+    it = _run(model, input_ids, inputs_embeds, cfg, stream=False, penalty_ids=penalty_ids, image_mask=image_mask)
     while True:
         try:
             next(it)
@@ -451,7 +467,8 @@ def generate(model, input_ids: Sequence[Sequence[int]] | None = None, *,
 
 def stream_generate(model, input_ids: Sequence[int] | None = None, *, inputs_embeds: torch.Tensor | None = None,
                     config: GenerationConfig | None = None, penalty_ids: Sequence[int] | None = None,
-                    on_done: Callable[[GenerationOutput], None] | None = None, **options: Any) -> Iterator[list[int]]:
+                    on_done: Callable[[GenerationOutput], None] | None = None,
+                    image_mask: torch.Tensor | None = None, **options: Any) -> Iterator[list[int]]:
     """Yield lists of new token ids for one prompt as soon as they are final.
 
     Greedy and sampling yield every step; beam search yields the prefix that all live and
@@ -462,7 +479,8 @@ def stream_generate(model, input_ids: Sequence[int] | None = None, *, inputs_emb
     ids = [list(input_ids)] if input_ids is not None else None
     embeds = [inputs_embeds] if inputs_embeds is not None else None
     pen = [list(penalty_ids)] if penalty_ids is not None else None
-    it = _run(model, ids, embeds, cfg, stream=True, penalty_ids=pen)
+    it = _run(model, ids, embeds, cfg, stream=True, penalty_ids=pen,
+              image_mask=[image_mask] if image_mask is not None else None)
     while True:
         # inference mode only while our code runs: a generator must not leak it into the caller
         with torch.inference_mode():

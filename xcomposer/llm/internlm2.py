@@ -27,7 +27,18 @@ _LAYER_RENAMES = {
     "feed_forward.w2": "mlp.down_proj",
     "attention_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    # XComposer2's Partial LoRA (PLoRA modules: Plora_A, Plora_B) on each projection
+    "attention.wqkv.Plora_A": "self_attn.qkv_lora.A",
+    "attention.wo.Plora_A": "self_attn.o_lora.A",
+    "attention.wo.Plora_B": "self_attn.o_lora.B",
+    "feed_forward.w1.Plora_A": "mlp.gate_lora.A",
+    "feed_forward.w1.Plora_B": "mlp.gate_lora.B",
+    "feed_forward.w3.Plora_A": "mlp.up_lora.A",
+    "feed_forward.w3.Plora_B": "mlp.up_lora.B",
+    "feed_forward.w2.Plora_A": "mlp.down_lora.A",
+    "feed_forward.w2.Plora_B": "mlp.down_lora.B",
 }
+_QKV_LORA_B = "self_attn.qkv_lora.B"  # upstream attention.wqkv.Plora_B: rows in wqkv's layout
 _TOP_RENAMES = {"model.tok_embeddings": "model.embed_tokens", "model.norm": "model.norm", "output": "lm_head"}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _TOP = re.compile(r"^(.+)\.(weight|bias)$")
@@ -66,6 +77,8 @@ def checkpoint_key_map(cfg: InternLMConfig) -> Callable[[str], str | SplitKey | 
             if stem == "attention.wqkv":
                 names = tuple(f"model.layers.{i}.self_attn.{p}_proj.{kind}" for p in "qkv")
                 return SplitKey(names, lambda t: split_wqkv(t, cfg))
+            if stem == "attention.wqkv.Plora_B":  # wqkv's kv-group rows -> our q | k | v rows
+                return SplitKey((f"model.layers.{i}.{_QKV_LORA_B}.{kind}",), lambda t: (torch.cat(split_wqkv(t, cfg)),))
             if stem in _LAYER_RENAMES:
                 return f"model.layers.{i}.{_LAYER_RENAMES[stem]}.{kind}"
             return key
@@ -88,6 +101,8 @@ def upstream_name(name: str) -> str | None:
         i, stem, kind = m.groups()
         if stem in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
             return f"model.layers.{i}.attention.wqkv.{kind}"
+        if stem == _QKV_LORA_B:
+            return f"model.layers.{i}.attention.wqkv.Plora_B.{kind}"
         return f"model.layers.{i}.{_OURS_LAYER.get(stem, stem)}.{kind}"
     m = _TOP.match(name)
     if m and m.group(1) in _OURS_TOP:
@@ -112,6 +127,9 @@ def to_internlm2_state_dict(sd: dict, cfg: InternLMConfig, prefix: str = "") -> 
                 parts = [items[f"{base}.{p}_proj.{kind}"] for p in "qkv"]
                 out[key] = pack_wqkv(*(p.detach() for p in parts), cfg)
             continue
+        if m and m.group(2) == _QKV_LORA_B:  # q | k | v rows back into wqkv's layout
+            q_rows, kv_rows = cfg.num_attention_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+            t = pack_wqkv(*t.detach().split([q_rows, kv_rows, kv_rows]), cfg)
         out[upstream_name(name)] = t
     for k, v in out.items():
         sd[prefix + k] = v

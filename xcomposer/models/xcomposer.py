@@ -266,6 +266,16 @@ class XComposer(nn.Module):
             sharding.require_gpus(num_gpus)
             device = "cuda:0"
         folder, cfg_file = checkpoint_folder(path_or_hub_id, "XComposer")
+        from .xcomposer2 import XComposer2, is_xcomposer2_config
+        try:
+            raw = json.loads(Path(cfg_file).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raw = {}
+        if isinstance(raw, dict) and is_xcomposer2_config(raw):  # one loader for both generations
+            if num_gpus != 1 or variant is not None:
+                raise ValueError("num_gpus > 1 and variant= apply to XComposer 1.0 checkpoints; this folder is "
+                                 "an InternLM-XComposer2 checkpoint (load it on one device)")
+            return XComposer2.from_pretrained(folder, device=device, dtype=dtype, fuse=fuse)
         cfg = XComposerConfig.from_json(cfg_file)
         if not (folder / "tokenizer.model").is_file():
             raise CheckpointError(f"{folder / 'tokenizer.model'} not found: the checkpoint folder must hold the "

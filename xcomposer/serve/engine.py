@@ -75,7 +75,9 @@ class Prompt:
     `build` (XComposer) returns the (L, hidden) embeddings and is called once, in the scheduler
     thread, when the request is admitted (that is where its images are encoded); `length` must be
     L. `penalty_ids` are the token ids the repetition penalty sees besides the generated ones
-    (by default the prompt's ids; none for an embedded prompt, as `generate` does)."""
+    (by default the prompt's ids; none for an embedded prompt, as `generate` does). A builder may
+    also return `(embeddings, image_mask)` or `(embeddings, image_mask, penalty_ids)` (XComposer2:
+    the (L,) bool image-token positions its Partial LoRA needs, and the prompt's text ids)."""
 
     ids: list[int] | None = None
     build: Callable[[], torch.Tensor] | None = None
@@ -136,6 +138,7 @@ class _Sequence:
         self.stop_ids = self.cfg.stop_ids
         self.prefilled = 0
         self.embeds: torch.Tensor | None = None
+        self.image_mask: torch.Tensor | None = None  # (L,) bool image-token positions (XComposer2)
         self.tokens: list[int] = []
         self.pending: int | None = None  # the last sampled token, fed by the next decode step
         self.generator = None
@@ -410,10 +413,14 @@ class Engine:
                 self._cancelled_waiting(req)
                 continue
             row = free[0]
-            embeds = None
+            embeds = image_mask = None
             try:
                 if req.prompt.build is not None:
                     embeds = req.prompt.build()
+                    if isinstance(embeds, tuple):  # (embeds, image_mask[, penalty_ids])
+                        if len(embeds) == 3:
+                            req.prompt.penalty_ids = list(embeds[2])
+                        embeds, image_mask = embeds[0], embeds[1]
                     if embeds.dim() != 2 or (req.prompt.length and embeds.shape[0] != req.prompt.length):
                         raise RuntimeError(f"the prompt builder gave embeddings of shape {tuple(embeds.shape)}, "
                                            f"expected ({req.prompt.length}, hidden)")
@@ -427,6 +434,8 @@ class Engine:
             seq = _Sequence(req, row, max_new, self.tokenizer)
             if embeds is not None:
                 seq.embeds = embeds.to(self.device, self.llm.dtype)
+            if image_mask is not None and bool(image_mask.any()):
+                seq.image_mask = image_mask.to(torch.bool)
             seq.generator = seeded_generator(req.config, self.device)
             self.kv_valid[row] = False
             self.seen[row] = False
@@ -455,11 +464,14 @@ class Engine:
             x = seq.embeds[start:end]
         else:
             x = torch.tensor(seq.req.prompt.ids[start:end], dtype=torch.long)
-        logits = self._call("prefill", row=r, start=start, x=x, total=n)
+        extra = {}
+        if seq.image_mask is not None and bool(seq.image_mask[start:end].any()):
+            extra["image_mask"] = seq.image_mask[start:end]
+        logits = self._call("prefill", row=r, start=start, x=x, total=n, **extra)
         self.kv_valid[r, start:end] = True
         seq.prefilled = end
         if end == n:
-            seq.embeds = None  # the cache holds it now
+            seq.embeds = seq.image_mask = None  # the cache holds it now
             self._sample(seq, logits[0, -1].float()[None])
         return end - start
 
@@ -469,7 +481,8 @@ class Engine:
             self.tp.send((kind, {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}))
         return getattr(self, "_run_" + kind)(**kw)
 
-    def _run_prefill(self, row: int, start: int, x: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    def _run_prefill(self, row: int, start: int, x: torch.Tensor, total: int | None = None,
+                     image_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Prompt tokens (ids (T,) or embeddings (T, hidden)) at slots [start, start + T) of `row`, a
         chunk of a `total`-token prompt (dynamic rotary scaling sizes its base for the whole prompt, so
         chunks equal one pass)."""
@@ -478,6 +491,8 @@ class Engine:
         mask = (self.slots[None, :end] <= cache_pos[:, None])[None, None]  # causal over the row's slots
         x = x.to(self.device) if x.dtype == torch.long else x.to(self.device, self.llm.dtype)
         kw = {"input_ids": x[None]} if x.dtype == torch.long else {"inputs_embeds": x[None]}
+        if image_mask is not None:  # Partial LoRA on this chunk's image tokens (XComposer2)
+            kw["image_mask"] = image_mask.to(self.device)[None]
         self._install(self._views[row])
         try:
             return self.llm(**kw, position_ids=cache_pos[None], cache_pos=cache_pos, kv_mask=mask, last_only=True,

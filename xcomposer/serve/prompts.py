@@ -23,6 +23,7 @@ from ..llm.generation import GenerationConfig
 from ..llm.internlm import InternLM
 from ..models.vl_prompt import IMAGE_PLACEHOLDER, bot_turn
 from ..models.xcomposer import XComposer
+from ..models.xcomposer2 import XComposer2
 from .engine import Prompt
 
 
@@ -47,17 +48,19 @@ class ServedModel:
     """One loaded model behind the API: its prompts, options and stop tokens."""
 
     def __init__(self, model: nn.Module, name: str):
-        if not isinstance(model, (InternLM, XComposer)):
-            raise TypeError(f"the server serves InternLM and XComposer models, got {type(model).__name__}")
+        if not isinstance(model, (InternLM, XComposer, XComposer2)):
+            raise TypeError(f"the server serves InternLM, XComposer and XComposer2 models, got {type(model).__name__}")
         if model.tokenizer is None:
             raise ValueError("the model has no tokenizer: load it with from_pretrained from a folder holding "
                              "tokenizer.model")
         self.model, self.name = model, name
         self.tokenizer = model.tokenizer
         self.vision = isinstance(model, XComposer)
+        self.xcomposer2 = isinstance(model, XComposer2)  # chatml with a system turn, images with a LoRA mask
         # a system message becomes the template's system turn (meta_instruction) where there is one:
         # internlm-chat-7b's 2023-12 template and InternLM2's chatml; not the July 2023 one, nor XComposer's
-        self.has_system_turn = not self.vision and getattr(model, "chat_template", None) in ("2023-12", "chatml")
+        self.has_system_turn = self.xcomposer2 or (
+            not self.vision and getattr(model, "chat_template", None) in ("2023-12", "chatml"))
 
     # -- options -----------------------------------------------------------------------------
     def config(self, options: dict[str, Any], completion: bool = False) -> GenerationConfig:
@@ -65,6 +68,9 @@ class ServedModel:
         options = dict(options)
         options.setdefault("num_beams", 1)  # XComposer's default of 5 beams cannot share a batch
         ignore_eos = options.pop("ignore_eos", False)
+        if self.xcomposer2:  # XComposer2.chat()'s defaults and stops (eos, [UNUSED_TOKEN_145])
+            cfg = self.model.gen_config(options)
+            return cfg.replace(eos_token_id=None) if ignore_eos else cfg
         if self.vision:  # completions stop on <eoh> too, as XComposer.complete() does
             cfg = self.model._completion_config(options) if completion else self.model._gen_config(options)
         else:
@@ -93,6 +99,8 @@ class ServedModel:
             system = m.text
         if system is not None:
             messages = messages[1:]
+        if self.xcomposer2:
+            return self._xcomposer2_prompt(messages, cfg, system)
         if not self.vision:
             for i, m in enumerate(messages):
                 if m.images:
@@ -119,7 +127,31 @@ class ServedModel:
         model = self.model
         return Prompt(build=lambda: model.build_prompt(turns, cfg, fresh)[0])
 
+    def _xcomposer2_prompt(self, messages: Sequence[Message], cfg: GenerationConfig, system: str | None) -> Prompt:
+        """Upstream's (query, response) history with the placeholders where each image sat, and the
+        images of every user message in order (upstream passes earlier turns' images again)."""
+        def text_of(m: Message) -> str:
+            return m.layout if m.layout is not None else m.text
+
+        history = [(text_of(messages[k]), messages[k + 1].text) for k in range(0, len(messages) - 1, 2)]
+        images = [ref for m in messages if m.role == "user" for ref in m.images]
+        query = text_of(messages[-1])
+        if not query.strip() and not images:
+            raise PromptError("the last user message is empty: send a question", f"messages[{len(messages) - 1}]"
+                                                                               ".content")
+        model = self.model
+        placeholders = sum(q.count(IMAGE_PLACEHOLDER) for q, _ in history) + query.count(IMAGE_PLACEHOLDER)
+        if placeholders not in (0, len(images)):
+            raise PromptError(f"the messages hold {len(images)} image(s) but {placeholders} {IMAGE_PLACEHOLDER} "
+                              f"place(s): send each image as an image part of a user message", "messages")
+        return Prompt(build=lambda: model.build_inputs(query, images or None, history, system))
+
     def completion_prompt(self, text: str, cfg: GenerationConfig) -> Prompt:
+        if self.xcomposer2:  # a complete prompt string: text only, its ids as the tokenizer gives them
+            if IMAGE_PLACEHOLDER in text:
+                raise PromptError(f"/v1/completions takes text only; send images through /v1/chat/completions "
+                                  f"(the prompt contains {IMAGE_PLACEHOLDER})", "prompt")
+            return Prompt(ids=self.tokenizer.encode(text, add_bos=True))
         if self.vision:
             if IMAGE_PLACEHOLDER in text:
                 raise PromptError(f"/v1/completions takes text only; send images through /v1/chat/completions "

@@ -48,6 +48,9 @@ CHAT_DEFAULTS = dict(max_new_tokens=512, num_beams=3, repetition_penalty=1.0, do
 # a text-only InternLM: its own chat() defaults (llm/internlm.py CHAT_DEFAULTS), one beam
 TEXT_CHAT_DEFAULTS = dict(max_new_tokens=1024, num_beams=1, repetition_penalty=1.0, do_sample=True, temperature=0.8,
                           top_p=0.8)
+# XComposer2: its own chat() defaults (models/xcomposer2.py GEN_DEFAULTS), one beam
+XCOMPOSER2_CHAT_DEFAULTS = dict(max_new_tokens=1024, num_beams=1, repetition_penalty=1.005, do_sample=True,
+                                temperature=1.0, top_p=0.8)
 MAX_TITLE_CHARS = 500
 MAX_QUESTION_CHARS = 8000
 MAX_UPLOADS = 8
@@ -98,6 +101,7 @@ class ChatSession:
     history: list[dict[str, Any]] = field(default_factory=list)   # the model's turns
     messages: list[dict[str, Any]] = field(default_factory=list)  # what the chatbot shows
     last: tuple[str, list[str], list[str]] | None = None           # last question: text, model refs, shown files
+    images: list[str] = field(default_factory=list)  # XComposer2: earlier turns' images, passed again each turn
 
 
 @dataclass
@@ -117,13 +121,17 @@ class DemoApp:
         self.model = model
         # an XComposer sees images and writes articles; a text-only InternLM chats and reads documents
         self.vision = hasattr(model, "encode_image")
+        # XComposer2 chats about images (upstream's (query, response) history); composition is v1's only
+        from ...models.xcomposer2 import XComposer2
+        self.xcomposer2 = isinstance(model, XComposer2)
         self.out_root = Path(out_root).resolve()
         self.out_root.mkdir(parents=True, exist_ok=True)
         self.banner = banner
         self.max_concurrency = max_concurrency
         self.library = library
         self.compose_defaults = {**COMPOSE_DEFAULTS, **(compose_defaults or {})}
-        self.chat_defaults = {**(CHAT_DEFAULTS if self.vision else TEXT_CHAT_DEFAULTS), **(chat_defaults or {})}
+        own = XCOMPOSER2_CHAT_DEFAULTS if self.xcomposer2 else CHAT_DEFAULTS if self.vision else TEXT_CHAT_DEFAULTS
+        self.chat_defaults = {**own, **(chat_defaults or {})}
         self.lock = threading.Lock()
         # one-beam chats of several sessions run together in the batching engine (serve/engine.py),
         # which holds the same lock for each step: beam search and composition run between steps
@@ -218,8 +226,19 @@ class DemoApp:
         history = state.history
 
         query = text if model_text is None else model_text
+        images = list(state.images)
+        if self.xcomposer2:  # each image where it was sent (at the question's start), all images passed again
+            if refs and "<ImageHere>" not in query:
+                query = "<ImageHere>" * len(refs) + query
+            images += refs
 
         def make():
+            if self.xcomposer2:
+                stream = self.model.stream_chat(query, image=images or None, history=history, **options)
+                for piece in stream:
+                    yield ("piece", piece)
+                yield ("history", [list(t) for t in stream.history])
+                return
             if self.vision:
                 stream = self.model.stream_chat(query, image=refs or None, history=history, **options)
                 for piece in stream:
@@ -236,7 +255,8 @@ class DemoApp:
 
         reply, new_history = "", None
         batched = self.engine is not None and int(options.get("num_beams", 1)) == 1
-        source = self._engine_pieces(query, refs, history, options) if batched else self.stream_locked(make)
+        source = (self._engine_pieces(query, images if self.xcomposer2 else refs, history, options) if batched
+                  else self.stream_locked(make))
         for kind, value in source:
             if kind == "piece":
                 reply += value
@@ -246,7 +266,8 @@ class DemoApp:
                 new_history = value
         if not reply.strip():
             messages[-1] = {"role": "assistant", "content": "(the model gave an empty reply)"}
-        new = ChatSession(history=new_history, messages=messages, last=(text, refs, shown))
+        new = ChatSession(history=new_history, messages=messages, last=(text, refs, shown),
+                          images=images if self.xcomposer2 else [])
         yield messages, new
 
     def _engine_pieces(self, query: str, refs: list[str], history: list, options: dict) -> Iterator[tuple[str, Any]]:
@@ -255,7 +276,13 @@ class DemoApp:
         from ..engine import Prompt, QueueFullError
 
         model, cfg = self.model, self.served.config(options)
-        if self.vision:
+        if self.xcomposer2:
+            pairs = [tuple(t) for t in history]
+            prompt = Prompt(build=lambda: model.build_inputs(query, refs or None, pairs))
+
+            def new_history(reply: str) -> list:
+                return [list(t) for t in pairs] + [[query, reply]]
+        elif self.vision:
             turns, fresh, _ = model._prepare(query, refs or None, history, {})
             prompt = Prompt(build=lambda: model.build_prompt(turns, cfg, fresh)[0])
 

@@ -24,12 +24,14 @@ def build_app(app: DemoApp):
         if app.banner:
             gr.Markdown(app.banner, elem_id="demo-banner")
         if app.vision:
-            gr.Markdown("# InternLM-XComposer\nWrite illustrated articles from a title, or chat about images.")
+            gr.Markdown("# InternLM-XComposer2\nChat about images." if app.xcomposer2 else
+                        "# InternLM-XComposer\nWrite illustrated articles from a title, or chat about images.")
         else:
             gr.Markdown(f"# InternLM\n{TEXT_ONLY_NOTE}", elem_id="text-only-note")
         with gr.Tabs():
             if app.vision:
-                compose_tab(app, model_job)
+                if not app.xcomposer2:  # the composition pipeline runs XComposer 1.0's prompts
+                    compose_tab(app, model_job)
                 chat_tab(app, chat_job)
             else:
                 chat_tab(app, chat_job)

@@ -1,0 +1,52 @@
+"""The web demo's chat tab on XComposer2 (DemoApp handlers, eager and through the batching engine):
+two turns about an uploaded image answer exactly what XComposer2.chat answers."""
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from xcomposer.models.xcomposer2 import XComposer2  # noqa: E402
+from xcomposer.serve.webui import DemoApp  # noqa: E402
+from xcomposer.serve.webui.app import ChatSession  # noqa: E402
+from xcomposer.tiny import write_tiny_xcomposer2  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return XComposer2.from_pretrained(write_tiny_xcomposer2(tmp_path_factory.mktemp("xc2") / "c"))
+
+
+def _png(path):
+    g = torch.Generator().manual_seed(3)
+    Image.fromarray((torch.rand(30, 40, 3, generator=g) * 255).to(torch.uint8).numpy()).save(path)
+    return path
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_two_turns_equal_model_chat(model, tmp_path, batch):
+    app = DemoApp(model, None, tmp_path / "out", max_batch_size=batch)
+    try:
+        assert app.xcomposer2 and app.chat_defaults["repetition_penalty"] == 1.005
+        refs, shown = app.store_uploads([str(_png(tmp_path / "a.png"))], "s")
+        opts = app.chat_options(12, 1, 1.005, False, 1.0, 0.8)
+        msgs, s1 = list(app.chat_turn("What is it?", refs, shown, ChatSession(), opts))[-1]
+        want1, hist = model.chat("<ImageHere>What is it?", image=refs, max_new_tokens=12, do_sample=False)
+        assert msgs[-1]["content"] == want1 or (not want1.strip() and "empty" in msgs[-1]["content"])
+        assert s1.history == [["<ImageHere>What is it?", want1]] and s1.images == refs
+        msgs2, s2 = list(app.chat_turn("And more?", [], [], s1, opts))[-1]
+        want2, _ = model.chat("And more?", image=refs, history=hist, max_new_tokens=12, do_sample=False)
+        assert s2.history[-1] == ["And more?", want2] and len(s2.messages) == 4
+    finally:
+        app.close()
+
+
+def test_page_has_chat_but_no_composition(model, tmp_path):
+    from xcomposer.serve.webui import build_app
+    app = DemoApp(model, None, tmp_path / "out")
+    demo = build_app(app)
+    labels = [getattr(b, "label", None) for b in demo.blocks.values()]
+    assert not any(isinstance(lab, str) and "ompos" in lab for lab in labels)
+    assert any(isinstance(lab, str) and "hat" in lab for lab in labels)

@@ -1,0 +1,484 @@
+"""`XComposer2`: CLIP ViT-L/14 + vision_proj + InternLM2 with Partial LoRA (internlm-xcomposer2-vl-7b, -7b).
+
+    from xcomposer.models.xcomposer2 import XComposer2
+    model = XComposer2.from_pretrained("internlm/internlm-xcomposer2-vl-7b", device="cuda", dtype=torch.float16)
+    text = model.generate("<ImageHere>Please describe this image in detail.", image="cat.jpg")
+    reply, history = model.chat("<ImageHere>Who is this?", image="a.jpg")
+    reply, history = model.chat("And then?", image="a.jpg", history=history)  # upstream: pass the image again
+    reply, history = model.chat(tokenizer, query="...", image="a.jpg", history=[])  # upstream's signature
+
+The checkpoint is read with upstream's key names (`model.*` InternLM2 with `Plora_A` / `Plora_B`,
+`output`, `vit.vision_tower.vision_model.*`, `vision_proj.*`), strictly, shard by shard. Image
+tokens (1225 per image at 490 px) go through the decoder's Partial LoRA: the prompt carries a
+per-token image mask. Prompt layout (upstream's `interleav_wrap_chat`): chatml with
+`[UNUSED_TOKEN_146]` / `[UNUSED_TOKEN_145]`, upstream's meta instruction as the system turn,
+the text split at each `<ImageHere>` and every part tokenized on its own with `<s>`. Facts,
+sources and our documented choices: docs/checkpoint-format.md ("XComposer2").
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from projector.mlp import VisionProjector
+from vision.clip import ClipTower
+from vision.image import ImageError, load_image, preprocess
+
+from ..llm.checkpoint import CheckpointError, SplitKey, checkpoint_folder, load_checkpoint_into
+from ..llm.config import InternLM2Config
+from ..llm.decoder import InternLMForCausalLM
+from ..llm.generation import GenerationConfig, PromptTooLongError, generate, stream_generate
+from ..llm.internlm import check_device, resolve_dtype
+from ..llm.internlm2 import checkpoint_key_map as internlm2_key_map, upstream_name as internlm2_upstream_name
+from ..llm.tokenizer import IncrementalDecoder, InternLMTokenizer, check_text, load_tokenizer
+from .vl_prompt import IMAGE_PLACEHOLDER
+
+ARCHITECTURE = "InternLMXComposer2ForCausalLM"
+IM_START, IM_END = "[UNUSED_TOKEN_146]", "[UNUSED_TOKEN_145]"
+# fixed in upstream's code, not in config.json (modeling_internlm2.py PLoRA(..., lora_r=256, lora_alpha=256);
+# build_mlp.py: CLIP width 1024 -> hidden 4096)
+PLORA_RANK = 256
+VISION_WIDTH = 1024
+
+# upstream InternLMXComposer2ForCausalLM.chat() defaults
+GEN_DEFAULTS = dict(do_sample=True, temperature=1.0, top_p=0.8, repetition_penalty=1.005, max_new_tokens=1024)
+# upstream stream_chat() passes temperature=0.8 (the rest as chat())
+STREAM_DEFAULTS = dict(temperature=0.8)
+
+# upstream InternLMXComposer2ForCausalLM.chat()'s default `meta_instruction`
+XCOMPOSER2_META_INSTRUCTION = (
+    "You are an AI assistant whose name is InternLM-XComposer (浦语·灵笔).\n"
+    "- InternLM-XComposer (浦语·灵笔) is a multi-modality conversational language model that is developed by "
+    "Shanghai AI Laboratory (上海人工智能实验室). It is designed to be helpful, honest, and harmless.\n"
+    "- InternLM-XComposer (浦语·灵笔) can understand and communicate fluently in the language chosen by the "
+    "user such as English and 中文.\n"
+    "- InternLM-XComposer (浦语·灵笔) is capable of comprehending and articulating responses effectively based "
+    "on the provided image."
+)
+
+
+def is_xcomposer2_config(d: dict[str, Any]) -> bool:
+    """Whether a config.json dict describes an InternLM-XComposer2 checkpoint (`model_type` varies
+    across its revisions; `architectures` does not)."""
+    return ARCHITECTURE in (d.get("architectures") or [])
+
+
+@dataclass
+class XComposer2Config:
+    llm: InternLM2Config
+    img_size: int = 490
+    max_length: int = 4096
+    vision_config: dict | None = None  # CLIPVisionConfig fields; None: ViT-L/14 (vision.clip.CLIP_VIT_L14)
+    plora_rank: int = PLORA_RANK
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def vision_width(self) -> int:
+        return int((self.vision_config or {}).get("hidden_size", VISION_WIDTH))
+
+    @property
+    def tokens_per_image(self) -> int:
+        patch = int((self.vision_config or {}).get("patch_size", 14))
+        return (self.img_size // patch) ** 2
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "XComposer2Config":
+        if not is_xcomposer2_config(d):
+            raise CheckpointError(f"config.json names architectures {d.get('architectures')!r}, not "
+                                  f"[{ARCHITECTURE!r}]: this is not an InternLM-XComposer2 checkpoint")
+        llm = InternLM2Config.from_dict({k: v for k, v in d.items()
+                                         if k not in ("vision_config", "plora_rank", "img_size", "max_length")})
+        vision = d.get("vision_config")
+        if vision is not None and not isinstance(vision, dict):
+            raise CheckpointError(f"config.json's vision_config must be an object of CLIPVisionConfig fields, "
+                                  f"got {type(vision).__name__}")
+        return cls(llm=llm, img_size=int(d.get("img_size", 490)), max_length=int(d.get("max_length", 4096)),
+                   vision_config=vision, plora_rank=int(d.get("plora_rank", PLORA_RANK)), raw=dict(d))
+
+    def meta_model(self) -> tuple[nn.Module, str, list[str]]:
+        """The model on the meta device for `xcomposer.parallel.sharding`'s memory planning: (model,
+        decoder prefix, modules on device 0 before the token embeddings)."""
+        with torch.device("meta"):
+            return XComposer2(self), "llm.", ["vit", "vision_proj"]
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "XComposer2Config":
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path} cannot be read as JSON ({e}); re-download config.json") from e
+        return cls.from_dict(d)
+
+
+def xcomposer2_vl_7b_config(img_size: int = 490) -> XComposer2Config:
+    """internlm-xcomposer2-vl-7b's shapes for planning without weights: InternLM2-7B (the same shapes
+    as `internlm2_5_7b_chat_config`), CLIP ViT-L/14 at `img_size` (490; -7b: 224), Partial LoRA of
+    rank 256, context 4096 (config.json `max_length`)."""
+    from ..llm.config import internlm2_5_7b_chat_config
+
+    d = {**internlm2_5_7b_chat_config(torch_dtype="float16").to_dict(), "architectures": [ARCHITECTURE],
+         "img_size": img_size, "max_length": 4096}
+    return XComposer2Config.from_dict(d)
+
+
+def _check_query(query) -> str:
+    if not isinstance(query, str):
+        raise TypeError(f"the query must be a string, got {type(query).__name__}")
+    return check_text(query, "the query")
+
+
+def check_history(history) -> list[tuple[str, str]]:
+    """Upstream's history: (query, response) pairs (lists after a JSON round trip are fine)."""
+    if history is None:
+        return []
+    if not isinstance(history, (list, tuple)):
+        raise TypeError(f"history must be a list of (query, response) pairs, got {type(history).__name__}")
+    out = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
+            raise ValueError(f"history[{i}] must be a (query, response) pair of strings, got {pair!r}")
+        out.append((check_text(pair[0], f"history[{i}] query"), check_text(pair[1], f"history[{i}] response")))
+    return out
+
+
+def format_prompt(query: str, history: Sequence[tuple[str, str]] = (), meta_instruction: str = "") -> str:
+    """Upstream's chatml prompt text (placeholders still in it)."""
+    text = f"{IM_START}system\n{meta_instruction}{IM_END}\n" if meta_instruction else ""
+    for q, r in history:
+        text += f"{IM_START}user\n{q}{IM_END}\n{IM_START}assistant\n{r}{IM_END}\n"
+    return text + f"{IM_START}user\n{query}{IM_END}\n{IM_START}assistant\n"
+
+
+def prompt_parts(tokenizer: InternLMTokenizer, prompt: str, n_images: int) -> list[list[int] | int]:
+    """The prompt split at each `<ImageHere>`: token ids of each non-empty part (with its own `<s>`)
+    and, between them, the image index that goes there."""
+    parts = prompt.split(IMAGE_PLACEHOLDER)
+    if len(parts) - 1 != n_images:
+        raise ValueError(f"the prompt (history included) has {len(parts) - 1} {IMAGE_PLACEHOLDER} placeholder(s) "
+                         f"but {n_images} image(s) were given: pass one image per placeholder, the images of "
+                         f"earlier turns again too (as upstream's chat needs)")
+    out: list[list[int] | int] = []
+    for k, part in enumerate(parts):
+        if part:
+            out.append(tokenizer.encode(part, add_bos=True))
+        if k < n_images:
+            out.append(k)
+    return out
+
+
+class ChatStream:
+    """Iterates over the reply's text pieces; `reply` and `history` are set once it is exhausted."""
+
+    def __init__(self, pieces: Iterator[str]):
+        self._pieces = pieces
+        self.reply: str | None = None
+        self.history: list[tuple[str, str]] | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._pieces
+
+
+class XComposer2(nn.Module):
+    """Submodules under upstream's names: `vit` (CLIP tower), `vision_proj`, and `llm` (our InternLM2
+    decoder with Partial LoRA; upstream's `model.*` and `output`)."""
+
+    def __init__(self, config: XComposer2Config):
+        super().__init__()
+        self.config = config
+        self.vit = ClipTower(config.img_size, config.vision_config)
+        self.vision_proj = VisionProjector(self.vit.width, config.llm.hidden_size)
+        self.llm = InternLMForCausalLM(config.llm).add_partial_lora(config.plora_rank)
+        self.llm.context_window = config.max_length
+        self.tokenizer: InternLMTokenizer | None = None
+        self.meta_instruction = XCOMPOSER2_META_INSTRUCTION
+        self.image_cache_size = 32
+        self._image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.load_notes: list[str] = []
+
+    # -- checkpoint keys ---------------------------------------------------------------------
+    def key_map(self, key: str):
+        """Upstream key -> our parameter name (a `SplitKey` for the packed wqkv and its Plora_B)."""
+        if key.startswith("vit."):
+            name = self.vit.key_map(key[len("vit."):])
+            return None if name is None else "vit." + name
+        if key.startswith("vision_proj."):
+            return key
+        name = internlm2_key_map(self.config.llm)(key)
+        if isinstance(name, SplitKey):
+            return SplitKey(tuple("llm." + n for n in name.names), name.split)
+        return "llm." + name
+
+    def checkpoint_name(self, name: str) -> str | None:
+        if name.startswith("vit."):
+            return "vit." + self.vit.upstream_key(name[len("vit."):])
+        if name.startswith("llm."):
+            return internlm2_upstream_name(name[len("llm."):])
+        return name
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """Upstream's keys: `model.*` / `output.*` for the decoder (wqkv packed), `vit.*`, `vision_proj.*`."""
+        sd = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for k in [k for k in sd if k.startswith(prefix + "llm.")]:
+            sd[prefix + k[len(prefix) + len("llm."):]] = sd.pop(k)
+        return sd
+
+    # -- loading -----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | str | None = None, fuse: bool = True) -> "XComposer2":
+        """Load an internlm-xcomposer2-vl-7b / -7b folder (or hub id) strictly, shard by shard."""
+        folder, cfg_file = checkpoint_folder(path_or_hub_id, "XComposer2")
+        cfg = XComposer2Config.from_json(cfg_file)
+        if not (folder / "tokenizer.model").is_file():
+            raise CheckpointError(f"{folder / 'tokenizer.model'} not found: the checkpoint folder must hold the "
+                                  f"sentencepiece tokenizer.model shipped with the weights")
+        device = torch.device(device)
+        check_device(device)
+        dtype = resolve_dtype(dtype, device, cfg.llm.torch_dtype)
+        report = None
+        if device.type == "cuda":  # weights plus one full-context cache row must fit before reading
+            from ..parallel import sharding
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            report = sharding.memory_report(cfg, 1, dtype, batch=1, cache_len=cfg.max_length,
+                                            budgets=[int(torch.cuda.mem_get_info(index)[0])])
+            print(report, file=sys.stderr)
+            sharding.check_fits(report, cfg)
+        with torch.device("meta"):
+            model = cls(cfg)
+        load_checkpoint_into(model, folder, device=device, dtype=dtype, key_map=model.key_map,
+                             checkpoint_name=model.checkpoint_name)
+        model._finish_loading(device)
+        if fuse:
+            model.llm.fuse_projections()
+        model.tokenizer = load_tokenizer(folder)
+        for name in (IM_START, IM_END):
+            if model.tokenizer.token_to_id(name) is None:
+                raise CheckpointError(f"{folder / 'tokenizer.model'} has no {name} piece: XComposer2's chat "
+                                      f"prompt needs it; use the checkpoint's own tokenizer.model")
+        model.source = Path(folder)
+        model.memory_report = report
+        print(f"XComposer2 {Path(folder).name}: {cfg.img_size} px, {cfg.tokens_per_image} tokens per image",
+              file=sys.stderr)
+        return model.eval()
+
+    def _finish_loading(self, device: torch.device) -> None:
+        """Non-persistent buffers the checkpoint does not hold (CLIP's position ids)."""
+        emb = self.vit.vision_tower.embeddings if not self.vit.inner else self.vit.vision_tower.vision_model.embeddings
+        if hasattr(emb, "position_ids"):
+            emb.position_ids = torch.arange(emb.num_positions, device=device).expand((1, -1))
+        self.llm.setup_rope(self.config.llm.max_position_embeddings)
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.model.embed_tokens.weight.dtype
+
+    # -- images ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, img, img) preprocessed pixels -> (B, tokens_per_image, hidden) image tokens."""
+        size = self.config.img_size
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 \
+                or tuple(pixel_values.shape[1:]) != (3, size, size):
+            got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise ValueError(f"encode_image expects preprocessed pixels of shape (B, 3, {size}, {size}), got {got}; "
+                             f"vision.image.preprocess(images, size={size}) makes them")
+        if pixel_values.is_floating_point() and not bool(torch.isfinite(pixel_values).all()):
+            raise ValueError("the pixel tensor holds NaN or infinite values; preprocess the image again")
+        vdtype = self.vision_proj[0].weight.dtype
+        feats = self.vit(pixel_values.to(self.device, vdtype))
+        return self.vision_proj(feats).to(self.dtype)
+
+    def _image_tokens(self, image) -> list[torch.Tensor]:
+        """(tokens_per_image, hidden) per image given: paths/PIL/bytes, or (1|B, 3, H, W) pixel tensors."""
+        if image is None:
+            return []
+        items = list(image) if isinstance(image, (list, tuple)) else [image]
+        out: list[torch.Tensor | None] = [None] * len(items)
+        todo, pics = [], []
+        for k, item in enumerate(items):
+            if isinstance(item, torch.Tensor) and item.dim() == 4:
+                out[k] = None
+                todo.append((k, None))
+                pics.append(item)
+                continue
+            key = self._cache_key(item)
+            if key is not None and key in self._image_cache:
+                self._image_cache.move_to_end(key)
+                out[k] = self._image_cache[key]
+                continue
+            try:
+                pics.append(load_image(item))
+            except ImageError as e:
+                if len(items) == 1:
+                    raise
+                raise ImageError(e.reason, source=e.source, index=k, total=len(items)) from e
+            todo.append((k, key))
+        if todo:
+            tensors = [p for p in pics if isinstance(p, torch.Tensor)]
+            pils = [p for p in pics if not isinstance(p, torch.Tensor)]
+            encoded_pils = list(self.encode_image(preprocess(pils, size=self.config.img_size))) if pils else []
+            encoded_tensors = [self.encode_image(t) for t in tensors]
+            it_pil, it_t = iter(encoded_pils), iter(encoded_tensors)
+            for (k, key), p in zip(todo, pics):
+                if isinstance(p, torch.Tensor):
+                    emb = next(it_t)
+                    if emb.shape[0] != 1:
+                        raise ValueError(f"a pixel tensor must hold one image, shape (1, 3, H, W); got "
+                                         f"{tuple(p.shape)}")
+                    out[k] = emb[0]
+                else:
+                    out[k] = next(it_pil)
+                    if key is not None and self.image_cache_size > 0:
+                        self._image_cache[key] = out[k]
+                        while len(self._image_cache) > self.image_cache_size:
+                            self._image_cache.popitem(last=False)
+        return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _cache_key(item) -> str | None:
+        if isinstance(item, (str, os.PathLike)) and not str(item).startswith("data:"):
+            try:
+                st = os.stat(item)
+                return f"{os.path.abspath(item)}|{st.st_mtime_ns}|{st.st_size}"
+            except OSError:
+                return None
+        return None
+
+    # -- prompts -----------------------------------------------------------------------------
+    def _require_tokenizer(self) -> InternLMTokenizer:
+        if self.tokenizer is None:
+            raise RuntimeError("this model has no tokenizer: load it with XComposer2.from_pretrained, or set "
+                               "model.tokenizer = xcomposer.load_tokenizer(folder)")
+        return self.tokenizer
+
+    def gen_config(self, options: dict[str, Any]) -> GenerationConfig:
+        tok = self._require_tokenizer()
+        stops = [tok.eos_token_id, tok.token_to_id(IM_END)]
+        base = GenerationConfig(eos_token_id=stops, pad_token_id=tok.pad_token_id)
+        return base.replace(**{**GEN_DEFAULTS, **options})
+
+    def build_inputs(self, query: str, image=None, history=None,
+                     meta_instruction: str | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """(embeddings (L, hidden), image mask (L,) bool, text ids for the repetition penalty) of one
+        chat turn. With images but no `<ImageHere>` anywhere, one placeholder per image is put at the
+        start of the query (upstream's examples write them there; docs/checkpoint-format.md)."""
+        return self._build(query, image, history, meta_instruction)[:3]
+
+    def _build(self, query, image, history, meta_instruction):
+        """`build_inputs` plus the query as the history stores it (placeholders included)."""
+        tok = self._require_tokenizer()
+        query = _check_query(query)
+        history = check_history(history)
+        meta = self.meta_instruction if meta_instruction is None else check_text(meta_instruction, "meta_instruction")
+        images = self._image_tokens(image)
+        text = format_prompt(query, history, meta)
+        if images and IMAGE_PLACEHOLDER not in text:
+            query = IMAGE_PLACEHOLDER * len(images) + query
+            text = format_prompt(query, history, meta)
+        parts = prompt_parts(tok, text, len(images))
+        emb = self.llm.model.embed_tokens
+        embeds, mask, ids = [], [], []
+        for p in parts:
+            if isinstance(p, int):
+                embeds.append(images[p].to(self.device, self.dtype))
+                mask.append(torch.ones(images[p].shape[0], dtype=torch.bool))
+            else:
+                embeds.append(emb(torch.tensor(p, dtype=torch.long, device=self.device)))
+                mask.append(torch.zeros(len(p), dtype=torch.bool))
+                ids += p
+        x, m = torch.cat(embeds), torch.cat(mask)
+        if x.shape[0] >= self.llm.context_window:
+            raise PromptTooLongError(
+                f"the prompt is {x.shape[0]} tokens ({self.config.tokens_per_image} per image) but the context "
+                f"window (config.json max_length) is {self.llm.context_window}: shorten the history or send "
+                f"fewer images")
+        return x, m, ids, query
+
+    def _answer(self, tokens: list[int]) -> str:
+        tok = self._require_tokenizer()
+        stops = {tok.eos_token_id, tok.token_to_id(IM_END)}
+        cut = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
+        return tok.decode(tokens[:cut], skip_special_tokens=True).split(IM_END)[0]
+
+    # -- the chat API --------------------------------------------------------------------------
+    @staticmethod
+    def _upstream_args(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Accept upstream's `chat(tokenizer, query=..., image=..., history=...)`: a leading
+        non-string argument (the tokenizer) is dropped; ours is `model.tokenizer`."""
+        if args and not isinstance(args[0], str):
+            args = args[1:]
+        kwargs.pop("tokenizer", None)
+        if "query" in kwargs:
+            kwargs["text"] = kwargs.pop("query")
+        return args, kwargs
+
+    @torch.inference_mode()
+    def generate(self, text: str, image=None, **options: Any) -> str:
+        """One question (with optional image(s)) -> the answer, upstream's chat defaults."""
+        reply, _ = self.chat(text, image=image, history=None, **options)
+        return reply
+
+    def chat(self, *args, **kwargs) -> tuple[str, list[tuple[str, str]]]:
+        """One turn: `(reply, history + [(query, reply)])`; the given list is not modified."""
+        args, kwargs = self._upstream_args(args, kwargs)
+        return self._chat(*args, **kwargs)
+
+    @torch.inference_mode()
+    def _chat(self, text: str, image=None, history=None, meta_instruction: str | None = None,
+              **options: Any) -> tuple[str, list[tuple[str, str]]]:
+        cfg = self.gen_config(options)
+        x, m, ids, query = self._build(text, image, history, meta_instruction)
+        out = generate(self.llm, inputs_embeds=[x], image_mask=[m], penalty_ids=[ids], config=cfg)
+        reply = self._answer(out.tokens[0])
+        return reply, check_history(history) + [(query, reply)]
+
+    def stream_chat(self, *args, **kwargs) -> ChatStream:
+        """Like `chat`, as text pieces; afterwards `stream.reply` and `stream.history` are set."""
+        args, kwargs = self._upstream_args(args, kwargs)
+        return self._stream_chat(*args, **kwargs)
+
+    def _stream_chat(self, text: str, image=None, history=None, meta_instruction: str | None = None,
+                     **options: Any) -> ChatStream:
+        cfg = self.gen_config({**STREAM_DEFAULTS, **options})
+        with torch.inference_mode():
+            x, m, ids, query = self._build(text, image, history, meta_instruction)
+        past = check_history(history)
+        tok = self._require_tokenizer()
+        stops = set(cfg.stop_ids)
+
+        def pieces() -> Iterator[str]:
+            dec = IncrementalDecoder(tok, skip_special_tokens=True)
+            reply = ""
+            for new_ids in stream_generate(self.llm, inputs_embeds=x, image_mask=m, penalty_ids=ids, config=cfg):
+                cut = next((i for i, t in enumerate(new_ids) if t in stops), None)
+                new = dec.push(new_ids if cut is None else new_ids[:cut])
+                if new:
+                    reply += new
+                    yield new
+                if cut is not None:
+                    break
+            tail = dec.flush()
+            if tail:
+                reply += tail
+                yield tail
+            stream.reply, stream.history = reply, past + [(query, reply)]
+
+        stream = ChatStream(pieces())
+        return stream
+
+
+__all__ = ["XComposer2", "XComposer2Config", "ChatStream", "GEN_DEFAULTS", "XCOMPOSER2_META_INSTRUCTION",
+           "ARCHITECTURE", "IM_START", "IM_END", "PLORA_RANK", "is_xcomposer2_config", "format_prompt",
+           "prompt_parts", "check_history", "xcomposer2_vl_7b_config"]
