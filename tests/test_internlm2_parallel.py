@@ -48,6 +48,7 @@ def _worker(rank: int, folder: str, rendezvous: str, results: str) -> None:
         res["qkv_rows"] = llm.model.layers[0].self_attn.qkv_proj.sizes
         res["chat"] = llm.chat(llm.tokenizer, "hello", do_sample=False, max_new_tokens=6)[0]
         torch.save(res, Path(results) / f"rank{rank}.pt")
+        dist.barrier()  # neither rank tears the group down while the other still uses it (gloo aborts then)
     finally:
         dist.destroy_process_group()
 

@@ -60,6 +60,7 @@ def _worker(rank: int, folder: str, xc_folder: str, rendezvous: str, results: st
         except ValueError as e:
             res["uneven"] = str(e)
         torch.save(res, Path(results) / f"rank{rank}.pt")
+        dist.barrier()  # neither rank tears the group down while the other still uses it (gloo aborts then)
     finally:
         dist.destroy_process_group()
 

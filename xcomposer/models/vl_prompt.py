@@ -27,7 +27,7 @@ process can load again, never tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 from ..llm.tokenizer import check_text
 
@@ -133,9 +133,22 @@ def prompt_segments(tokenizer, turns: Sequence[dict[str, Any]],
     return segs, images
 
 
+class ChatStream:
+    """The text pieces of a streamed reply (XComposer and XComposer2 `stream_chat`); `reply` and
+    `history` (in the model's own history format) are set once it is exhausted."""
+
+    def __init__(self, pieces: Iterator[str]):
+        self._pieces = pieces
+        self.reply: str | None = None
+        self.history: list | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._pieces
+
+
 def segments_length(segs: Sequence[Segment], tokens_per_image: int) -> int:
     return sum(tokens_per_image if isinstance(s, ImageSlot) else len(s) for s in segs)
 
 
-__all__ = ["IMAGE_PLACEHOLDER", "USER_TAG", "BOT_TAG", "ImageSlot", "user_turn", "bot_turn", "check_history",
+__all__ = ["IMAGE_PLACEHOLDER", "ChatStream", "USER_TAG", "BOT_TAG", "ImageSlot", "user_turn", "bot_turn", "check_history",
            "turn_segments", "reply_segment", "prompt_segments", "segments_length"]

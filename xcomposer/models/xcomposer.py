@@ -37,8 +37,8 @@ from ..llm.decoder import InternLMForCausalLM
 from ..llm.generation import GenerationConfig, GenerationOutput, PromptTooLongError, generate, stream_generate
 from ..llm.internlm import check_device, resolve_dtype
 from ..llm.tokenizer import IncrementalDecoder, InternLMTokenizer, load_tokenizer
-from .vl_prompt import (IMAGE_PLACEHOLDER, ImageSlot, bot_turn, check_history, prompt_segments, segments_length,
-                        user_turn)
+from .vl_prompt import (IMAGE_PLACEHOLDER, ChatStream, ImageSlot, bot_turn, check_history, prompt_segments,
+                        segments_length, user_turn)
 
 # upstream InternLMXComposerForCausalLM.gen_config; min_length=1 over an embeddings-only prompt
 # is one new token at least
@@ -209,18 +209,6 @@ def checkpoint_name(our_key: str) -> str | None:
 def _skip_derived(key: str) -> bool:
     # upstream shards carry the rotary inverse frequencies, which the model derives itself
     return key.endswith("rotary_emb.inv_freq")
-
-
-class ChatStream:
-    """Iterates over the reply's text pieces; `reply` and `history` are set once it is exhausted."""
-
-    def __init__(self, pieces: Iterator[str]):
-        self._pieces = pieces
-        self.reply: str | None = None
-        self.history: list[dict[str, Any]] | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        yield from self._pieces
 
 
 class XComposer(nn.Module):

@@ -39,7 +39,7 @@ from ..llm.generation import GenerationConfig, PromptTooLongError, generate, str
 from ..llm.internlm import check_device, resolve_dtype
 from ..llm.internlm2 import checkpoint_key_map as internlm2_key_map, upstream_name as internlm2_upstream_name
 from ..llm.tokenizer import IncrementalDecoder, InternLMTokenizer, check_text, load_tokenizer
-from .vl_prompt import IMAGE_PLACEHOLDER
+from .vl_prompt import IMAGE_PLACEHOLDER, ChatStream
 
 ARCHITECTURE = "InternLMXComposer2ForCausalLM"
 IM_START, IM_END = "[UNUSED_TOKEN_146]", "[UNUSED_TOKEN_145]"
@@ -172,18 +172,6 @@ def prompt_parts(tokenizer: InternLMTokenizer, prompt: str, n_images: int) -> li
         if k < n_images:
             out.append(k)
     return out
-
-
-class ChatStream:
-    """Iterates over the reply's text pieces; `reply` and `history` are set once it is exhausted."""
-
-    def __init__(self, pieces: Iterator[str]):
-        self._pieces = pieces
-        self.reply: str | None = None
-        self.history: list[tuple[str, str]] | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        yield from self._pieces
 
 
 class XComposer2(nn.Module):
