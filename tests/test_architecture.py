@@ -15,7 +15,8 @@ PACKAGES = ("xcomposer", "vision", "projector")
 LAYERS = {"vision": 0, "projector": 0, "xcomposer.llm": 1, "xcomposer.parallel": 2, "xcomposer.models": 3,
           "xcomposer.compose": 4, "xcomposer.serve": 5, "xcomposer": 6}
 # (importer, imported): the documented exceptions
-ALLOWED_UPWARD = {("xcomposer.models.xcomposer", "xcomposer.compose.pipeline")}  # XComposer.compose()
+ALLOWED_UPWARD = {("xcomposer.models.xcomposer", "xcomposer.compose.pipeline"),  # XComposer.compose()
+                  ("xcomposer.models.xcomposer2", "xcomposer.compose.pipeline")}  # XComposer2.compose()
 
 
 def _modules() -> dict[str, Path]:

@@ -138,21 +138,32 @@ def _library_search(args: argparse.Namespace) -> int:
 # --- compose ------------------------------------------------------------------------------------
 
 def add_compose_commands(groups: argparse._SubParsersAction) -> None:
-    c = groups.add_parser("compose", help="write an illustrated article from a title",
-                          description="Text, image spots, captions, library search and the model's choice "
-                                      "(docs/composition.md).")
-    c.add_argument("title", help="the article's title")
-    c.add_argument("--folder", required=True, help="XComposer checkpoint folder or hub id")
+    c = groups.add_parser("compose", help="write an illustrated article from a title (XComposer2: an instruction)",
+                          description="Text, image spots, captions, library search and the model's choice, with "
+                                      "the prompts of the checkpoint's generation: XComposer 1.0 writes from a "
+                                      "title; XComposer2 (internlm-xcomposer2-7b) from a free-form instruction, "
+                                      "optionally with reference images (docs/composition.md).")
+    c.add_argument("title", help="the article's title (XComposer2: the instruction, material included)")
+    c.add_argument("--folder", required=True, help="XComposer or XComposer2 checkpoint folder or hub id")
     c.add_argument("--library", default=None, metavar="LIB",
                    help="image library (python -m xcomposer library build); without it slots get captions only")
     c.add_argument("--out", required=True, metavar="DIR", help="folder for article.md/.html/.json and images/")
     c.add_argument("--num-images", type=int, default=None, help="how many images (default: the model decides)")
-    c.add_argument("--max-new-tokens", type=int, default=1000, help="article length in tokens (default 1000)")
-    c.add_argument("--num-beams", type=int, default=5)
-    c.add_argument("--repetition-penalty", type=float, default=5.0)
-    c.add_argument("--sample", action="store_true", help="sample the text instead of beam search")
+    c.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="XComposer2: a reference image (repeat, at most 10); the model sees them while writing "
+                        "and places them (no captions, no library)")
+    c.add_argument("--with-meta", action="store_true", help="XComposer2: upstream's system turn (its 'With Meta')")
+    c.add_argument("--seed", type=int, default=None, help="seed of every sampled step (reproducible runs)")
+    c.add_argument("--max-new-tokens", type=int, default=None,
+                   help="article length in tokens (default: upstream's, 1000 for 1.0, 4096 for XComposer2)")
+    c.add_argument("--num-beams", type=int, default=None, help="beams of the article (default: upstream's, 5 / 1)")
+    c.add_argument("--repetition-penalty", type=float, default=None,
+                   help="the article's repetition penalty (default: upstream's, 5.0 / 1.005)")
+    c.add_argument("--sample", action=argparse.BooleanOptionalAction, default=None,
+                   help="sample the text (default: upstream's, beam search for 1.0, sampling for XComposer2)")
     c.add_argument("--no-select", action="store_true", help="take each slot's first candidate (no model choice)")
-    c.add_argument("--lang", default="zh", choices=["zh", "en"], help="prompt language (upstream's: zh)")
+    c.add_argument("--lang", default="zh", choices=["zh", "en"],
+                   help="prompt language (upstream's: zh; XComposer2 has zh only)")
     c.add_argument("--device", default=None, help="torch device (default cuda when available)")
     c.add_argument("--dtype", default=None, help="float16, bfloat16 or float32")
     c.add_argument("--zip", action="store_true", help="also write DIR.zip")
@@ -170,14 +181,16 @@ def _compose(args: argparse.Namespace) -> int:
     model = XComposer.from_pretrained(args.folder, device=device, dtype=args.dtype)
     library = ImageLibrary.open(args.library, device=device) if args.library else None
     composer = Composer(model, library, lang=args.lang)
-    gen = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-               repetition_penalty=args.repetition_penalty, do_sample=args.sample)
+    gen = {k: v for k, v in dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                                 repetition_penalty=args.repetition_penalty, do_sample=args.sample).items()
+           if v is not None}
     article, bars = None, {}
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm comes with transformers
         tqdm = None
-    for ev in composer.run(args.title, num_images=args.num_images, select=not args.no_select, **gen):
+    for ev in composer.run(args.title, num_images=args.num_images, select=not args.no_select,
+                           images=args.image or None, with_meta=args.with_meta, seed=args.seed, **gen):
         if ev.kind == "text":
             print(ev.text, end="", flush=True)
         elif ev.kind == "stage" and ev.stage != "text" and ev.total:

@@ -346,10 +346,11 @@ TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
 
 def write_xcomposer2_tokenizer(folder: str | Path, vocab_size: int = 1000) -> Path:
     """A tiny real tokenizer.model with XComposer2's chat pieces `[UNUSED_TOKEN_141..146]` (used
-    under those names in its prompts) and a tokenizer_config.json naming only `<unk>`/`<s>`/`</s>`."""
+    under those names in its prompts) and `[UNUSED_TOKEN_0]` (its composition demo's stop word), and a
+    tokenizer_config.json naming only `<unk>`/`<s>`/`</s>`."""
     folder = Path(folder)
-    train_tiny_tokenizer(folder / "tokenizer.model", vocab_size=vocab_size, chat_pieces=list(INTERNLM2_CHAT_TOKENS),
-                         add_dummy_prefix=False)
+    train_tiny_tokenizer(folder / "tokenizer.model", vocab_size=vocab_size,
+                         chat_pieces=["[UNUSED_TOKEN_0]", *INTERNLM2_CHAT_TOKENS], add_dummy_prefix=False)
     plain = load_tokenizer(folder / "tokenizer.model")
     entry = dict(lstrip=False, normalized=False, rstrip=False, single_word=False, special=True)
     config = {

@@ -152,6 +152,31 @@ class Article:
             raise ValueError(f"paragraph {i} cannot be empty: write some text")
         self.paragraphs[i] = text.strip()
 
+    def insert_paragraph(self, index: int, text: str) -> None:
+        """A new paragraph at `index` (0..len); later paragraphs and their images move down one."""
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index <= len(self.paragraphs):
+            raise IndexError(f"cannot insert a paragraph at {index!r}: valid places are 0..{len(self.paragraphs)}")
+        _need(text, str, "text")
+        if not text.strip():
+            raise ValueError("the new paragraph cannot be empty: write some text")
+        self.paragraphs.insert(index, text.strip())
+        for s in self.slots:
+            if s.paragraph >= index:
+                s.paragraph += 1
+
+    def delete_paragraph(self, index: int) -> None:
+        """Remove paragraph `index` and the image after it; later ones move up one. The last
+        paragraph cannot go (an article has at least one)."""
+        self._check_paragraph(index)
+        if len(self.paragraphs) == 1:
+            raise ValueError("the article's only paragraph cannot be deleted: rewrite it instead")
+        if self.slot_at(index) is not None:
+            self.remove_image(index)
+        del self.paragraphs[index]
+        for s in self.slots:
+            if s.paragraph > index:
+                s.paragraph -= 1
+
     def set_caption(self, paragraph: int, caption: str, source: str = "user") -> None:
         """Candidates stay until the caller searches again with the new caption."""
         slot = self._slot(paragraph)

@@ -14,7 +14,7 @@ import unicodedata
 
 MAX_PARAGRAPHS = 60
 MAX_CAPTION = 200
-LETTERS = "ABCD"
+LETTERS = "ABCDEFGHIJ"  # A-D for retrieved candidates; up to J for XComposer2's 10 reference images
 # NFKC first turns full-width ＜Ｓｅｇ３＞ into <Seg3>; the brackets are optional so that
 # `Seg 3`, `seg3` and 【Seg3】 count too
 _SEG = re.compile(r"<?\s*seg\s*(\d+)\s*>?", re.IGNORECASE)
@@ -117,20 +117,24 @@ def fallback_caption(paragraph: str) -> str:
 def parse_choice(text: str, n_candidates: int) -> tuple[int, str | None]:
     """Index of the chosen candidate from the answer after `最合适的图是` / `The best image is`.
 
-    Upstream reads the first character after a leading space. We read the first capital A-D
+    Upstream reads the first character after a leading space. We read the first capital letter
     standing alone within the answer's opening (`A`, ` B`, `C.`, `(D)`, `图C`, full-width `Ｂ`),
     or a letter of either case after `option`/`image`/`图`/`选` (`Option b`). Only the opening
-    counts, so a word later in a sentence is not taken for a choice. Unparseable or out of range
-    -> (0, reason): the first candidate, as upstream.
+    counts, so a word later in a sentence is not taken for a choice. The letters read are A-D, or
+    as many as there are candidates beyond four (XComposer2's reference images: up to J).
+    Unparseable or out of range -> (0, reason): the first candidate, as upstream.
     """
-    if n_candidates < 1:
-        raise ValueError(f"parse_choice: n_candidates={n_candidates} must be at least 1")
+    if not 1 <= n_candidates <= len(LETTERS):
+        raise ValueError(f"parse_choice: n_candidates={n_candidates} must be between 1 and {len(LETTERS)}")
     raw = text or ""
     head = unicodedata.normalize("NFKC", raw).strip()[:16]
-    m = (re.match(r"[\W_]*([A-D])(?![A-Za-z])", head)  # the letter opens the answer: `B`, `(D)`, `C.`
-         or re.fullmatch(r"[\W_]*([a-d])[\W_]*", head)  # a lone small letter; `a dog` is no choice
-         or re.search(r"(?:option|image|picture|图|选)\s*[:：]?\s*([a-dA-D])(?![A-Za-z])", head, re.IGNORECASE)
-         or re.search(r"(?<![A-Za-z])([A-D])(?![A-Za-z])", head))
+    last = LETTERS[max(4, n_candidates) - 1]
+    big, small = f"A-{last}", f"a-{last.lower()}"
+    m = (re.match(rf"[\W_]*([{big}])(?![A-Za-z])", head)  # the letter opens the answer: `B`, `(D)`, `C.`
+         or re.fullmatch(rf"[\W_]*([{small}])[\W_]*", head)  # a lone small letter; `a dog` is no choice
+         or re.search(rf"(?:option|image|picture|图|选)\s*[:：]?\s*([{small}{big}])(?![A-Za-z])", head,
+                      re.IGNORECASE)
+         or re.search(rf"(?<![A-Za-z])([{big}])(?![A-Za-z])", head))
     if m is None:
         return 0, f"no candidate letter in the answer {_clip(raw)}"
     letter = m.group(1).upper()

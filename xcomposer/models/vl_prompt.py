@@ -27,9 +27,9 @@ process can load again, never tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Iterable, Iterator, Sequence, Union
 
-from ..llm.tokenizer import check_text
+from ..llm.tokenizer import IncrementalDecoder, check_text
 
 IMAGE_PLACEHOLDER = "<ImageHere>"
 USER_TAG = " <|User|>:"
@@ -146,9 +146,25 @@ class ChatStream:
         yield from self._pieces
 
 
+def text_until_stop(tokenizer, chunks: Iterable[list[int]], stops: set[int]) -> Iterator[str]:
+    """Text pieces of streamed token-id chunks (whole characters only, special tokens skipped),
+    ended at the first stop id."""
+    dec = IncrementalDecoder(tokenizer, skip_special_tokens=True)
+    for ids in chunks:
+        cut = next((i for i, t in enumerate(ids) if t in stops), None)
+        new = dec.push(ids if cut is None else ids[:cut])
+        if new:
+            yield new
+        if cut is not None:
+            break
+    tail = dec.flush()
+    if tail:
+        yield tail
+
+
 def segments_length(segs: Sequence[Segment], tokens_per_image: int) -> int:
     return sum(tokens_per_image if isinstance(s, ImageSlot) else len(s) for s in segs)
 
 
-__all__ = ["IMAGE_PLACEHOLDER", "ChatStream", "USER_TAG", "BOT_TAG", "ImageSlot", "user_turn", "bot_turn", "check_history",
+__all__ = ["IMAGE_PLACEHOLDER", "ChatStream", "text_until_stop", "USER_TAG", "BOT_TAG", "ImageSlot", "user_turn", "bot_turn", "check_history",
            "turn_segments", "reply_segment", "prompt_segments", "segments_length"]

@@ -36,9 +36,9 @@ from ..llm.config import InternLMConfig
 from ..llm.decoder import InternLMForCausalLM
 from ..llm.generation import GenerationConfig, GenerationOutput, PromptTooLongError, generate, stream_generate
 from ..llm.internlm import check_device, resolve_dtype
-from ..llm.tokenizer import IncrementalDecoder, InternLMTokenizer, load_tokenizer
+from ..llm.tokenizer import InternLMTokenizer, load_tokenizer
 from .vl_prompt import (IMAGE_PLACEHOLDER, ChatStream, ImageSlot, bot_turn, check_history, prompt_segments,
-                        segments_length, user_turn)
+                        segments_length, text_until_stop, user_turn)
 
 # upstream InternLMXComposerForCausalLM.gen_config; min_length=1 over an embeddings-only prompt
 # is one new token at least
@@ -519,19 +519,8 @@ class XComposer(nn.Module):
         return self._stream_text(embeds, cfg)
 
     def _stream_text(self, embeds: torch.Tensor, cfg: GenerationConfig) -> Iterator[str]:
-        tok = self._require_tokenizer()
-        stops = set(cfg.stop_ids)
-        dec = IncrementalDecoder(tok, skip_special_tokens=True)
-        for ids in stream_generate(self.llm, inputs_embeds=embeds, config=cfg):
-            cut = next((i for i, t in enumerate(ids) if t in stops), None)
-            new = dec.push(ids if cut is None else ids[:cut])
-            if new:
-                yield new
-            if cut is not None:
-                break
-        tail = dec.flush()
-        if tail:
-            yield tail
+        return text_until_stop(self._require_tokenizer(), stream_generate(self.llm, inputs_embeds=embeds, config=cfg),
+                               set(cfg.stop_ids))
 
     def _answer(self, tokens: list[int]) -> str:
         tok = self._require_tokenizer()

@@ -38,8 +38,8 @@ from ..llm.decoder import InternLMForCausalLM
 from ..llm.generation import GenerationConfig, PromptTooLongError, generate, stream_generate
 from ..llm.internlm import check_device, resolve_dtype
 from ..llm.internlm2 import checkpoint_key_map as internlm2_key_map, upstream_name as internlm2_upstream_name
-from ..llm.tokenizer import IncrementalDecoder, InternLMTokenizer, check_text, load_tokenizer
-from .vl_prompt import IMAGE_PLACEHOLDER, ChatStream
+from ..llm.tokenizer import InternLMTokenizer, check_text, load_tokenizer
+from .vl_prompt import IMAGE_PLACEHOLDER, ChatStream, text_until_stop
 
 ARCHITECTURE = "InternLMXComposer2ForCausalLM"
 IM_START, IM_END = "[UNUSED_TOKEN_146]", "[UNUSED_TOKEN_145]"
@@ -63,6 +63,27 @@ XCOMPOSER2_META_INSTRUCTION = (
     "- InternLM-XComposer (浦语·灵笔) is capable of comprehending and articulating responses effectively based "
     "on the provided image."
 )
+
+
+# upstream's composition demo stops on id 92397 (`stop_words_ids`); InternLM2's unused pieces run
+# [UNUSED_TOKEN_0] .. [UNUSED_TOKEN_146] to the end of its 92544-entry vocabulary (141..146 sit at
+# 92538..92543, tokenizer_config.json), so 92397 is [UNUSED_TOKEN_0]: found by name, and by that id
+# in a full-size vocabulary (docs/composition.md)
+COMPOSE_STOP_PIECE, COMPOSE_STOP_ID, FULL_VOCAB = "[UNUSED_TOKEN_0]", 92397, 92544
+# upstream's edits ask for `max_length=500 - prompt tokens` new tokens; ours never fewer than this
+MIN_EDIT_TOKENS = 100
+
+
+def composition_stop_ids(tok: InternLMTokenizer) -> list[int]:
+    """Stop ids of the composition steps: eos, `[UNUSED_TOKEN_145]` (the end of the assistant's turn;
+    upstream's stream loop breaks there) and upstream's stop word `[UNUSED_TOKEN_0]`."""
+    ids = [tok.eos_token_id, tok.token_to_id(IM_END)]
+    piece = tok.token_to_id(COMPOSE_STOP_PIECE)
+    if piece is not None:
+        ids.append(piece)
+    elif tok.vocab_size == FULL_VOCAB:
+        ids.append(COMPOSE_STOP_ID)
+    return list(dict.fromkeys(ids))
 
 
 def is_xcomposer2_config(d: dict[str, Any]) -> bool:
@@ -177,6 +198,8 @@ def prompt_parts(tokenizer: InternLMTokenizer, prompt: str, n_images: int) -> li
 class XComposer2(nn.Module):
     """Submodules under upstream's names: `vit` (CLIP tower), `vision_proj`, and `llm` (our InternLM2
     decoder with Partial LoRA; upstream's `model.*` and `output`)."""
+
+    composition_style = "xcomposer2"  # compose.prompts.style_for: upstream XComposer2's composition prompts
 
     def __init__(self, config: XComposer2Config):
         super().__init__()
@@ -447,26 +470,100 @@ class XComposer2(nn.Module):
         stops = set(cfg.stop_ids)
 
         def pieces() -> Iterator[str]:
-            dec = IncrementalDecoder(tok, skip_special_tokens=True)
             reply = ""
-            for new_ids in stream_generate(self.llm, inputs_embeds=x, image_mask=m, penalty_ids=ids, config=cfg):
-                cut = next((i for i, t in enumerate(new_ids) if t in stops), None)
-                new = dec.push(new_ids if cut is None else new_ids[:cut])
-                if new:
-                    reply += new
-                    yield new
-                if cut is not None:
-                    break
-            tail = dec.flush()
-            if tail:
-                reply += tail
-                yield tail
+            chunks = stream_generate(self.llm, inputs_embeds=x, image_mask=m, penalty_ids=ids, config=cfg)
+            for new in text_until_stop(tok, chunks, stops):
+                reply += new
+                yield new
             stream.reply, stream.history = reply, past + [(query, reply)]
 
         stream = ChatStream(pieces())
         return stream
 
+    # -- composition (complete prompt strings) ------------------------------------------------------
+    def raw_prompt(self, prompt: str, image=None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """(embeddings, image mask, text ids) of a complete prompt string, template included, with one
+        image per `<ImageHere>` (upstream composition's `<image>`). As its `interleav_wrap`: the text
+        is split at the slots, each non-empty part tokenized on its own, and only the first one gets
+        `<s>` (unlike chat, where every part does)."""
+        tok = self._require_tokenizer()
+        if not isinstance(prompt, str):
+            raise TypeError(f"the prompt must be a string, got {type(prompt).__name__}")
+        prompt = check_text(prompt, "the prompt")
+        parts = prompt.split(IMAGE_PLACEHOLDER)
+        images = self._image_tokens(image)
+        if len(parts) - 1 != len(images):
+            raise ValueError(f"the prompt has {len(parts) - 1} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} "
+                             f"image(s) were given: pass one image per placeholder")
+        emb = self.llm.model.embed_tokens
+        embeds, mask, ids, bos = [], [], [], True
+        for k, part in enumerate(parts):
+            if part:
+                p = tok.encode(part, add_bos=bos)
+                bos = False
+                embeds.append(emb(torch.tensor(p, dtype=torch.long, device=self.device)))
+                mask.append(torch.zeros(len(p), dtype=torch.bool))
+                ids += p
+            if k < len(images):
+                embeds.append(images[k].to(self.device, self.dtype))
+                mask.append(torch.ones(images[k].shape[0], dtype=torch.bool))
+        if not embeds:
+            raise ValueError("the prompt is empty: give some text")
+        x, m = torch.cat(embeds), torch.cat(mask)
+        if x.shape[0] >= self.llm.context_window:
+            raise PromptTooLongError(
+                f"the prompt is {x.shape[0]} tokens ({self.config.tokens_per_image} per image) but the context window "
+                f"(config.json max_length) is {self.llm.context_window}: shorten the text or send fewer images")
+        return x, m, ids
+
+    def _completion(self, prompt: str, image, options: dict[str, Any]):
+        """Inputs and config of a composition step. `penalize_prompt`: the repetition penalty counts
+        the prompt's text ids (upstream's steps sent as input_ids); `max_length`: upstream's edit
+        budget, prompt included (at least MIN_EDIT_TOKENS new tokens). The reply is cut to the room
+        the context window has left."""
+        options = dict(options)
+        penalize = bool(options.pop("penalize_prompt", False))
+        max_length = options.pop("max_length", None)
+        tok = self._require_tokenizer()
+        with torch.inference_mode():
+            x, m, ids = self.raw_prompt(prompt, image)
+        if max_length is not None:
+            if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+                raise ValueError(f"invalid generation option max_length={max_length!r}: must be an integer >= 1")
+            options.setdefault("max_new_tokens", max(max_length - x.shape[0], MIN_EDIT_TOKENS))
+        base = GenerationConfig(eos_token_id=composition_stop_ids(tok), pad_token_id=tok.pad_token_id)
+        cfg = base.replace(**{**GEN_DEFAULTS, **options})
+        return x, m, (ids if penalize else None), cfg
+
+    @torch.inference_mode()
+    def complete(self, prompt: str, image=None, **options: Any) -> str:
+        """Continue a complete prompt string (see `raw_prompt`); the text up to the first stop token."""
+        x, m, pen, cfg = self._completion(prompt, image, options)
+        out = generate(self.llm, inputs_embeds=[x], image_mask=[m], penalty_ids=None if pen is None else [pen],
+                       config=cfg)
+        return self._cut(out.tokens[0], cfg)
+
+    def stream_complete(self, prompt: str, image=None, **options: Any) -> Iterator[str]:
+        """`complete`, as text pieces while they are generated (whole characters only)."""
+        x, m, pen, cfg = self._completion(prompt, image, options)
+        chunks = stream_generate(self.llm, inputs_embeds=x, image_mask=m, penalty_ids=pen, config=cfg)
+        return text_until_stop(self._require_tokenizer(), chunks, set(cfg.stop_ids))
+
+    def _cut(self, tokens: list[int], cfg: GenerationConfig) -> str:
+        stops = set(cfg.stop_ids)
+        cut = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
+        return self._require_tokenizer().decode(tokens[:cut], skip_special_tokens=True)
+
+    def compose(self, title: str, *, num_images: int | None = None, library=None, images=None,
+                with_meta: bool = False, seed: int | None = None, select: bool = True, on_text=None,
+                progress=None, **gen: Any):
+        """Write an illustrated article from a free-form instruction (upstream XComposer2's composition:
+        `xcomposer.compose.pipeline`), optionally with reference images (`images=`, at most 10)."""
+        from ..compose.pipeline import compose
+        return compose(self, title, library=library, num_images=num_images, images=images, with_meta=with_meta,
+                       seed=seed, select=select, on_text=on_text, progress=progress, **gen)
+
 
 __all__ = ["XComposer2", "XComposer2Config", "ChatStream", "GEN_DEFAULTS", "XCOMPOSER2_META_INSTRUCTION",
            "ARCHITECTURE", "IM_START", "IM_END", "PLORA_RANK", "is_xcomposer2_config", "format_prompt",
-           "prompt_parts", "check_history", "xcomposer2_vl_7b_config"]
+           "prompt_parts", "check_history", "xcomposer2_vl_7b_config", "composition_stop_ids"]
