@@ -7,6 +7,7 @@ InternLM folder: chat and questions about documents).
     python web_demo.py --folder internlm/internlm2_5-7b-chat-1m --max-context 262144
     python web_demo.py --demo-text                                        # the text-only page, tiny model
     python web_demo.py --demo                                             # tiny random model, any machine
+    python web_demo.py --demo-xcomposer2                                  # the same with a tiny XComposer2
 
 The server listens on 127.0.0.1 unless `--host` says otherwise (use `--host 0.0.0.0` to expose it
 on purpose). Articles and uploads are written under `--out`, one folder per browser session.
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true",
                    help="tiny random model and demo library built on the fly: try the interface anywhere "
                         "(its output is noise)")
+    p.add_argument("--demo-xcomposer2", action="store_true",
+                   help="--demo with a tiny random XComposer2 (its composition takes an instruction and your images)")
     return p
 
 
@@ -135,12 +138,16 @@ def load_library(path: str | None):
 
 
 def demo_setup(args: argparse.Namespace):
-    """A tiny random model and the demo library, cached in a temporary folder."""
+    """A tiny random model (XComposer 1.0, or XComposer2 with --demo-xcomposer2) and the demo
+    library, cached in a temporary folder."""
     from xcomposer import XComposer
-    from xcomposer.demo import build_demo_library, build_demo_model
+    from xcomposer.demo import build_demo_library, build_demo_model, build_demo_model2
 
     cache = Path(tempfile.gettempdir()) / "xcomposer-web-demo"
-    model = XComposer.from_pretrained(build_demo_model(cache / "model"))
+    if args.demo_xcomposer2:
+        model = XComposer.from_pretrained(build_demo_model2(cache / "model2"))
+    else:
+        model = XComposer.from_pretrained(build_demo_model(cache / "model"))
     library = load_library(args.library) if args.library else build_demo_library(cache / "library")
     return model, library
 
@@ -162,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                       max_batch_size=args.max_batch_size, chat_defaults={"max_new_tokens": 48})
         launch(app, host=args.host, port=args.port)
         return 0
-    if args.demo:
+    if args.demo or args.demo_xcomposer2:
         model, library = demo_setup(args)
         app = DemoApp(model, library, args.out, banner=DEMO_BANNER, max_concurrency=args.max_concurrency,
                       max_batch_size=args.max_batch_size, compose_defaults=dict(max_new_tokens=200, num_beams=1, num_images=3),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import socket
 import subprocess
@@ -365,5 +366,62 @@ def test_invalid_unicode_is_refused_and_the_session_keeps_serving(server):
     # the same session asks again at once and gets a reply
     out = _raw_call(url, "ask", [{"text": "hello", "files": []}, None, *opts], session)
     assert out[-1] == "" and out[0][-1]["role"] == "assistant"
-    out = _raw_call(url, "run_compose", ["bad \udfff title", 0, False, 20, 1, 1.0, False, "zh", None], session)
+    out = _raw_call(url, "run_compose", ["bad \udfff title", 0, False, 20, 1, 1.0, False, "zh", None, False, None, None],
+                    session)
     assert any("the title is not valid Unicode" in str(x) for x in out)
+
+
+# -- XComposer2's page: composition from an instruction with the user's own images -------------------
+
+@pytest.fixture(scope="module")
+def server2(tmp_path_factory):
+    with web_demo(tmp_path_factory.mktemp("web2"), "--demo-xcomposer2") as s:
+        yield s
+
+
+def test_xcomposer2_compose_with_reference_images_edit_and_download(browser, server2, tmp_path):
+    ctx, page = _open(browser, server2)
+    try:
+        page.fill("#title textarea", "根据以下标题：“海边的一天”，创作文章。")
+        refs = [_picture(tmp_path / f"ref{i}.png", seed=10 + i) for i in range(2)]
+        page.set_input_files("#references input[type=file]", [str(r) for r in refs])
+        for r in refs:
+            page.wait_for_selector(f"#references td.filename[aria-label='{r.name}']")
+        page.click("#compose-btn")
+        _wait_status(page, "Done")
+        paragraphs = page.locator("#article p.xc-par").count()
+        figures = page.locator("#article figure img").count()
+        assert paragraphs >= 1 and figures == min(2, paragraphs)  # the demo asks for 3; two references cap it
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web-compose-xcomposer2.png"), full_page=True)
+
+        # upstream's paragraph edit: the model proposes, the user changes the text, then applies it
+        page.fill("#edit-instruction textarea", "加入海鸥")
+        page.click("#propose-edit")
+        _wait_status(page, "is below")
+        page.fill("#edit-text textarea", "我改过的第一段。")
+        page.click("#apply-edit")
+        _wait_status(page, "rewritten")
+        assert "我改过的第一段。" in page.inner_text("#article")
+        assert page.locator("#article figure img").count() == figures
+        # an empty insert is refused, and the article stays
+        page.locator("#edit-kind label", has_text="insert a paragraph after").click()
+        page.fill("#edit-text textarea", "")
+        page.click("#apply-edit")
+        _wait_status(page, "nothing to insert")
+        assert page.locator("#article p.xc-par").count() == paragraphs
+
+        with page.expect_download() as dl:
+            page.click("#download-article")
+        with zipfile.ZipFile(io.BytesIO(Path(dl.value.path()).read_bytes())) as z:
+            top = z.namelist()[0].split("/")[0]
+            saved = json.loads(z.read(f"{top}/article.json"))
+            pictures = [n for n in z.namelist() if n.startswith(f"{top}/images/") and not n.endswith("/")]
+        assert saved["meta"]["style"] == "xcomposer2" and len(saved["meta"]["references"]) == 2
+        assert len(pictures) == figures and saved["paragraphs"][0] == "我改过的第一段。"
+        # the references the model placed are the session's stored copies of the uploads
+        chosen = [s["candidates"][s["chosen"]]["path"] for s in saved["slots"] if s["chosen"] is not None]
+        assert chosen and all(Path(c).parent.name == "uploads" and Path(c).is_relative_to(server2["out"])
+                              for c in chosen)
+    finally:
+        ctx.close()

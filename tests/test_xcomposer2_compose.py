@@ -346,6 +346,8 @@ def test_apply_edit_moves_images_with_their_paragraphs(model):
     assert composer.apply_edit(article, 0, "rewrite", "新的清晨。") == 0 and article.paragraphs[0] == "新的清晨。"
     assert composer.apply_edit(article, 2, "abbreviate", "") is None  # empty: the paragraph goes, its image too
     assert [s.paragraph for s in article.slots] == [3] and "渔船出海了。" not in article.paragraphs
+    with pytest.raises(ValueError, match="nothing to insert"):
+        composer.apply_edit(article, 0, "insert_before", " \n")
     with pytest.raises(ValueError, match="needs an instruction"):
         composer.propose_edit(article, 0, "insert_after", "  ")
     with pytest.raises(ValueError, match="unknown edit"):

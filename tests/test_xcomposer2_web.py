@@ -43,10 +43,17 @@ def test_two_turns_equal_model_chat(model, tmp_path, batch):
         app.close()
 
 
-def test_page_has_chat_but_no_composition(model, tmp_path):
+def test_page_has_chat_and_its_own_composition(model, tmp_path):
     from xcomposer.serve.webui import build_app
     app = DemoApp(model, None, tmp_path / "out")
     demo = build_app(app)
-    labels = [getattr(b, "label", None) for b in demo.blocks.values()]
-    assert not any(isinstance(lab, str) and "ompos" in lab for lab in labels)
-    assert any(isinstance(lab, str) and "hat" in lab for lab in labels)
+    blocks = list(demo.blocks.values())
+    labels = [getattr(b, "label", None) or "" for b in blocks]
+    assert any("Instruction" in lab for lab in labels) and any("Chat" == lab for lab in labels)
+    refs = next(b for b in blocks if getattr(b, "elem_id", None) == "references")
+    assert refs.visible and refs.file_count == "multiple"
+    lang = next(b for b in blocks if getattr(b, "elem_id", None) == "lang")
+    assert not lang.visible  # upstream's Chinese prompts only
+    # upstream gradio_demo_composition.py's defaults
+    assert app.compose_defaults == dict(max_new_tokens=4096, num_beams=1, repetition_penalty=1.005, do_sample=True,
+                                        num_images=6, seed=8909, with_meta=False)

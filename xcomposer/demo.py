@@ -125,3 +125,13 @@ def build_demo_model(folder: str | Path, seed: int = 0) -> Path:
     if (folder / "config.json").is_file() and (folder / "tokenizer.model").is_file():
         return folder
     return write_tiny_xcomposer(folder, seed=seed)
+
+
+def build_demo_model2(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny random internlm-xcomposer2 checkpoint in the upstream layout (written once, reused)."""
+    from .tiny import write_tiny_xcomposer2
+
+    folder = Path(folder)
+    if (folder / "config.json").is_file() and (folder / "tokenizer.model").is_file():
+        return folder
+    return write_tiny_xcomposer2(folder, seed=seed)

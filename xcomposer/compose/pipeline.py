@@ -71,7 +71,7 @@ class Composer:
         if getattr(self.style, "penalize_prompt", {}).get(step) and not refs:
             opts["penalize_prompt"] = True  # upstream sends this step as input_ids (XComposer2 only)
         seed = article.meta.get("seed") if article is not None else None
-        if seed is not None:
+        if seed is not None and step != "edit":  # an edit asked again should give another draw
             opts["seed"] = seed
         if "max_new_tokens" in gen:
             opts.pop("max_length", None)
@@ -124,8 +124,8 @@ class Composer:
             yield Event("text", "text", text=piece)
         paragraphs = split_paragraphs(text)
         if not paragraphs:
-            paragraphs = [_short_title(title) if v2 else title]
-        article = Article(title=_short_title(title) if v2 else title, paragraphs=paragraphs, lang=self.lang, meta=meta)
+            paragraphs = [short_title(title) if v2 else title]
+        article = Article(title=short_title(title) if v2 else title, paragraphs=paragraphs, lang=self.lang, meta=meta)
         timings["text"] = time.perf_counter() - t0
         yield Event("stage", "text", 1, 1)
 
@@ -354,12 +354,16 @@ class Composer:
         """Put an edit's text in (upstream's "Done"): line breaks become spaces; rewrite, expand and
         abbreviate replace paragraph `index`, the inserts add a paragraph before or after it (an
         image stays with the paragraph it follows); empty text deletes paragraph `index`. Returns
-        the index of the changed or new paragraph (None when deleted)."""
+        the index of the changed or new paragraph (None when deleted). Upstream deletes on empty
+        text whatever the edit; an empty insert is refused here instead (nothing to insert)."""
         if kind not in EDIT_KINDS:
             raise ValueError(f"unknown edit {kind!r}: use one of {', '.join(EDIT_KINDS)}")
         if not isinstance(text, str):
             raise TypeError(f"the edited text must be a string, got {type(text).__name__}")
         text = re.sub(r"\n+", " ", check_text(text, "the edited text")).strip()
+        if not text and kind in EDIT_NEEDS_INSTRUCTION:
+            raise ValueError(f"nothing to insert {'before' if kind == 'insert_before' else 'after'} paragraph {index}: "
+                             f"write the new paragraph (an empty rewrite deletes a paragraph)")
         if not text:
             article.delete_paragraph(index)
             return None
@@ -396,7 +400,7 @@ class Composer:
         return article.slot_at(paragraph)
 
 
-def _short_title(instruction: str) -> str:
+def short_title(instruction: str) -> str:
     """An XComposer2 article's title: the instruction's first line, at most TITLE_CHARS characters."""
     line = next((ln.strip() for ln in instruction.splitlines() if ln.strip()), instruction.strip())
     return line if len(line) <= TITLE_CHARS else line[:TITLE_CHARS - 1].rstrip() + "…"
@@ -426,4 +430,4 @@ def compose(model, title: str, *, library=None, num_images: int | None = None, l
     return article
 
 
-__all__ = ["Composer", "Event", "compose", "STAGES", "evenly_spaced"]
+__all__ = ["Composer", "Event", "compose", "STAGES", "evenly_spaced", "short_title", "MAX_REFERENCES"]

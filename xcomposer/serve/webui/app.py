@@ -51,7 +51,13 @@ TEXT_CHAT_DEFAULTS = dict(max_new_tokens=1024, num_beams=1, repetition_penalty=1
 # XComposer2: its own chat() defaults (models/xcomposer2.py GEN_DEFAULTS), one beam
 XCOMPOSER2_CHAT_DEFAULTS = dict(max_new_tokens=1024, num_beams=1, repetition_penalty=1.005, do_sample=True,
                                 temperature=1.0, top_p=0.8)
+# XComposer2 (InternLM-XComposer-2.0/examples/gradio_demo_composition.py): 6 images, sampling with
+# repetition penalty 1.005, up to 4096 tokens, one beam, seed 8909, no meta instruction
+XCOMPOSER2_COMPOSE_DEFAULTS = dict(max_new_tokens=4096, num_beams=1, repetition_penalty=1.005, do_sample=True,
+                                   num_images=6, seed=8909, with_meta=False)
 MAX_TITLE_CHARS = 500
+MAX_INSTRUCTION_CHARS = 8000  # XComposer2: an instruction may carry its material
+MAX_REFERENCES = 10           # upstream's cap on reference images
 MAX_QUESTION_CHARS = 8000
 MAX_UPLOADS = 8
 THUMB_SIDE = 512
@@ -121,7 +127,7 @@ class DemoApp:
         self.model = model
         # an XComposer sees images and writes articles; a text-only InternLM chats and reads documents
         self.vision = hasattr(model, "encode_image")
-        # XComposer2 chats about images (upstream's (query, response) history); composition is v1's only
+        # XComposer2 chats about images (upstream's (query, response) history) and composes with its own prompts
         from ...models.xcomposer2 import XComposer2
         self.xcomposer2 = isinstance(model, XComposer2)
         self.out_root = Path(out_root).resolve()
@@ -129,7 +135,8 @@ class DemoApp:
         self.banner = banner
         self.max_concurrency = max_concurrency
         self.library = library
-        self.compose_defaults = {**COMPOSE_DEFAULTS, **(compose_defaults or {})}
+        self.compose_defaults = {**(XCOMPOSER2_COMPOSE_DEFAULTS if self.xcomposer2 else COMPOSE_DEFAULTS),
+                                 **(compose_defaults or {})}
         own = XCOMPOSER2_CHAT_DEFAULTS if self.xcomposer2 else CHAT_DEFAULTS if self.vision else TEXT_CHAT_DEFAULTS
         self.chat_defaults = {**own, **(chat_defaults or {})}
         self.lock = threading.Lock()
@@ -187,15 +194,16 @@ class DemoApp:
             opts.update(temperature=float(temperature), top_p=float(top_p))
         return opts
 
-    def store_uploads(self, files: list[Any], session_hash: str | None) -> tuple[list[str], list[str]]:
+    def store_uploads(self, files: list[Any], session_hash: str | None,
+                      limit: int = MAX_UPLOADS) -> tuple[list[str], list[str]]:
         """Validate uploaded files and keep a PNG copy of each in the session folder; returns
         (paths for the model, paths to show). Any bad file refuses the whole message."""
         paths = [_upload_path(f) for f in files or []]
         if paths and not self.vision:
             raise UserError("this model reads text only: send the question without images (an InternLM-XComposer "
                             "checkpoint answers about images)")
-        if len(paths) > MAX_UPLOADS:
-            raise UserError(f"{len(paths)} images in one message; send at most {MAX_UPLOADS}")
+        if len(paths) > limit:
+            raise UserError(f"{len(paths)} images in one message; send at most {limit}")
         folder = session_dir(self.out_root, session_hash) / "uploads"
         pictures = []
         for i, p in enumerate(paths):
@@ -385,13 +393,31 @@ class DemoApp:
         shutil.copy2(zip_file, download)
         return ComposeSession(article=article, folder=folder, zip_path=str(download))
 
-    def candidates_view(self, article: Article | None, paragraph: int | None) -> list[tuple[str, str]]:
+    def candidates_view(self, article: Article | None, paragraph: int | None) -> list[tuple[Any, str]]:
+        """Gallery items of a slot's candidates: library images by path (the library is served), others
+        (XComposer2's reference images, stored in the blocked output folder) as downscaled pictures."""
         if article is None or paragraph is None or article.slot_at(paragraph) is None:
             return []
         slot = article.slot_at(paragraph)
-        marks = "ABCDEFGH"
-        return [(c.path, f"{marks[k] if k < len(marks) else k + 1}{' (chosen)' if k == slot.chosen else ''}: "
-                 f"{Path(c.path).name}") for k, c in enumerate(slot.candidates)]
+        marks = "ABCDEFGHIJ"
+        root = self.library.root.resolve() if self.library is not None else None
+        items = []
+        for k, c in enumerate(slot.candidates):
+            label = f"{marks[k] if k < len(marks) else k + 1}{' (chosen)' if k == slot.chosen else ''}: {Path(c.path).name}"
+            items.append((c.path if root is not None and Path(c.path).resolve().is_relative_to(root)
+                          else self._thumb_picture(c.path), label))
+        return items
+
+    def _thumb_picture(self, path: str):
+        """A downscaled copy of a picture outside the library (a grey square if it cannot be read, so
+        the gallery's positions still match the candidates)."""
+        try:
+            picture = load_image(path)
+        except ImageError:
+            from PIL import Image
+            return Image.new("RGB", (64, 64), (200, 200, 200))
+        picture.thumbnail((THUMB_SIDE, THUMB_SIDE))
+        return picture
 
 
 def _upload_path(f: Any) -> str:

@@ -1,4 +1,5 @@
-"""The web demo's page, queued and served by `launch`: composition and chat for an InternLM-XComposer;
+"""The web demo's page, queued and served by `launch`: composition and chat for an InternLM-XComposer
+(1.0 or 2);
 chat and documents for a text-only InternLM (composition needs the vision model, so its tab is left
 out with a note)."""
 from __future__ import annotations
@@ -24,14 +25,14 @@ def build_app(app: DemoApp):
         if app.banner:
             gr.Markdown(app.banner, elem_id="demo-banner")
         if app.vision:
-            gr.Markdown("# InternLM-XComposer2\nChat about images." if app.xcomposer2 else
+            gr.Markdown("# InternLM-XComposer2\nWrite illustrated articles from an instruction (with your own "
+                        "images if you like), or chat about images." if app.xcomposer2 else
                         "# InternLM-XComposer\nWrite illustrated articles from a title, or chat about images.")
         else:
             gr.Markdown(f"# InternLM\n{TEXT_ONLY_NOTE}", elem_id="text-only-note")
         with gr.Tabs():
             if app.vision:
-                if not app.xcomposer2:  # the composition pipeline runs XComposer 1.0's prompts
-                    compose_tab(app, model_job)
+                compose_tab(app, model_job)  # each generation's own composition prompts
                 chat_tab(app, chat_job)
             else:
                 chat_tab(app, chat_job)

@@ -1,38 +1,66 @@
-"""The composition tab: a title in, an illustrated article out (streamed), then editing: pick another
-candidate, edit a caption and search again, remove or add an image, rewrite a paragraph, download a
-zip. Every edit runs on the session's own article and saves it; a failed edit leaves it as it was."""
+"""The composition tab: a title (XComposer2: an instruction, optionally with reference images) in, an
+illustrated article out (streamed), then editing: pick another candidate, edit a caption and search
+again, remove or add an image, rewrite a paragraph, upstream XComposer2's paragraph edits (rewrite,
+expand, abbreviate, insert before/after: the model proposes, the user may change the text, then
+applies it), download a zip. Every edit runs on the session's own article and saves it; a failed
+edit leaves it as it was."""
 from __future__ import annotations
 
 import gradio as gr
 
 from ...compose.article import Article
+from ...compose.pipeline import short_title
+from ...compose.prompts import EDIT_KINDS
 from ...llm.tokenizer import check_text
-from .app import MAX_TITLE_CHARS, ComposeSession, DemoApp, UserError, _error_md, _paragraph, describe_error
+from .app import (MAX_INSTRUCTION_CHARS, MAX_REFERENCES, MAX_TITLE_CHARS, ComposeSession, DemoApp, UserError,
+                  _error_md, _paragraph, describe_error)
+
+# upstream's edit names (gradio_demo_composition.py's radio) -> ours
+EDIT_CHOICES = [("rewrite", "rewrite"), ("expand", "expand"), ("abbreviate", "abbreviate"),
+                ("insert a paragraph before", "insert_before"), ("insert a paragraph after", "insert_after")]
+EDIT_NAMES = {k: name for name, k in EDIT_CHOICES}
+EDIT_DONE = {"rewrite": "rewritten", "expand": "expanded", "abbreviate": "abbreviated",
+             "insert_before": "new paragraph inserted before it", "insert_after": "new paragraph inserted after it"}
+assert [k for _, k in EDIT_CHOICES] == list(EDIT_KINDS)
+# upstream's example instruction (its textbox's default value), shortened
+INSTRUCTION_EXAMPLE = "根据以下标题：“中国水墨画：流动的诗意与东方美学”，创作长文章，字数不少于800字。请结合以下文本素材：…"
 
 
 def compose_tab(app: DemoApp, model_job: dict) -> None:
     """Lay out the tab inside the open `gr.Blocks` and wire its handlers; `model_job` holds the queue
     options for handlers that use the model."""
     cd = app.compose_defaults
+    v2 = app.xcomposer2
     with gr.Tab("Compose", id="compose-tab", elem_id="compose-tab"):
         compose_state = gr.State(ComposeSession())
         with gr.Row():
             with gr.Column(scale=1, min_width=260):
-                title = gr.Textbox(label="Title", placeholder="e.g. 春天的西湖 / A weekend in Kyoto",
-                                   elem_id="title", max_lines=2)
+                if v2:
+                    title = gr.Textbox(label="Instruction (a title, material, length; any language)",
+                                       placeholder=INSTRUCTION_EXAMPLE, elem_id="title", lines=5, max_lines=12)
+                else:
+                    title = gr.Textbox(label="Title", placeholder="e.g. 春天的西湖 / A weekend in Kyoto",
+                                       elem_id="title", max_lines=2)
+                references = gr.File(label=f"Your images (optional, at most {MAX_REFERENCES}): the model writes "
+                                           f"with them and places them", file_count="multiple", file_types=["image"],
+                                     elem_id="references", visible=v2)
                 with gr.Row():
-                    num_images = gr.Slider(0, 10, value=cd["num_images"], step=1, label="Number of images",
-                                           elem_id="num-images")
+                    num_images = gr.Slider(0, 15 if v2 else 10, value=cd["num_images"], step=1,
+                                           label="Number of images", elem_id="num-images")
                     model_decides = gr.Checkbox(False, label="Let the model decide how many",
                                                 elem_id="model-decides")
-                text_len = gr.Slider(20, 2000, value=cd["max_new_tokens"], step=10,
+                text_len = gr.Slider(20, 4096 if v2 else 2000, value=cd["max_new_tokens"], step=10,
                                      label="Text length (new tokens)", elem_id="text-length")
-                beams = gr.Slider(1, 5, value=cd["num_beams"], step=1, label="Beams", elem_id="beams")
-                penalty = gr.Slider(1.0, 10.0, value=cd["repetition_penalty"], step=0.1,
+                beams = gr.Slider(1, 6 if v2 else 5, value=cd["num_beams"], step=1, label="Beams", elem_id="beams")
+                penalty = gr.Slider(1.0, 2.0 if v2 else 10.0, value=cd["repetition_penalty"], step=0.001 if v2 else 0.1,
                                     label="Repetition penalty", elem_id="penalty")
                 sample = gr.Checkbox(cd["do_sample"], label="Sampling", elem_id="sample")
+                with_meta = gr.Checkbox(bool(cd.get("with_meta", False)), label="With meta instruction (system turn)",
+                                        elem_id="with-meta", visible=v2)
+                seed = gr.Number(cd.get("seed"), label="Random seed (empty: a new draw each time)", precision=0,
+                                 elem_id="seed", visible=v2)
                 lang = gr.Radio([("中文 prompts", "zh"), ("English prompts", "en")], value="zh",
-                                label="Prompt language", elem_id="lang")
+                                label="Prompt language", elem_id="lang", visible=not v2)
                 compose_btn = gr.Button("Write the article", variant="primary", elem_id="compose-btn")
                 status = gr.Markdown("", elem_id="compose-status")
                 download = gr.DownloadButton("Download article (zip)", interactive=False,
@@ -54,6 +82,13 @@ def compose_tab(app: DemoApp, model_job: dict) -> None:
                 with gr.Row():
                     add_btn = gr.Button("Add an image here", elem_id="add-image")
                     regen_btn = gr.Button("Rewrite paragraph", elem_id="regenerate-paragraph")
+                edit_kind = gr.Radio(EDIT_CHOICES, value="rewrite", label="Paragraph edit", elem_id="edit-kind")
+                edit_inst = gr.Textbox(label="Material (rewrite, expand) or outline (insert)", max_lines=4,
+                                       elem_id="edit-instruction")
+                propose_btn = gr.Button("Ask the model", elem_id="propose-edit")
+                edit_text = gr.Textbox(label="After editing (change it freely; an empty rewrite deletes the "
+                                             "paragraph)", lines=4, elem_id="edit-text")
+                apply_btn = gr.Button("Apply the edit", elem_id="apply-edit")
 
     def editor(article: Article | None, paragraph: int | None = None):
         """Updates for the editing controls, focused on `paragraph` (or the first image)."""
@@ -76,25 +111,33 @@ def compose_tab(app: DemoApp, model_job: dict) -> None:
 
     compose_outputs = [compose_state, article_view, status, download, slot_pick, gallery, caption, para_pick]
 
-    def run_compose(title_text, n_images, decides, length, n_beams, pen, do_sample, language, state,
-                    request: gr.Request):
+    def run_compose(title_text, n_images, decides, length, n_beams, pen, do_sample, language, refs_in, meta_box,
+                    seed_value, state, request: gr.Request):
         try:
-            title_text = check_text((title_text or "").strip(), "the title")
+            what = "the instruction" if v2 else "the title"
+            limit = MAX_INSTRUCTION_CHARS if v2 else MAX_TITLE_CHARS
+            title_text = check_text((title_text or "").strip(), what)
             if not title_text:
-                raise UserError("type a title first")
-            if len(title_text) > MAX_TITLE_CHARS:
-                raise UserError(f"the title is {len(title_text)} characters; keep it under {MAX_TITLE_CHARS}")
+                raise UserError(f"type {'an instruction' if v2 else 'a title'} first")
+            if len(title_text) > limit:
+                raise UserError(f"{what} is {len(title_text)} characters; keep it under {limit}")
             gen = dict(max_new_tokens=int(length), num_beams=int(n_beams), repetition_penalty=float(pen),
                        do_sample=bool(do_sample))
+            refs, seed_int = [], None
+            if v2:
+                refs, _ = app.store_uploads(refs_in or [], request.session_hash, limit=MAX_REFERENCES)
+                seed_int = _seed(seed_value)
             composer = app.composer(language or "zh")
             count = None if decides else int(n_images)
+            shown_title = short_title(title_text) if v2 else title_text
 
             def make():
                 written = ""
-                for ev in composer.run(title_text, num_images=count, **gen):
+                for ev in composer.run(title_text, num_images=count, images=refs or None, with_meta=bool(meta_box),
+                                       seed=seed_int, **gen):
                     if ev.kind == "text":
                         written += ev.text
-                        yield "text", app.render(None, streaming=written, title=title_text), None
+                        yield "text", app.render(None, streaming=written, title=shown_title), None
                     elif ev.kind == "stage":
                         yield "stage", None, f"{ev.stage}: {ev.done}/{ev.total}"
                     elif ev.kind == "done":
@@ -120,10 +163,11 @@ def compose_tab(app: DemoApp, model_job: dict) -> None:
             yield (state, app.render(state.article), _error_md(describe_error(e)), gr.update(),
                    *([gr.update()] * 4))
 
-    compose_btn.click(run_compose, [title, num_images, model_decides, text_len, beams, penalty, sample, lang,
-                                    compose_state], compose_outputs, **model_job)
-    title.submit(run_compose, [title, num_images, model_decides, text_len, beams, penalty, sample, lang,
-                               compose_state], compose_outputs, **model_job)
+    compose_inputs = [title, num_images, model_decides, text_len, beams, penalty, sample, lang, references, with_meta,
+                      seed, compose_state]
+    compose_btn.click(run_compose, compose_inputs, compose_outputs, **model_job)
+    if not v2:  # a multi-line instruction takes Enter as a new line
+        title.submit(run_compose, compose_inputs, compose_outputs, **model_job)
 
     def apply_edit(fn, locked: bool, state: ComposeSession, args: tuple, session_hash: str | None):
         """Run the edit `fn(state, *args) -> (message, paragraph)` (under the model lock if it uses
@@ -213,3 +257,45 @@ def compose_tab(app: DemoApp, model_job: dict) -> None:
         return apply_edit(rewrite, True, state, (paragraph, length, pen), request.session_hash)
 
     regen_btn.click(on_rewrite, [compose_state, para_pick, text_len, penalty], compose_outputs, **model_job)
+
+    def propose(state: ComposeSession, paragraph, kind, instruction):
+        """The model's text for the edit, shown for the user to change; the article is not touched."""
+        try:
+            p = _paragraph(paragraph, state.article, "a paragraph")
+            if kind not in EDIT_KINDS:
+                raise UserError("choose the kind of edit first")
+            text = app.call_locked(lambda: app.composer(state.article.lang).propose_edit(
+                state.article, p, kind, instruction or ""))
+            return text, (f"paragraph {p}: the model's {EDIT_NAMES[kind]} is below; change it if you like, "
+                          f"then apply it")
+        except Exception as e:
+            return gr.update(), _error_md(describe_error(e))
+
+    propose_btn.click(propose, [compose_state, para_pick, edit_kind, edit_inst], [edit_text, status], **model_job)
+
+    def apply_text(state: ComposeSession, paragraph, kind, text):
+        p = _paragraph(paragraph, state.article, "a paragraph")
+        if kind not in EDIT_KINDS:
+            raise UserError("choose the kind of edit first")
+        where = app.composer(state.article.lang).apply_edit(state.article, p, kind, text or "")
+        if where is None:
+            return f"paragraph {p}: deleted", max(0, p - 1)
+        return f"paragraph {p}: {EDIT_DONE[kind]}", where
+
+    def on_apply(state: ComposeSession, paragraph, kind, text, request: gr.Request):
+        return apply_edit(apply_text, False, state, (paragraph, kind, text), request.session_hash)
+
+    apply_btn.click(on_apply, [compose_state, para_pick, edit_kind, edit_text], compose_outputs)
+
+
+def _seed(value) -> int | None:
+    """The seed box's value: empty is no seed; anything else a whole number."""
+    if value is None or value == "":
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"the seed {value!r} is not a number; type a whole number or leave it empty") from None
+    if f != f or f in (float("inf"), float("-inf")) or f != int(f):
+        raise UserError(f"the seed {value!r} must be a whole number, or empty")
+    return int(f)
