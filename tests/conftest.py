@@ -1,10 +1,15 @@
 """Shared tiny models. Sizes are small enough for CPU but keep the real architecture."""
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from xcomposer import InternLMConfig, InternLMForCausalLM
+# nothing in the tests may try to leave the machine: gradio's analytics stay off in every process
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from xcomposer import InternLMConfig, InternLMForCausalLM  # noqa: E402
 
 VOCAB = 1000
 
