@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_run.sh            # results and logs under $OUT (or ./gpu_results)
 #
 # 1. the CUDA tests: the CUDA graph decode step and image encoder against the eager path
-#    (token-identical greedy, beams, sampling, batch 1-32, with and without torch.compile), the
+#    (token-identical greedy and beams, batch 1-32, with and without torch.compile; sampling
+#    token-identical without compile, per-step logits within fp16 rounding with it), the
 #    one-GPU memory report, and the decoder/generation parity tests on this machine;
 # 2. the decoder benchmark at the InternLM-7B shape in fp16 (ours eager / graph / graph+compiled
 #    against transformers' Llama, prefill, decode batch 1/8/32, 5 beams, image question time to

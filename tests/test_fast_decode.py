@@ -20,7 +20,7 @@ from conftest import tiny_model
 from xcomposer import InternLM, XComposer
 from xcomposer.llm.decoder import PackedLinear
 from xcomposer.llm.fast_decode import DEFAULT_BUCKET, CapturedCall, static_cache_length, use_cuda_graphs
-from xcomposer.llm.generation import generate, stream_generate
+from xcomposer.llm.generation import GenerationConfig, _Batch, generate, stream_generate
 from xcomposer.tiny import write_tiny_internlm, write_tiny_xcomposer
 
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 10, 11, 12]]
@@ -288,15 +288,47 @@ def _cuda_pair(dtype=torch.float16, compile=False):
     return eager, graph
 
 
+def _forced_step_logits(model, prompts, replies):
+    """The logits (steps, N, V) in fp32 that `model` gives at every step of `replies` fed back
+    token by token (teacher forcing), through generate's own prefill and decode steps: for a
+    graph model that is the captured (and, with compile=True, compiled) step."""
+    with torch.inference_mode():
+        batch = _Batch(model, prompts, None, GenerationConfig(max_new_tokens=len(replies[0])))
+        logits = [batch.prefill()]
+        fed = torch.tensor(replies, device=batch.device)
+        for i in range(fed.shape[1] - 1):
+            logits.append(batch.step(fed[:, i], batch.T + i))
+    return torch.stack(logits)
+
+
 @needs_cuda
 @pytest.mark.parametrize("compile", [False, True])
 def test_cuda_graph_greedy_is_token_identical_to_eager(compile):
+    """Greedy and 5-beam replies are token-identical to the eager engine's, with and without
+    torch.compile. Seeded sampling stays token-identical for the plain graph (un-fused kernels, as
+    eager; so it was on the H200). The compiled graph runs inductor's fused kernels, whose fp16
+    logits differ from eager's in the last bits, so a draw that falls near the boundary between
+    two tokens can pick the other one (H200, 2026-12-04: seed 11, top_k 20 diverged at step 17 of
+    24). Identical sampled tokens are not a property the compiled path can promise; what it can:
+    along the eager sampled reply, every step's logits equal eager's to within fp16 rounding,
+    measured here as eager fp16's own distance from the same model in fp32."""
     eager, graph = _cuda_pair(compile=compile)
-    for kw in (dict(max_new_tokens=48), dict(max_new_tokens=24, num_beams=5),
-               dict(max_new_tokens=24, do_sample=True, seed=11, top_k=20)):
+    sample = dict(max_new_tokens=24, do_sample=True, seed=11, top_k=20)
+    runs = [dict(max_new_tokens=48), dict(max_new_tokens=24, num_beams=5)] + ([] if compile else [sample])
+    for kw in runs:
         a = generate(eager, PROMPTS, **kw).tokens
         b = generate(graph, PROMPTS, **kw).tokens
         assert a == b, kw
+    if compile:
+        replies = generate(eager, PROMPTS, **sample).tokens
+        assert [len(r) for r in generate(graph, PROMPTS, **sample).tokens] == [len(r) for r in replies]
+        want = _forced_step_logits(eager, PROMPTS, replies)
+        got = _forced_step_logits(graph, PROMPTS, replies)
+        exact = _forced_step_logits(copy.deepcopy(eager).float(), PROMPTS, replies)
+        rounding = (want - exact).abs().max().item()  # eager fp16 against fp32: the size of fp16 error
+        assert rounding < 0.02 * exact.abs().max().item()  # a sane reference (fp16 on the CPU: 0.035, logits up to 6.4)
+        diff = (got - want).abs().max().item()  # on the CPU 0.043; a step fed wrong tokens is off by ~10
+        assert diff <= max(3 * rounding, 0.02), (diff, rounding)
     assert graph._decode_step.captured is not None  # really replayed from a graph
 
 

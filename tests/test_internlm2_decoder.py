@@ -256,12 +256,17 @@ def test_gqa_without_enable_gqa_repeats_kv_heads(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_decode_with_gqa_and_dynamic_ntk_matches_eager():
     from xcomposer.llm.fast_decode import use_cuda_graphs
-    m = tiny2_model(seed=3, **LONG, rope_scaling={"type": "dynamic", "factor": 2.5})
-    m.context_window = 200
+
+    def model():
+        m = tiny2_model(seed=3, **LONG, rope_scaling={"type": "dynamic", "factor": 2.5})
+        m.context_window = 200  # past the 32-token rotary window: the 71-token prompt is dynamic NTK's case
+        return m
+
+    ref_model = model()  # eager, on the CPU; the same window as the graph model (a fresh tiny2_model's
+    # window is 32 and would refuse the prompt: the 2026-12-04 H200 run failed so)
     p = [1] + torch.randint(3, VOCAB, (70,), generator=torch.Generator().manual_seed(9)).tolist()
-    ref = generate(m, [p, p[:40]], max_new_tokens=20).tokens
-    g = use_cuda_graphs(m.to("cuda").fuse_projections(transpose=False))
+    ref = generate(ref_model, [p, p[:40]], max_new_tokens=20).tokens
+    ref_beams = generate(ref_model, [p], max_new_tokens=12, num_beams=3).tokens
+    g = use_cuda_graphs(model().to("cuda").fuse_projections(transpose=False))
     assert generate(g, [p, p[:40]], max_new_tokens=20).tokens == ref
-    assert generate(g, [p], max_new_tokens=12, num_beams=3).tokens == generate(
-        tiny2_model(seed=3, **LONG, rope_scaling={"type": "dynamic", "factor": 2.5}), [p], max_new_tokens=12,
-        num_beams=3).tokens
+    assert generate(g, [p], max_new_tokens=12, num_beams=3).tokens == ref_beams
