@@ -94,3 +94,34 @@ def make_text_pdf(path, pages: list[str]) -> None:
     out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
     with open(path, "wb") as f:
         f.write(bytes(out))
+
+
+class FedTokens:
+    """The token ids a decoder was fed, by position, seen by a forward pre-hook: `generate()`'s calls
+    and the serving engine's packed steps alike (one sequence at a time). `prompt(n)` is what
+    positions 0..n-1 received; `first_call` the ids of the first call after `clear()` (a whole
+    prompt in `generate()`)."""
+
+    def __init__(self, model):
+        self.by_pos: dict[int, int] = {}
+        self.first_call: list[int] | None = None
+        self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, mod, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        pos = kwargs.get("position_ids")
+        if ids is None or pos is None:
+            return
+        ids, pos = ids.flatten().tolist(), pos.flatten().tolist()
+        if self.first_call is None:
+            self.first_call = ids
+        self.by_pos.update(zip(pos, ids))
+
+    def prompt(self, n: int) -> list[int]:
+        return [self.by_pos[p] for p in range(n)]
+
+    def clear(self) -> None:
+        self.by_pos, self.first_call = {}, None
+
+    def remove(self) -> None:
+        self.handle.remove()

@@ -13,6 +13,7 @@ PACKAGES = ("xcomposer", "vision", "projector")
 
 # layer of each package, low to high: a module may import its own layer and lower ones
 LAYERS = {"vision": 0, "projector": 0, "xcomposer.llm": 1, "xcomposer.parallel": 2, "xcomposer.models": 3,
+          "xcomposer.engine": 3,  # the serving core: uses the decoder and the planner, never the models
           "xcomposer.compose": 4, "xcomposer.serve": 5, "xcomposer": 6}
 # (importer, imported): the documented exceptions
 ALLOWED_UPWARD = {("xcomposer.models.xcomposer", "xcomposer.compose.pipeline"),  # XComposer.compose()

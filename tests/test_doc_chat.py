@@ -17,6 +17,7 @@ from xcomposer import InternLM
 from xcomposer.llm.chat import INTERNLM_META_INSTRUCTION
 from xcomposer.tiny import write_tiny_internlm
 
+from conftest import FedTokens
 from test_serve_api import _serve
 from test_web_browser import CHROMIUM, CHROMIUM_ARGS, JOB_TIMEOUT_MS, REPO, _free_port
 
@@ -72,14 +73,10 @@ IDLE = """([bots]) => {
 def test_doc_chat_example_against_our_server(api, page_url, tmp_path):
     model = api.state.served.model
     tok = model.tokenizer
-    prompts: list[list[int]] = []
-
-    def hook(mod, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if kwargs.get("last_only") and ids is not None:
-            prompts.append(ids[0].tolist())
-
-    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    system = "<|System|>:" + INTERNLM_META_INSTRUCTION + "\n"
+    expected_start = tok.encode(system + "<|User|>:The cherry trees bloom in April.\n\nWhen do they bloom?\n<|Bot|>:")
+    api.state.engine.reset_prefix_cache()  # every token of the first prompt is fed
+    fed = FedTokens(model)  # the ids the decoder received at each position
     doc = tmp_path / "notes.md"
     doc.write_text("The cherry trees bloom in April.", encoding="utf-8")
     try:
@@ -95,17 +92,14 @@ def test_doc_chat_example_against_our_server(api, page_url, tmp_path):
             page.fill("#dc-question textarea", "When do they bloom?")
             page.click("#dc-ask")
             page.wait_for_function(IDLE, arg=[1])
+            first_prompt = fed.prompt(len(expected_start))  # before the second turn feeds its own
             page.fill("#dc-question textarea", "Why?")
             page.click("#dc-ask")
             page.wait_for_function(IDLE, arg=[2])
             answers = page.locator("#dc-chatbot [data-testid=bot]").all_inner_texts()
             browser.close()
     finally:
-        handle.remove()
+        fed.remove()
     assert len(answers) == 2 and all(a.strip() for a in answers)
-    first_prompt = prompts[0]
-    system = "<|System|>:" + INTERNLM_META_INSTRUCTION + "\n"
-    expected_start = tok.encode(system + "<|User|>:The cherry trees bloom in April.\n\nWhen do they bloom?\n<|Bot|>:")
-    served_first = [t for chunk in prompts for t in chunk][:len(expected_start)]
-    assert served_first == expected_start
-    assert first_prompt[:1] == [tok.bos_token_id]
+    assert first_prompt == expected_start
+    assert first_prompt[0] == tok.bos_token_id

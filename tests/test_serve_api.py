@@ -22,6 +22,7 @@ import uvicorn
 
 from xcomposer import InternLM
 from xcomposer.serve.api import ServerState, create_app
+from conftest import FedTokens
 from xcomposer.serve.engine import Engine
 from xcomposer.serve.media import MediaPolicy
 from xcomposer.serve.prompts import ServedModel
@@ -125,27 +126,22 @@ def test_chat_sends_the_decoder_exactly_the_python_chat_ids(lm_server):
     """Token ids the decoder receives for a multi-turn chat request == those of `InternLM.chat`."""
     model = lm_server.state.served.model
     tok = model.tokenizer
-    seen: list[list[int]] = []
-
-    def hook(mod, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if kwargs.get("last_only") and ids is not None:  # prefill calls, in both engines
-            seen.append(ids[0].tolist())
-
-    h = model.register_forward_pre_hook(hook, with_kwargs=True)
+    fed = FedTokens(model)  # the ids the decoder received at each position, in both paths
+    lm_server.state.engine.reset_prefix_cache()  # every prompt token is fed (no block of an earlier request)
     try:
         r = lm_server.client.chat.completions.create(
             model="tiny-lm", max_tokens=12, temperature=0,
             messages=[{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
                       {"role": "user", "content": [{"type": "text", "text": "Tell me "}, {"type": "text",
                                                                                         "text": "a story"}]}])
-        served_ids = [t for chunk in seen for t in chunk]
-        seen.clear()
+        assert r.usage.prompt_tokens_details.cached_tokens == 0
+        served_ids = fed.prompt(r.usage.prompt_tokens)
+        fed.clear()
         ref, _ = model.chat(tok, "Tell me a story", history=[("Hi there", "Hello!")], do_sample=False,
                             max_new_tokens=12)
-        chat_ids = [t for chunk in seen for t in chunk]
+        chat_ids = fed.first_call  # chat()'s prefill: the whole prompt in one call
     finally:
-        h.remove()
+        fed.remove()
     assert served_ids == chat_ids
     assert chat_ids[:1] == [tok.bos_token_id] and len(chat_ids) == r.usage.prompt_tokens
     assert r.choices[0].message.content == ref
@@ -159,28 +155,23 @@ def test_a_system_message_is_the_meta_instruction(lm_server):
     model = lm_server.state.served.model
     tok = model.tokenizer
     assert model.chat_template == "2023-12"
-    seen: list[list[int]] = []
-
-    def hook(mod, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if kwargs.get("last_only") and ids is not None:
-            seen.append(ids[0].tolist())
-
-    h = model.register_forward_pre_hook(hook, with_kwargs=True)
+    fed = FedTokens(model)
     try:
         for system in ("Answer in French.", None):
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "Hi"}]
-            lm_server.client.chat.completions.create(model="tiny-lm", max_tokens=4, temperature=0, messages=messages)
-            served = [t for chunk in seen for t in chunk]
-            seen.clear()
+            lm_server.state.engine.reset_prefix_cache()
+            r = lm_server.client.chat.completions.create(model="tiny-lm", max_tokens=4, temperature=0,
+                                                         messages=messages)
+            served = fed.prompt(r.usage.prompt_tokens)
+            fed.clear()
             model.chat(tok, "Hi", meta_instruction=system, do_sample=False, max_new_tokens=4)
-            direct = [t for chunk in seen for t in chunk]
-            seen.clear()
+            direct = fed.first_call
+            fed.clear()
             assert served == direct
             expected = "<|System|>:" + (system or model_meta()) + "\n<|User|>:Hi\n<|Bot|>:"
             assert served == tok.encode(expected)
     finally:
-        h.remove()
+        fed.remove()
 
 
 def model_meta() -> str:
@@ -305,6 +296,16 @@ def test_disconnect_cancels_and_frees_the_row(small_server):
     r = small_server.client.chat.completions.create(model="tiny-lm", messages=[{"role": "user", "content": "x"}],
                                                     max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
     assert r.choices[0].finish_reason == "length"
+
+
+def test_a_non_streaming_request_whose_client_gave_up_is_cancelled_while_tokens_flow(small_server):
+    """The openai SDK gives up after its timeout and retries: the abandoned generation must stop,
+    although its tokens keep coming (4000 of them would take far longer than this test waits)."""
+    cancelled = _metric(small_server, "xcomposer_requests_total", '{status="cancelled"}')
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(small_server.url + "/v1/chat/completions", json={**LONG, "stream": False}, timeout=1.0)
+    _wait(lambda: _metric(small_server, "xcomposer_requests_total", '{status="cancelled"}') == cancelled + 1)
+    assert small_server.state.engine.running == 0
 
 
 def test_full_queue_answers_429_with_retry_after(small_server):

@@ -1,4 +1,4 @@
-"""The continuous-batching engine (xcomposer.serve.engine) on tiny upstream-layout checkpoints loaded by
+"""The continuous-batching engine (xcomposer.engine, imported through its old name xcomposer.serve.engine) on tiny upstream-layout checkpoints loaded by
 the real loaders: a request's output does not depend on the rest of the batch, options match
 `generate`, rows are freed at once, the queue is bounded."""
 from __future__ import annotations
@@ -135,7 +135,7 @@ def test_cancelled_request_frees_its_row_at_the_next_step(lm):
     assert eng.running == 1 and eng.queue_depth == 1
     ra.cancel()
     eng.step()  # a leaves and b takes the row in the same step
-    assert eng.queue_depth == 0 and eng._slots[0].req.prompt.ids == b
+    assert eng.queue_depth == 0 and eng.scheduler.running[0].req.prompt.ids == b
     assert _drain(qa)[1].finish_reason == "cancelled"
     rc = eng.submit(Prompt(ids=a), cfg, qa.put)  # b runs, c waits ...
     rc.cancel()

@@ -62,7 +62,8 @@ def rope_from_positions(position_ids: torch.Tensor, cfg: InternLMConfig,
     * "linear": every frequency divided by the factor (positions / factor, as upstream writes it);
     * "dynamic" (NTK): the base depends on the length of *this call*, `seq_len`, by default the
       largest position + 1 of each row: base * ((f * n / max_pos) - (f - 1)) ** (d / (d - 2)) with
-      n = max(seq_len, max_pos). A prefill uses the base for the prompt's length, each decode
+      n = max(seq_len, max_pos); `seq_len` may also be (B, T), one length per token (the paged engine
+      packs several sequences' tokens into one row). A prefill uses the base for the prompt's length, each decode
       step the base for its own position + 1; keys already in the cache keep the rotation they
       were written with. Upstream's `InternLM2DynamicNTKScalingRotaryEmbedding` and transformers'
       "dynamic" rope do the same. Everything stays on the device (no host sync), so the
@@ -77,10 +78,14 @@ def rope_from_positions(position_ids: torch.Tensor, cfg: InternLMConfig,
         if seq_len is None:
             n = position_ids.amax(dim=-1) + 1
         else:
-            n = torch.as_tensor(seq_len, dtype=torch.int64, device=position_ids.device).expand(position_ids.shape[0])
-        n = torch.clamp_min(n, cfg.max_position_embeddings).float()[:, None]
+            n = torch.as_tensor(seq_len, dtype=torch.int64, device=position_ids.device)
+            if n.dim() < 2:  # one length per row (or one for all); (B, T) is one per token
+                n = n.expand(position_ids.shape[0])
+        per_token = n.dim() == 2  # the paged engine packs several sequences into one row
+        n = torch.clamp_min(n, cfg.max_position_embeddings).float()
+        n = n[..., None] if per_token else n[:, None, None]
         base = base * ((factor * n / cfg.max_position_embeddings) - (factor - 1)) ** (d / (d - 2))
-        inv_freq = (1.0 / (base ** exps))[:, None, :]  # (B, 1, d/2)
+        inv_freq = 1.0 / (base ** exps)  # (B, T, d/2) per token, else (B, 1, d/2)
     else:
         inv_freq = 1.0 / (base ** exps)
     if kind == "linear":
@@ -255,6 +260,11 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
+        if getattr(self.kv_cache, "paged", False):
+            # the serving engine's block pool (xcomposer.engine.model_runner): it stores this call's
+            # keys/values in their blocks and attends each packed sequence over its own blocks
+            y = self.kv_cache.attend(q, k, v).transpose(1, 2).reshape(B, T, -1)
+            return _lora(self, "o_lora", self.o_proj(y), y, image_mask)
         if self.kv_cache is not None and cache_pos is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)
             if mask.shape[-1] < k.shape[2]:  # the mask covers the filled prefix: skip the empty tail
@@ -499,6 +509,7 @@ class InternLMForCausalLM(nn.Module):
         last_only: bool = False,
         rope_seq_len: int | torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
+        logits_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab), or (B, 1, vocab) with `last_only`.
 
@@ -511,6 +522,11 @@ class InternLMForCausalLM(nn.Module):
         prefill passes the whole prompt's length. `image_mask` (B, T) bool marks image-token
         positions, where a model with Partial LoRA (`add_partial_lora`, XComposer2) adds it; None
         (text, every decode step) runs the base projections only.
+
+        The serving engine (`xcomposer.engine.model_runner`) installs its paged KV pool in the layers
+        and calls with one packed row (1, T) of several sequences' tokens, each at its own position
+        (`rope_seq_len` (1, T) per token), no `kv_mask` (the pool knows each sequence's blocks), and
+        `logits_rows` (R,): the logits (R, vocab) of those rows only.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -527,12 +543,15 @@ class InternLMForCausalLM(nn.Module):
             mask = causal[None] & valid[:, None, :]
             mask = (mask | torch.eye(T, dtype=torch.bool, device=x.device)[None])[:, None]
         else:
-            if position_ids is None or kv_mask is None:
+            paged = getattr(self.model.layers[0].self_attn.kv_cache, "paged", False)
+            if position_ids is None or (kv_mask is None and not paged):
                 raise ValueError("cached forward needs position_ids and kv_mask")
             mask = kv_mask
         if self.config.family == "internlm2":
             cos, sin = rope_from_positions(position_ids, self.config, rope_seq_len)
             cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]
+        elif logits_rows is not None:
+            pass  # the engine built the table for its whole session (ModelRunner): no host sync here
         elif cache_pos is None or self.cache_len == 0 or self._rope_len < self.cache_len \
                 or self.rope_cos.device != x.device:
             # uncached calls size the table to their own length (dynamic scaling depends on it);
@@ -554,7 +573,9 @@ class InternLMForCausalLM(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache_pos) if image_mask is None else \
                 layer(x, cos, sin, mask, cache_pos, image_mask.to(x.device))
-        if last_only:
+        if logits_rows is not None:
+            x = x[0, logits_rows.to(x.device)]
+        elif last_only:
             x = x[:, -1:]
         # with layers spread over GPUs (xcomposer.parallel.sharding) the head sits on the last one: hand the
         # logits back where the inputs came from, next to the generation loop's bookkeeping

@@ -132,6 +132,90 @@ def kv_bytes_per_layer(config: AnyConfig, batch: int, cache_len: int, dtype: tor
     return 2 * batch * cache_len * c.kv_heads * c.head_dim * _elem(dtype)
 
 
+# -- the serving engine's KV block pool -----------------------------------------------------------
+
+DEFAULT_BLOCK_SIZE = 64  # tokens per KV block (LMDeploy's default)
+DEFAULT_CACHE_MAX_ENTRY_COUNT = 0.8  # LMDeploy's: fraction of free device memory after the weights
+DEFAULT_CPU_KV_GIB = 1.0  # on a CPU the pool takes at most this much ...
+DEFAULT_CPU_SESSIONS = 4  # ... and never more than this many full sessions
+
+
+@dataclass
+class KVPoolPlan:
+    """The engine's KV pool: `num_blocks` blocks of `block_size` tokens (one of them reserved),
+    `bytes_per_block` over all layers of this rank."""
+
+    num_blocks: int
+    block_size: int
+    bytes_per_block: int
+    session_len: int
+    source: str  # how the budget was chosen, for the printed plan
+
+    @property
+    def tokens(self) -> int:
+        return (self.num_blocks - 1) * self.block_size
+
+    @property
+    def bytes(self) -> int:
+        return self.num_blocks * self.bytes_per_block
+
+    @property
+    def full_sessions(self) -> int:
+        """How many sequences of `session_len` tokens fit at once."""
+        return self.tokens // self.session_len
+
+    def describe(self) -> str:
+        return (f"KV pool: {self.num_blocks - 1} blocks x {self.block_size} tokens = {self.tokens} tokens, "
+                f"{_gib(self.bytes)} ({self.bytes_per_block // self.block_size // 1024} KiB per token; {self.source}); "
+                f"{self.full_sessions} full session(s) of {self.session_len} tokens fit at once")
+
+
+class PoolTooSmallError(ShardingError):
+    """Not even one `session_len` sequence fits the KV budget."""
+
+
+def kv_pool_plan(config: AnyConfig, *, session_len: int, dtype: torch.dtype = torch.float16,
+                 block_size: int = DEFAULT_BLOCK_SIZE, free_bytes: int | None = None,
+                 cache_max_entry_count: float = DEFAULT_CACHE_MAX_ENTRY_COUNT, kv_cache_gib: float | None = None,
+                 num_blocks: int | None = None, kv_split: int = 1) -> KVPoolPlan:
+    """Size the serving engine's KV pool, by the first of: `num_blocks`; `kv_cache_gib` (an absolute
+    budget); `cache_max_entry_count` x `free_bytes` (LMDeploy's rule: the fraction of the device
+    memory still free once the weights are loaded); on a CPU (`free_bytes` None) the smaller of
+    DEFAULT_CPU_KV_GIB and DEFAULT_CPU_SESSIONS full sessions. `kv_split` tensor-parallel ranks
+    share the kv heads. The pool does not depend on the batch size: sequences hold only the
+    blocks they have filled. Refuses (PoolTooSmallError, both numbers named) when one
+    `session_len` sequence does not fit."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size={block_size!r} must be a positive number of tokens")
+    c = _llm_config(config)
+    per_token = kv_bytes_per_layer(config, 1, 1, dtype) * c.num_hidden_layers // kv_split
+    per_block = per_token * block_size
+    need_blocks = -(-session_len // block_size) + 1  # + the reserved block
+    if num_blocks is not None:
+        n, source = int(num_blocks), f"{num_blocks} blocks asked"
+    elif kv_cache_gib is not None:
+        if not kv_cache_gib > 0:
+            raise ValueError(f"kv_cache_gib={kv_cache_gib!r} must be a positive number of GiB")
+        n, source = int(kv_cache_gib * (1 << 30)) // per_block, f"--kv-cache-gib {kv_cache_gib:g}"
+    elif free_bytes is not None:
+        if not 0 < cache_max_entry_count <= 1:
+            raise ValueError(f"cache_max_entry_count={cache_max_entry_count!r} must be in (0, 1]: the fraction of "
+                             f"free device memory the KV pool takes")
+        n = int(free_bytes * cache_max_entry_count) // per_block
+        source = f"--cache-max-entry-count {cache_max_entry_count:g} of {_gib(free_bytes)} free"
+    else:
+        cap = int(DEFAULT_CPU_KV_GIB * (1 << 30)) // per_block
+        n = min(cap, DEFAULT_CPU_SESSIONS * (need_blocks - 1) + 1)
+        source = f"CPU default: at most {DEFAULT_CPU_KV_GIB:g} GiB or {DEFAULT_CPU_SESSIONS} sessions"
+    plan = KVPoolPlan(max(n, 0), block_size, per_block, session_len, source)
+    if plan.num_blocks < need_blocks:
+        raise PoolTooSmallError(
+            f"the KV pool ({source}) holds {max(plan.num_blocks - 1, 0) * block_size} tokens but one sequence of "
+            f"--session-len {session_len} needs {(need_blocks - 1) * block_size} ({_gib(need_blocks * per_block)}): "
+            f"lower --session-len, raise --cache-max-entry-count or --kv-cache-gib, or use more GPUs (--tp)")
+    return plan
+
+
 # -- the report --------------------------------------------------------------------------------
 
 @dataclass
@@ -418,6 +502,7 @@ def require_gpus(num_gpus: int) -> None:
             + (" with device='cpu'" if have == 0 else "") + f", or run on a machine with {num_gpus} GPUs")
 
 
-__all__ = ["ShardingError", "DeviceMemory", "MemoryReport", "memory_report", "placement", "check_fits", "gpus_needed",
+__all__ = ["ShardingError", "KVPoolPlan", "kv_pool_plan", "PoolTooSmallError", "DEFAULT_BLOCK_SIZE",
+           "DEFAULT_CACHE_MAX_ENTRY_COUNT", "DeviceMemory", "MemoryReport", "memory_report", "placement", "check_fits", "gpus_needed",
            "kv_bytes_per_layer", "dispatch", "device_of", "cuda_budgets", "require_gpus",
            "DEFAULT_RESERVE", "DEFAULT_KV_BATCH"]

@@ -90,6 +90,11 @@ class ServerState:
         if self.served is None or self.engine is None:
             raise APIError(503, "the model is still loading: retry shortly", code="loading",
                            headers={"Retry-After": "5"})
+        if not self.engine.healthy:  # the scheduler died on a bug: a load balancer should route elsewhere
+            err = self.engine.error
+            raise APIError(503, "the engine stopped after an internal error"
+                           + (f" ({type(err).__name__}: {err})" if err is not None else "")
+                           + ": restart the server", code="engine_failed")
         return self.served, self.engine
 
 
@@ -363,6 +368,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def metrics():
         if state.engine is not None:
             state.metrics.observe_engine(state.engine.queue_depth, state.engine.running)
+            state.metrics.observe_cache(state.engine.cache_stats())
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
     @app.get("/v1/models")
@@ -502,14 +508,24 @@ def _event_error(ev: Event, chat: bool) -> APIError:
     return APIError(500, ev.text)
 
 
+_DISCONNECT_CHECK_S = 0.1
+
+
 async def _next(request: Request, events: asyncio.Queue):
-    """The next (index, event), or None once the client has disconnected."""
+    """The next (index, event), or None once the client has disconnected. The connection is looked
+    at every 0.1 s even while events keep coming, so a non-streaming request whose client gave up
+    (the openai SDK retries after its timeout) is cancelled within a step or two, not at its end."""
     while True:
-        try:
-            return await asyncio.wait_for(events.get(), timeout=0.1)
-        except asyncio.TimeoutError:
+        now = time.monotonic()
+        last = getattr(request.state, "disconnect_checked", 0.0)
+        if now - last >= _DISCONNECT_CHECK_S:
+            request.state.disconnect_checked = now
             if await request.is_disconnected():
                 return None
+        try:
+            return await asyncio.wait_for(events.get(), timeout=_DISCONNECT_CHECK_S)
+        except asyncio.TimeoutError:
+            continue
 
 
 async def _collect(request, events, first, reqs, served, rid, created, chat):
@@ -553,7 +569,10 @@ def _usage(done, chat: bool) -> dict[str, int]:
     # a chat prompt is counted once for its n choices; each completions prompt counts (n copies each)
     prompt = done[0].prompt_tokens if chat else sum(e.prompt_tokens for e in done)
     completion = sum(e.completion_tokens for e in done)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    # OpenAI's field for prompt tokens served from a cache: here the prefix cache's hits
+    cached = done[0].cached_tokens if chat else sum(e.cached_tokens for e in done)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 async def _stream(events, first, reqs, served, rid, created, chat, include_usage) -> AsyncIterator[str]:
@@ -687,7 +706,9 @@ def _tp_model(args, device):
 
 def _engine_kwargs(args) -> dict:
     return dict(max_batch_size=args.max_batch_size, max_queue=args.max_queue, session_len=args.session_len,
-                prefill_chunk=args.prefill_chunk)
+                prefill_chunk=args.prefill_chunk, max_prefill_tokens=args.max_prefill_token_num,
+                block_size=args.block_size, cache_max_entry_count=args.cache_max_entry_count,
+                kv_cache_gib=args.kv_cache_gib, prefix_caching=not args.no_prefix_caching)
 
 
 def serve(args) -> int:
@@ -728,8 +749,10 @@ def serve(args) -> int:
             served = ServedModel(model, name)
             engine = Engine(model, metrics=state.metrics, tp_group=group, **_engine_kwargs(args))
             state.served, state.engine = served, engine
+            print(engine.plan.describe(), file=sys.stderr, flush=True)
             print(f"serving {name!r} on http://{args.host}:{port}/v1 (batch {args.max_batch_size}, session "
-                  f"{engine.session_len} tokens)", file=sys.stderr, flush=True)
+                  f"{engine.session_len} tokens, prefix caching {'on' if engine.blocks.prefix_caching else 'off'})",
+                  file=sys.stderr, flush=True)
         except Exception as e:  # the server stays up and answers 503 with the reason
             state.load_error = f"{type(e).__name__}: {e}"
             print(f"error: loading {args.folder} failed: {state.load_error}", file=sys.stderr, flush=True)

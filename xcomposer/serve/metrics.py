@@ -25,12 +25,19 @@ class Metrics:
         self.generation_tokens = Counter("xcomposer_generation_tokens", "Tokens generated", registry=r)
         self.ttft = Histogram("xcomposer_time_to_first_token_seconds", "Submission to first generated token",
                               buckets=_LATENCY_BUCKETS, registry=r)
+        self.cache = Gauge("xcomposer_kv_cache", "KV block pool and prefix cache: blocks_total/used/free/cached, "
+                           "prefix_queried_tokens, prefix_hit_tokens, prefix_hit_rate", ["stat"], registry=r)
         self.itl = Histogram("xcomposer_inter_token_latency_seconds", "Time between two tokens of a sequence",
                              buckets=_LATENCY_BUCKETS, registry=r)
 
     def observe_engine(self, queue_depth: int, running: int) -> None:
         self.queue_depth.set(queue_depth)
         self.running.set(running)
+
+    def observe_cache(self, stats: dict) -> None:
+        """The engine's KV pool and prefix cache (`Engine.cache_stats()`)."""
+        for name, value in stats.items():
+            self.cache.labels(stat=name).set(value)
 
     def observe_token(self, since: float, now: float, first: bool) -> None:
         (self.ttft if first else self.itl).observe(max(now - since, 0.0))

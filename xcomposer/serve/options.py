@@ -15,13 +15,25 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the folder's name)")
     p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH,
-                   help=f"sequences decoded together (default {DEFAULT_MAX_BATCH})")
+                   help=f"sequences decoded together; the KV pool does not grow with it (default {DEFAULT_MAX_BATCH})")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help=f"requests waiting for a row before 429 (default {DEFAULT_MAX_QUEUE})")
     p.add_argument("--session-len", type=int, default=None,
-                   help="tokens per sequence, prompt plus reply (default: the model's context window)")
+                   help="most tokens of one sequence, prompt plus reply (default: the model's context window)")
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
-                   help=f"prompt tokens prefilled per step (default {DEFAULT_PREFILL_CHUNK})")
+                   help=f"prompts are cut into chunks of this many positions (fixed boundaries; default "
+                        f"{DEFAULT_PREFILL_CHUNK})")
+    p.add_argument("--max-prefill-token-num", type=int, default=None,
+                   help="prompt tokens one step may prefill, over all sequences (LMDeploy's name; default 8192 on "
+                        "a GPU, 1024 on a CPU)")
+    p.add_argument("--block-size", type=int, default=64, help="tokens per KV block (default 64, as LMDeploy)")
+    p.add_argument("--cache-max-entry-count", type=float, default=0.8,
+                   help="fraction of the device memory free after loading that the KV pool takes (LMDeploy's "
+                        "name and meaning; default 0.8)")
+    p.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="KV pool size in GiB instead (on a CPU the default is 1 GiB or 4 sessions, the smaller)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not reuse the KV blocks of shared prefixes (on by default)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set XCOMPOSER_API_KEY)")
     p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
                    help="allow image_url file paths under DIR (default: none)")

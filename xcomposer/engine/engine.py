@@ -1,0 +1,519 @@
+"""The serving engine: one scheduler thread owns the model and the KV block pool.
+
+`submit()` (any thread) queues a request and returns at once; the thread runs steps:
+
+1. cancelled requests end and give their blocks back;
+2. queued requests are admitted while the batch has room and the pool has blocks for their
+   prompts (an XComposer prompt's images are encoded here, once); the prefix cache hands a new
+   sequence the blocks of any prefix it shares with earlier ones (a document, a system prompt, a
+   chat's earlier turns), so only the rest is prefilled;
+3. the scheduler (`scheduler.py`) picks the step's work: every running sequence's decode token and
+   prompt chunks up to the token budget, preempting when blocks run out;
+4. the model runner (`model_runner.py`) runs all of it in one packed forward over the pool;
+5. the batched sampler (`sampler.py`) picks each sampled row's token with that request's options
+   (one host sync), and each sequence streams its new text (`output.py`).
+
+A fault in a step (an exception, out of memory) is retried one sequence at a time, so only the
+sequences that fail alone fail, with their blocks freed; a bug outside the model call fails every
+request, stops the engine, and `error` tells `/health`. Greedy and seeded results equal
+`generate()` on the same request alone (tests).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Sequence as Seq
+
+import torch
+from torch import nn
+
+from ..llm.decoder import InternLMForCausalLM
+from ..llm.generation import GenerationConfig, seeded_generator
+from ..parallel.sharding import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_MAX_ENTRY_COUNT, KVPoolPlan, kv_pool_plan
+from .block_manager import BlockManager
+from .model_runner import ModelRunner
+from .request import EngineClosedError, EngineError, Event, Prompt, PromptTooLong, QueueFullError, Request
+from .sampler import SampleRow, sample
+from .scheduler import Scheduler, Sequence, embedding_keys
+
+DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_QUEUE = 64
+DEFAULT_PREFILL_CHUNK = 256
+DEFAULT_MAX_PREFILL_TOKENS = 8192  # LMDeploy's --max-prefill-token-num
+DEFAULT_CPU_MAX_PREFILL_TOKENS = 1024
+
+_HEARTBEAT_S = 60.0
+
+
+class _Commands:
+    """Rank 0 broadcasts each model call to the other ranks of a tensor-parallel group."""
+
+    def __init__(self, group):
+        import torch.distributed as dist
+        self.dist, self.group = dist, group
+        self.src = dist.get_global_rank(group, 0) if group is not dist.group.WORLD else 0
+
+    def send(self, command) -> None:
+        self.dist.broadcast_object_list([command], src=self.src, group=self.group)
+
+    def recv(self):
+        box = [None]
+        self.dist.broadcast_object_list(box, src=self.src, group=self.group)
+        return box[0]
+
+
+def decoder_of(model: nn.Module) -> InternLMForCausalLM:
+    """The causal LM inside `model` (itself for a text model, `.llm` for XComposer)."""
+    llm = model if isinstance(model, InternLMForCausalLM) else getattr(model, "llm", None)
+    if not isinstance(llm, InternLMForCausalLM):
+        raise TypeError(f"the engine serves an InternLM decoder or an XComposer, got {type(model).__name__}")
+    return llm
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    return value
+
+
+class Engine:
+    """Continuous batching over a paged KV cache for `model` (an `InternLM`/`InternLMForCausalLM`,
+    an `XComposer` or an `XComposer2`).
+
+    `session_len` caps one sequence (prompt plus reply; default the context window);
+    `max_batch_size` caps the sequences decoded together. The pool is sized by `num_blocks`, or
+    `kv_cache_gib`, or `cache_max_entry_count` of the free device memory (LMDeploy's rule), or on a
+    CPU a small default (`parallel.sharding.kv_pool_plan`); `plan` describes it."""
+
+    def __init__(self, model: nn.Module, *, max_batch_size: int = DEFAULT_MAX_BATCH,
+                 max_queue: int = DEFAULT_MAX_QUEUE, session_len: int | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_prefill_tokens: int | None = None,
+                 block_size: int = DEFAULT_BLOCK_SIZE, num_blocks: int | None = None,
+                 cache_max_entry_count: float = DEFAULT_CACHE_MAX_ENTRY_COUNT, kv_cache_gib: float | None = None,
+                 prefix_caching: bool = True, tokenizer=None, metrics=None, start: bool = True,
+                 tp_group=None, model_lock: threading.Lock | None = None):
+        for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue),
+                            ("prefill_chunk", prefill_chunk), ("block_size", block_size)):
+            _positive_int(name, value)
+        self.model = model
+        self.llm = decoder_of(model)
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        if self.tokenizer is None:
+            raise ValueError("the engine needs the model's tokenizer: load the model with from_pretrained or pass "
+                             "tokenizer=load_tokenizer(folder)")
+        window = self.llm.context_window
+        session_len = window if session_len is None else session_len
+        if isinstance(session_len, bool) or not isinstance(session_len, int) or not 2 <= session_len <= window:
+            raise ValueError(f"session_len={session_len!r} must be an integer in [2, {window}] (the model's "
+                             f"context window)")
+        self.device = self.llm.device
+        if max_prefill_tokens is None:
+            max_prefill_tokens = DEFAULT_MAX_PREFILL_TOKENS if self.device.type == "cuda" else \
+                DEFAULT_CPU_MAX_PREFILL_TOKENS
+        _positive_int("max_prefill_tokens", max_prefill_tokens)
+        self.rows = max_batch_size  # the web demo sizes its concurrency by it
+        self.max_queue, self.session_len = max_queue, session_len
+        self.chunk = min(prefill_chunk, max_prefill_tokens)
+        self.metrics = metrics
+        self.tp = _Commands(tp_group) if tp_group is not None else None
+        # held for each step when given: code that calls the model's own API (chat, generate, beam
+        # search: they use the model's own caches) under the same lock runs between two steps
+        self.model_lock = model_lock
+        kv_split = 1
+        if tp_group is not None:
+            import torch.distributed as dist
+            kv_split = dist.get_world_size(tp_group)
+        free = None
+        if self.device.type == "cuda" and num_blocks is None and kv_cache_gib is None:
+            torch.cuda.synchronize(self.device)
+            free = torch.cuda.mem_get_info(self.device)[0]
+        self.plan: KVPoolPlan = kv_pool_plan(self.llm.config, session_len=session_len, dtype=self.llm.dtype,
+                                             block_size=block_size, free_bytes=free,
+                                             cache_max_entry_count=cache_max_entry_count,
+                                             kv_cache_gib=kv_cache_gib, num_blocks=num_blocks, kv_split=kv_split)
+        if tp_group is not None:  # every rank must hold the same pool: the smallest plan wins
+            import torch.distributed as dist
+            n = torch.tensor([self.plan.num_blocks])
+            dist.all_reduce(n, op=dist.ReduceOp.MIN, group=tp_group)
+            self.plan.num_blocks = int(n)
+        self.blocks = BlockManager(self.plan.num_blocks, block_size, prefix_caching=prefix_caching)
+        self.runner = ModelRunner(self.llm, self.plan.num_blocks, block_size, rope_len=session_len)
+        cfg = self.llm.config
+        rope_key = None
+        if cfg.family == "internlm2" and cfg.rope_scaling_type == "dynamic":
+            # past the window a key's rotation depends on its sequence's prompt length: part of its key
+            max_pos = cfg.max_position_embeddings
+
+            def rope_key(seq, span):
+                n = [max(seq.prompt_len, p + 1) for p in span]
+                return tuple(x if x > max_pos else 0 for x in n) if max(n) > max_pos else None
+        self.scheduler = Scheduler(self.blocks, max_batch_size=max_batch_size, prefill_chunk=self.chunk,
+                                   max_prefill_tokens=max_prefill_tokens, rope_key=rope_key)
+        self._lock = threading.Condition()
+        self._incoming: deque[Request] = deque()
+        self._closing = False
+        self._stopped = False
+        self.steps = 0
+        self.error: BaseException | None = None
+        self.step_faults = 0  # steps retried one sequence at a time
+        self._reset_prefix = False
+        self._thread = threading.Thread(target=self._loop, name="xcomposer-engine", daemon=True)
+        if start:
+            self._thread.start()
+
+    # -- the public side -------------------------------------------------------------------
+    def submit(self, prompt: Prompt, config: GenerationConfig, sink: Callable[[Event], None],
+               stop: Seq[str] = ()) -> Request:
+        """Queue a request; raises QueueFullError, EngineClosedError or PromptTooLong."""
+        config.validate()
+        self._check_length(prompt)
+        req = Request(prompt, config, sink, stop)
+        with self._lock:
+            if self._closing or self._stopped:
+                raise EngineClosedError("the engine is shutting down and takes no new requests")
+            if self.queue_depth >= self.max_queue:
+                raise QueueFullError(f"{self.queue_depth} requests are already waiting (--max-queue "
+                                     f"{self.max_queue}): retry shortly")
+            self._incoming.append(req)
+            self._lock.notify_all()
+        return req
+
+    def _check_length(self, prompt: Prompt) -> None:
+        if prompt.length >= self.session_len:
+            raise PromptTooLong(f"the prompt is {prompt.length} tokens but a sequence holds {self.session_len} "
+                                f"(prompt plus reply; --session-len): shorten the prompt or the conversation")
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._incoming) + len(self.scheduler.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def idle(self) -> bool:
+        return not self._incoming and not self.scheduler.waiting and not self.scheduler.running
+
+    @property
+    def healthy(self) -> bool:
+        """Able to serve: no fatal error and the scheduler thread alive (when it was started)."""
+        return self.error is None and not (self._thread.ident is not None and not self._thread.is_alive()
+                                           and not self._stopped)
+
+    def cache_stats(self) -> dict[str, float]:
+        b = self.blocks
+        return {"blocks_total": b.usable, "blocks_used": b.num_used, "blocks_free": b.num_free,
+                "blocks_cached": b.num_cached, "prefix_queried_tokens": b.queried_tokens,
+                "prefix_hit_tokens": b.hit_tokens,
+                "prefix_hit_rate": b.hit_tokens / b.queried_tokens if b.queried_tokens else 0.0}
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (blocks nobody holds) before the next step admits anything
+        (e.g. after changing weights, or to measure cold prefills). Safe from any thread."""
+        self._reset_prefix = True
+
+    def drain(self) -> None:
+        """Refuse new requests; those queued or running go on to their end."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while not self.idle and not self._stopped:
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._lock.wait(0.05 if left is None else min(left, 0.05))
+        return True
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the scheduler; requests still queued or running end with finish_reason 'cancelled'."""
+        with self._lock:
+            self._closing = self._stopped = True
+            self._lock.notify_all()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        with self._lock:
+            incoming, self._incoming = list(self._incoming), deque()
+        for req in incoming:
+            self._deliver(req, Event("done", finish_reason="cancelled", prompt_tokens=req.prompt.length))
+        for seq in list(self.scheduler.waiting) + list(self.scheduler.running):
+            self._finish(seq, "cancelled")
+
+    # -- the scheduler thread --------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._stopped and self.idle:
+                        if not self._lock.wait(timeout=_HEARTBEAT_S) and self.tp is not None:
+                            self.tp.send(("noop", None))  # followers wait in a collective with a timeout
+                    if self._stopped:
+                        if self.tp is not None:
+                            self.tp.send(("stop", None))
+                        return
+                with torch.inference_mode():
+                    if self.model_lock is None:
+                        self.step()
+                    else:
+                        with self.model_lock:
+                            self.step()
+        except BaseException as e:  # a bug outside a model call: fail every request instead of hanging them
+            self.error = e
+            with self._lock:
+                self._stopped = True
+                incoming, self._incoming = list(self._incoming), deque()
+            text = f"engine failure: {type(e).__name__}: {e}"
+            for req in incoming:
+                self._deliver(req, Event("error", text=text, error_type="internal"))
+            for seq in list(self.scheduler.waiting) + list(self.scheduler.running):
+                self.scheduler.release(seq)
+                seq.finished = True
+                self._deliver(seq.req, Event("error", text=text, error_type="internal"))
+            raise
+
+    def step(self) -> None:
+        """One scheduler step (the thread calls it; tests may call it directly with start=False)."""
+        self.steps += 1
+        sched = self.scheduler
+        for seq in list(sched.running) + list(sched.waiting):
+            if seq.req.cancelled:
+                self._finish(seq, "cancelled")
+        with self._lock:
+            gone = [r for r in self._incoming if r.cancelled]
+            if gone:
+                self._incoming = deque(r for r in self._incoming if not r.cancelled)
+        for req in gone:
+            self._cancelled_waiting(req)
+        if self._reset_prefix:
+            self._reset_prefix = False
+            self.blocks.reset_prefix_cache()
+        self._admit()
+        works = sched.schedule()
+        if works:
+            self._run(works)
+        if self.metrics is not None:
+            self.metrics.observe_engine(self.queue_depth, self.running)
+            if hasattr(self.metrics, "observe_cache"):
+                self.metrics.observe_cache(self.cache_stats())
+
+    def _admit(self) -> None:
+        sched = self.scheduler
+        # preempted sequences first (they hold the head of the queue), then new requests in order
+        while sched.waiting:
+            if not sched.try_admit(sched.waiting[0]):
+                return
+            sched.waiting.popleft()
+        while True:
+            with self._lock:
+                if not self._incoming or len(sched.running) >= sched.max_batch_size:
+                    return
+                req = self._incoming[0]
+            seq = self._new_sequence(req)
+            if seq is None:  # refused (bad input found late); its error was delivered
+                with self._lock:
+                    self._incoming.popleft()
+                continue
+            if not sched.try_admit(seq):
+                # keeps its place; a built prompt (images encoded) waits in the scheduler's queue
+                with self._lock:
+                    self._incoming.popleft()
+                sched.waiting.append(seq)
+                return
+            with self._lock:
+                self._incoming.popleft()
+
+    def _new_sequence(self, req: Request) -> Sequence | None:
+        seq = Sequence(req, self.tokenizer, self.session_len)
+        try:
+            if req.prompt.build is not None:
+                built = req.prompt.build()
+                mask = None
+                if isinstance(built, tuple):  # (embeds, image_mask[, penalty_ids])
+                    if len(built) == 3:
+                        req.prompt.penalty_ids = list(built[2])
+                        seq.penalty_ids = list(built[2])[-self.session_len:]
+                    built, mask = built[0], built[1]
+                if built.dim() != 2 or (req.prompt.length and built.shape[0] != req.prompt.length):
+                    raise RuntimeError(f"the prompt builder gave embeddings of shape {tuple(built.shape)}, "
+                                       f"expected ({req.prompt.length}, hidden)")
+                req.prompt.length = seq.prompt_len = int(built.shape[0])
+                self._check_length(req.prompt)
+                seq.embeds = built.to(self.device, self.llm.dtype)
+                if mask is not None and bool(mask.any()):
+                    seq.image_mask = mask.to(torch.bool).cpu()
+                if seq.position_keys is None and self.blocks.prefix_caching:
+                    seq.position_keys = embedding_keys(seq.embeds, seq.image_mask)
+        except Exception as e:  # bad input found late (an image that no longer loads, too long ...)
+            internal = not isinstance(e, ValueError)
+            self._deliver(req, Event("error", text=str(e), error_type="internal" if internal else "invalid_request"))
+            return None
+        seq.max_new = min(req.config.max_new_tokens, self.session_len - seq.prompt_len)
+        seq.generator = seeded_generator(req.config, self.device)
+        return seq
+
+    # -- running a step ----------------------------------------------------------------------
+    def _call(self, inputs) -> torch.Tensor:
+        if self.tp is not None:
+            self.tp.send(("step", inputs))
+        return self.runner.execute(inputs)
+
+    def _run(self, works) -> None:
+        try:
+            logits = self._call(self.runner.prepare([w for _, w in works]))
+            results = [(works, logits)]
+        except Exception as e:  # noqa: BLE001  one request's fault must not end the others
+            if self.tp is not None:
+                raise  # the ranks may disagree about what ran: not recoverable here
+            results = self._retry_alone(works, e)
+        for group, logits in results:
+            self._advance(group, logits)
+
+    def _retry_alone(self, works, first_error: BaseException):
+        """Run each sequence's works alone; a sequence that fails alone fails, the others go on."""
+        self.step_faults += 1
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        order, by_seq = [], {}
+        for seq, w in works:
+            if id(seq) not in by_seq:
+                order.append(seq)
+                by_seq[id(seq)] = []
+            by_seq[id(seq)].append((seq, w))
+        results = []
+        for seq in order:
+            group = by_seq[id(seq)]
+            try:
+                logits = self._call(self.runner.prepare([w for _, w in group]))
+            except Exception as e:  # noqa: BLE001
+                oom = "out of memory" in str(e).lower()
+                self._fail(seq, f"this request failed in the model ({type(e).__name__}: {e})"
+                                + ("; it did not fit in device memory: retry with a shorter prompt or fewer tokens"
+                                   if oom else ""))
+                continue
+            results.append((group, logits))
+        return results
+
+    def _advance(self, works, logits: torch.Tensor) -> None:
+        """Commit a step: positions computed, full blocks into the prefix cache, tokens sampled.
+        `logits` has one row per work that asked for sampling, in order."""
+        running = self.scheduler.running
+        alive = lambda s: not s.finished and s in running  # noqa: E731
+        for seq, w in works:
+            if alive(seq):
+                seq.computed = w.start + w.n
+        for seq in {id(s): s for s, _ in works}.values():
+            if alive(seq):
+                self.scheduler.register_full_blocks(seq)
+        sampled = [seq for seq, w in works if w.sample]
+        keep = [i for i, seq in enumerate(sampled) if alive(seq)]
+        if not keep:
+            return
+        seqs = [sampled[i] for i in keep]
+        picked = logits if len(keep) == logits.shape[0] else logits.index_select(
+            0, torch.tensor(keep, device=logits.device))
+        rows = [SampleRow(s.cfg, len(s.tokens), s.penalty_ids + s.tokens, s.generator) for s in seqs]
+        for seq, tok in zip(seqs, sample(picked, rows)):
+            self._push(seq, tok)
+
+    def _push(self, seq: Sequence, tok: int) -> None:
+        seq.tokens.append(tok)
+        now = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.observe_token(seq.last_token if seq.last_token is not None else seq.req.submitted, now,
+                                       first=seq.first_token is None)
+        if seq.first_token is None:
+            seq.first_token = now
+        seq.last_token = now
+        if tok in seq.stop_ids:
+            self._finish(seq, "stop", flush=True)
+            return
+        text, stopped = seq.stream.push(tok)
+        if text:
+            self._deliver(seq.req, Event("text", text=text))
+        if stopped:
+            self._finish(seq, "stop")
+            return
+        if len(seq.tokens) >= seq.max_new:
+            self._finish(seq, "length", flush=True)
+
+    def _finish(self, seq: Sequence, reason: str, flush: bool = False) -> None:
+        if seq.finished:
+            return
+        if flush:
+            text, stopped = seq.stream.flush()
+            if text:
+                self._deliver(seq.req, Event("text", text=text))
+            if stopped:
+                reason = "stop"
+        seq.finished = True
+        self.scheduler.release(seq)
+        with self._lock:
+            self._lock.notify_all()
+        if self.metrics is not None:
+            self.metrics.observe_done(reason, seq.prompt_len, len(seq.tokens))
+        self._deliver(seq.req, Event("done", finish_reason=reason, prompt_tokens=seq.prompt_len,
+                                     completion_tokens=len(seq.tokens), tokens=list(seq.tokens),
+                                     cached_tokens=seq.cached_tokens, preemptions=seq.preemptions))
+
+    def _fail(self, seq: Sequence, text: str) -> None:
+        seq.finished = True
+        self.scheduler.release(seq)
+        self._deliver(seq.req, Event("error", text=text, error_type="internal"))
+
+    def _cancelled_waiting(self, req: Request) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_done("cancelled", 0, 0)
+        self._deliver(req, Event("done", finish_reason="cancelled", prompt_tokens=req.prompt.length))
+
+    def _deliver(self, req: Request, event: Event) -> None:
+        if event.kind == "error" and self.metrics is not None:
+            self.metrics.observe_done("error", req.prompt.length, 0)
+        try:
+            req.sink(event)
+        except Exception:  # a broken sink must not stop the other requests
+            req.cancel()
+
+    # -- tensor parallel ---------------------------------------------------------------------
+    def follow(self) -> None:
+        """On ranks other than 0: run every step rank 0's engine sends, until it stops."""
+        if self.tp is None:
+            raise RuntimeError("follow() is for tensor-parallel ranks: build the engine with tp_group=...")
+        with torch.inference_mode():
+            while True:
+                kind, inputs = self.tp.recv()
+                if kind == "stop":
+                    return
+                if kind == "step":
+                    self.runner.execute(inputs)
+
+    # -- convenience -----------------------------------------------------------------------
+    def generate(self, prompt: Prompt, config: GenerationConfig, stop: Seq[str] = (),
+                 timeout: float | None = None) -> tuple[str, Event]:
+        """Blocking: the whole text and the final event (for tests and offline batches)."""
+        q: "queue.Queue[Event]" = queue.Queue()
+        self.submit(prompt, config, q.put, stop)
+        text = []
+        while True:
+            ev = q.get(timeout=timeout)
+            if ev.kind == "text":
+                text.append(ev.text)
+            elif ev.kind == "error":
+                raise EngineError(ev.text)
+            else:
+                return "".join(text), ev
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+__all__ = ["Engine", "decoder_of", "DEFAULT_MAX_BATCH", "DEFAULT_MAX_QUEUE", "DEFAULT_PREFILL_CHUNK",
+           "DEFAULT_MAX_PREFILL_TOKENS"]

@@ -1,0 +1,332 @@
+"""Runs the decoder over the paged KV pool: several sequences' new tokens packed into one forward.
+
+A step's work is a list of `Work` items, one per sequence: a decode token, or a chunk of a prompt
+(ids, or embeddings for XComposer with its Partial-LoRA image mask). `prepare` turns them into a
+`StepInputs` of plain CPU tensors (what tensor-parallel ranks receive: block slots and lengths,
+never masks over a whole window), `execute` runs it:
+
+* the tokens of every item go through the linear layers as one packed row (1, T, hidden), each at
+  its own rotary position (InternLM2's dynamic NTK with each token's own sequence length);
+* every layer's `PagedKV` writes the step's keys/values into their blocks, then attends: all
+  one-token items together (queries (B, heads, 1, d) over keys gathered from each sequence's
+  block table, padded and masked), each prompt chunk on its own (causal over its sequence's
+  blocks). This gather + `scaled_dot_product_attention` is the one path on CPU and GPU; it reads
+  each sequence's own blocks only;
+* only the rows that are sampled go through the final norm and the LM head.
+
+A step of decode tokens only can run as a fixed-shape call (`use_cuda_graphs(model)`): rows padded
+to a batch bucket and block tables to a power-of-two bucket of blocks, replayed from one CUDA graph
+per (rows, blocks) bucket on a GPU (on a CPU the same fixed-shape function runs eagerly, which is
+how its math is tested).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..llm import fast_decode
+from ..llm.decoder import _SDPA_GQA, InternLMForCausalLM, rope_from_positions
+
+
+@dataclass
+class Work:
+    """One sequence's share of a step: positions [start, start + n) of the sequence."""
+
+    start: int
+    block_table: list[int]
+    prompt_len: int  # the sequence's prompt length (dynamic NTK: a token's length is max(P, pos + 1))
+    ids: list[int] | None = None
+    embeds: torch.Tensor | None = None  # (n, hidden) instead of ids
+    image_mask: torch.Tensor | None = None  # (n,) bool, Partial LoRA rows
+    sample: bool = True  # the logits of its last token are wanted
+
+    @property
+    def n(self) -> int:
+        return len(self.ids) if self.ids is not None else int(self.embeds.shape[0])
+
+
+@dataclass
+class StepInputs:
+    """One step, as CPU tensors (and the item layout), ready to broadcast and run."""
+
+    ids: torch.Tensor  # (T,) long; -1 where an embedding row goes
+    positions: torch.Tensor  # (T,)
+    rope_n: torch.Tensor | None  # (T,) per-token sequence length (dynamic NTK) or None
+    write_slots: torch.Tensor  # (T,) pool slot of each token's key/value
+    embeds: torch.Tensor | None = None  # (Te, hidden)
+    embed_rows: torch.Tensor | None = None  # (Te,) where in T they go
+    image_mask: torch.Tensor | None = None  # (T,) bool or None
+    dec_rows: torch.Tensor | None = None  # (Bd,) one-token items' rows in T
+    dec_slots: torch.Tensor | None = None  # (Bd, L) their context slots, padded with slot 0
+    dec_valid: torch.Tensor | None = None  # (Bd, L) bool
+    chunks: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (row0, row1, context slots)
+    sample_rows: torch.Tensor | None = None  # (S,) rows whose logits are returned
+
+
+class StepMeta:
+    """The device tensors a step's attention reads (shared by every layer's `PagedKV`)."""
+
+    def __init__(self, write_slots, dec_rows=None, dec_slots=None, dec_valid=None, chunks=(), all_decode=False):
+        self.write_slots, self.dec_rows, self.dec_slots, self.dec_valid = write_slots, dec_rows, dec_slots, dec_valid
+        self.chunks = list(chunks)
+        self.all_decode = all_decode  # every row is a one-token item, in order (no scatter needed)
+        self._moved: dict = {}
+
+    def on(self, device: torch.device, name: str):
+        """A metadata tensor on `device` (layers of a device-mapped model sit on several GPUs)."""
+        t = getattr(self, name)
+        if t is None or t.device == device:
+            return t
+        key = (name, device)
+        if key not in self._moved:
+            self._moved[key] = t.to(device, non_blocking=True)
+        return self._moved[key]
+
+
+class PagedKV(nn.Module):
+    """One layer's share of the pool, duck-typed into the decoder's `Attention.kv_cache` slot:
+    the decoder calls `attend(q, k, v)` with this step's rotated queries and keys."""
+
+    paged = True
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, runner: "ModelRunner"):
+        super().__init__()
+        self.k, self.v = k, v  # (num_blocks * block_size, kv_heads, head_dim)
+        self.runner = runner
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (1, H, T, d), k/v (1, Hkv, T, d) for the packed tokens -> (1, H, T, d)."""
+        meta: StepMeta = self.runner.meta
+        dev = q.device
+        slots = meta.on(dev, "write_slots")
+        self.k.index_copy_(0, slots, k[0].transpose(0, 1).to(self.k.dtype))
+        self.v.index_copy_(0, slots, v[0].transpose(0, 1).to(self.v.dtype))
+        if meta.all_decode:
+            qd = q[0].transpose(0, 1)[:, :, None]  # (B, H, 1, d)
+            return _attend(qd, self.k, self.v, meta.on(dev, "dec_slots"), meta.on(dev, "dec_valid"))[:, :, 0] \
+                .transpose(0, 1)[None]
+        out = torch.empty_like(q)
+        if meta.dec_rows is not None:
+            rows = meta.on(dev, "dec_rows")
+            qd = q[0][:, rows].transpose(0, 1)[:, :, None]
+            y = _attend(qd, self.k, self.v, meta.on(dev, "dec_slots"), meta.on(dev, "dec_valid"))
+            out[0][:, rows] = y[:, :, 0].transpose(0, 1)
+        for a, b, ctx in meta.chunks:
+            ctx = ctx.to(dev, non_blocking=True)
+            L, n = ctx.shape[0], b - a
+            kk = self.k[ctx].transpose(0, 1)[None]  # (1, Hkv, L, d)
+            vv = self.v[ctx].transpose(0, 1)[None]
+            # causal: query i (position L - n + i) sees keys 0 .. L - n + i
+            causal = torch.arange(L, device=dev)[None, :] <= (L - n + torch.arange(n, device=dev))[:, None]
+            out[:, :, a:b] = _sdpa(q[:, :, a:b], kk, vv, causal[None, None])
+        return out
+
+
+def _sdpa(q, k, v, mask):
+    if k.shape[1] != q.shape[1] and _SDPA_GQA:
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=True)
+    if k.shape[1] != q.shape[1]:  # torch < 2.5: repeat each kv head for its query group
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+
+
+def _attend(q, kpool, vpool, slots, valid):
+    """q (B, H, 1, d) over each row's gathered context slots (B, L), masked by valid (B, L)."""
+    kk = kpool[slots].transpose(1, 2)  # (B, Hkv, L, d)
+    vv = vpool[slots].transpose(1, 2)
+    return _sdpa(q, kk, vv, valid[:, None, None, :])
+
+
+class ModelRunner:
+    """The pool (`num_blocks` blocks of `block_size` tokens in every layer) and the forward over it."""
+
+    def __init__(self, llm: InternLMForCausalLM, num_blocks: int, block_size: int, rope_len: int,
+                 graph_buckets: bool = True):
+        self.llm, self.num_blocks, self.block_size = llm, num_blocks, block_size
+        self.device = llm.device
+        self.meta: StepMeta | None = None
+        cfg = llm.config
+        self.dynamic = cfg.family == "internlm2" and cfg.rope_scaling_type == "dynamic"
+        self.rope_len = rope_len
+        self.pool = []
+        for layer in llm.model.layers:
+            attn = layer.self_attn
+            dev = attn.o_proj.weight.device
+            shape = (num_blocks * block_size, attn.n_kv_heads, attn.head_dim)
+            k = torch.zeros(shape, dtype=llm.dtype, device=dev)
+            v = torch.zeros(shape, dtype=llm.dtype, device=dev)
+            self.pool.append(PagedKV(k, v, self))
+        self.static = getattr(llm, "static_decode", None) if graph_buckets else None
+        if self.static is not None and fast_decode.is_dispatched(llm):
+            self.static = None  # accelerate's hooks move tensors inside the step: eager only
+        self._graphs: "OrderedDict[tuple[int, int], object]" = OrderedDict()
+        self.tokens_run = 0  # tokens that went through the decoder (tests count prefill work)
+        self._check_rope()
+
+    def _check_rope(self) -> None:
+        """InternLM v1 reads a rotary table: the one for this engine's session length (its dynamic
+        base depends on it). The model's own generate() may have rebuilt it between two steps."""
+        llm = self.llm
+        if llm.config.family == "internlm2":
+            return
+        want = max(self.rope_len, llm.config.max_position_embeddings)
+        if llm._rope_len != want or llm.rope_cos.device != llm.device:
+            llm._rope_len = 0
+            llm.setup_rope(self.rope_len)
+            self._graphs.clear()  # captured steps read the old table
+
+    @property
+    def pool_bytes(self) -> int:
+        return sum(p.k.numel() * p.k.element_size() * 2 for p in self.pool)
+
+    # -- inputs ------------------------------------------------------------------------------
+    def slot(self, table: list[int], pos: int) -> int:
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def prepare(self, works: list[Work]) -> StepInputs:
+        ids, positions, rope_n, slots, image_rows = [], [], [], [], []
+        embeds, embed_rows, sample_rows = [], [], []
+        dec, chunks = [], []
+        any_image = False
+        for w in works:
+            row0, n = len(ids), w.n
+            pos = list(range(w.start, w.start + n))
+            positions += pos
+            rope_n += [max(w.prompt_len, p + 1) for p in pos]
+            slots += [self.slot(w.block_table, p) for p in pos]
+            if w.ids is not None:
+                ids += w.ids
+            else:
+                ids += [-1] * n
+                embeds.append(w.embeds)
+                embed_rows += range(row0, row0 + n)
+            if w.image_mask is not None and bool(w.image_mask.any()):
+                any_image = True
+                image_rows.append((row0, w.image_mask.cpu()))
+            ctx = [self.slot(w.block_table, p) for p in range(w.start + n)]
+            if n == 1:
+                dec.append((row0, ctx))
+            else:
+                chunks.append((row0, row0 + n, torch.tensor(ctx, dtype=torch.long)))
+            if w.sample:
+                sample_rows.append(row0 + n - 1)
+        T = len(ids)
+        inp = StepInputs(ids=torch.tensor(ids, dtype=torch.long), positions=torch.tensor(positions, dtype=torch.long),
+                         rope_n=torch.tensor(rope_n, dtype=torch.long) if self.dynamic else None,
+                         write_slots=torch.tensor(slots, dtype=torch.long), chunks=chunks,
+                         sample_rows=torch.tensor(sample_rows, dtype=torch.long))
+        if embeds:
+            inp.embeds = torch.cat([e.to(self.device, self.llm.dtype) for e in embeds])
+            inp.embed_rows = torch.tensor(embed_rows, dtype=torch.long)
+        if any_image:
+            m = torch.zeros(T, dtype=torch.bool)
+            for row0, mask in image_rows:
+                m[row0:row0 + mask.shape[0]] = mask
+            inp.image_mask = m
+        if dec:
+            L = max(len(c) for _, c in dec)
+            inp.dec_rows = torch.tensor([r for r, _ in dec], dtype=torch.long)
+            inp.dec_slots = torch.zeros(len(dec), L, dtype=torch.long)
+            inp.dec_valid = torch.zeros(len(dec), L, dtype=torch.bool)
+            for i, (_, c) in enumerate(dec):
+                inp.dec_slots[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+                inp.dec_valid[i, :len(c)] = True
+        return inp
+
+    # -- the forward -------------------------------------------------------------------------
+    def execute(self, inp: StepInputs) -> torch.Tensor:
+        """Logits (S, vocab) in fp32 of the sampled rows, in `works` order."""
+        self.tokens_run += int(inp.ids.shape[0])
+        self._check_rope()
+        all_decode = inp.dec_rows is not None and not inp.chunks and inp.dec_rows.shape[0] == inp.ids.shape[0]
+        if all_decode and self.static is not None and inp.embeds is None:
+            return self._static_decode(inp)
+        dev = self.device
+        ids = inp.ids.to(dev, non_blocking=True)
+        if inp.embeds is None:
+            x = None  # the decoder embeds the ids itself (hooks see input_ids)
+        else:
+            x = self.llm.embed(ids.clamp_min(0))
+            x[inp.embed_rows.to(dev)] = inp.embeds.to(dev, x.dtype)
+        meta = StepMeta(inp.write_slots.to(dev, non_blocking=True),
+                        *(None if t is None else t.to(dev, non_blocking=True)
+                          for t in (inp.dec_rows, inp.dec_slots, inp.dec_valid)),
+                        chunks=inp.chunks, all_decode=all_decode)
+        image_mask = None if inp.image_mask is None else inp.image_mask.to(dev)[None]
+        rope_n = None if inp.rope_n is None else inp.rope_n.to(dev, non_blocking=True)
+        return self._forward(ids[None] if x is None else x[None], inp.positions.to(dev, non_blocking=True), rope_n,
+                             meta, image_mask, inp.sample_rows.to(dev, non_blocking=True))
+
+    def _forward(self, x, positions, rope_n, meta: StepMeta, image_mask, sample_rows) -> torch.Tensor:
+        """Through the decoder's own forward (so its hooks, accelerate's included, see every call):
+        one packed row, the pool installed in its layers for the call."""
+        self.meta = meta
+        self._install()
+        try:
+            kw = {"input_ids": x} if x.dtype == torch.long else {"inputs_embeds": x}
+            logits = self.llm(**kw, position_ids=positions[None], cache_pos=positions,
+                              rope_seq_len=None if rope_n is None else rope_n[None], image_mask=image_mask,
+                              logits_rows=sample_rows)
+        finally:
+            self._uninstall()
+            self.meta = None
+        return logits.float()
+
+    def _install(self) -> None:
+        for layer, p in zip(self.llm.model.layers, self.pool):
+            layer.self_attn.kv_cache = p
+
+    def _uninstall(self) -> None:
+        for layer in self.llm.model.layers:
+            layer.self_attn.kv_cache = None
+
+    # -- fixed-shape decode (CUDA graphs) ----------------------------------------------------
+    MAX_GRAPHS = 16
+
+    @staticmethod
+    def bucket(n: int) -> int:
+        return 1 << max(0, (n - 1).bit_length())
+
+    def _static_decode(self, inp: StepInputs) -> torch.Tensor:
+        B = inp.ids.shape[0]
+        Bp = self.bucket(B)
+        L = inp.dec_slots.shape[1]
+        Lp = self.bucket(-(-L // self.block_size)) * self.block_size
+        ids = torch.zeros(Bp, dtype=torch.long)
+        pos = torch.zeros(Bp, dtype=torch.long)
+        rope_n = torch.ones(Bp, dtype=torch.long)
+        write = torch.zeros(Bp, dtype=torch.long)  # padded rows write into the reserved block 0
+        ctx = torch.zeros(Bp, Lp, dtype=torch.long)
+        valid = torch.zeros(Bp, Lp, dtype=torch.bool)
+        valid[:, 0] = True  # padded rows attend to one slot: no all-masked (NaN) rows
+        ids[:B], pos[:B], write[:B] = inp.ids, inp.positions, inp.write_slots
+        if inp.rope_n is not None:
+            rope_n[:B] = inp.rope_n
+        ctx[:B, :L], valid[:B] = inp.dec_slots, False
+        valid[:B, :L] = inp.dec_valid
+        args = [t.to(self.device) for t in (ids, pos, rope_n, write, ctx, valid)]
+        key = (Bp, Lp)
+        call = self._graphs.get(key)
+        if call is None:
+            while len(self._graphs) >= self.MAX_GRAPHS:
+                self._graphs.popitem(last=False)
+            backend = self.static.backend_for(self.device)
+            call = fast_decode.CapturedCall(self._decode_fn, args, backend) if backend is not None else None
+            self._graphs[key] = call
+        self._graphs.move_to_end(key)
+        logits = call(*args) if call is not None else self._decode_fn(*args)
+        return logits[:B]
+
+    def _decode_fn(self, ids, pos, rope_n, write, ctx, valid) -> torch.Tensor:
+        """Rows of one decode token each, fixed shapes, no host sync: what a CUDA graph records."""
+        meta = StepMeta(write, None, ctx, valid, all_decode=True)
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        return self._forward(ids[None], pos, rope_n if self.dynamic else None, meta, None, rows)
+
+
+__all__ = ["ModelRunner", "Work", "StepInputs", "PagedKV"]

@@ -1,0 +1,100 @@
+"""What a client hands the engine (a `Prompt` and its options) and what it hears back (`Event`s)."""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Sequence
+
+import torch
+
+from ..llm.generation import GenerationConfig
+
+
+class EngineError(RuntimeError):
+    """Base of the engine's refusals."""
+
+
+class QueueFullError(EngineError):
+    """The waiting queue holds `max_queue` requests: retry later."""
+
+
+class EngineClosedError(EngineError):
+    """The engine is draining or stopped and takes no new requests."""
+
+
+class PromptTooLong(EngineError, ValueError):
+    """The prompt leaves no room for a reply in one sequence (`session_len`) or in the KV pool."""
+
+
+@dataclass
+class Prompt:
+    """What a request feeds the decoder: token ids, or embeddings built in the engine thread.
+
+    `build` (XComposer) returns the (L, hidden) embeddings and is called once, in the scheduler
+    thread, when the request is admitted (that is where its images are encoded); `length` must be
+    L. `penalty_ids` are the token ids the repetition penalty sees besides the generated ones
+    (by default the prompt's ids; none for an embedded prompt, as `generate` does). A builder may
+    also return `(embeddings, image_mask)` or `(embeddings, image_mask, penalty_ids)` (XComposer2:
+    the (L,) bool image-token positions its Partial LoRA needs, and the prompt's text ids).
+
+    `keys` (optional, one hashable per position) name the prompt's content for the prefix cache;
+    token ids are their own keys, and an embedded prompt without keys is keyed by the bytes of its
+    embeddings (and image mask), block by block, once built."""
+
+    ids: list[int] | None = None
+    build: Callable[[], torch.Tensor] | None = None
+    length: int = 0
+    penalty_ids: list[int] | None = None
+    keys: list[Hashable] | None = None
+
+    def __post_init__(self):
+        if (self.ids is None) == (self.build is None):
+            raise ValueError("a Prompt has either token ids or an embeddings builder")
+        if self.ids is not None:
+            self.ids = [int(i) for i in self.ids]
+            self.length = len(self.ids)
+            if self.penalty_ids is None:
+                self.penalty_ids = self.ids
+        if self.length < 1 and self.build is None:  # a builder's length may be known only once built
+            raise ValueError("the prompt is empty: give at least one token")
+        if self.keys is not None and self.length and len(self.keys) != self.length:
+            raise ValueError(f"a Prompt's keys name every position: {len(self.keys)} keys for {self.length} tokens")
+
+
+@dataclass
+class Event:
+    """What a request hears: `text` pieces (whole characters), then one `done` (or `error`)."""
+
+    kind: str  # "text" | "done" | "error"
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" (done)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    tokens: list[int] = field(default_factory=list)  # done: the generated ids, stop token included
+    error_type: str = "invalid_request"  # error: "invalid_request" (the input) or "internal" (a bug)
+    cached_tokens: int = 0  # done: prompt tokens whose keys/values came from the prefix cache
+    preemptions: int = 0  # done: how often the request gave its blocks back and was recomputed
+
+
+class Request:
+    """One submitted generation. `sink` receives `Event`s from the scheduler thread."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, prompt: Prompt, config: GenerationConfig, sink: Callable[[Event], None],
+                 stop: Sequence[str] = ()):
+        self.id = next(self._ids)
+        self.prompt = prompt
+        self.config = config
+        self.stop = [s for s in stop if s]
+        self.sink = sink
+        self.cancelled = False
+        self.submitted = time.monotonic()
+
+    def cancel(self) -> None:
+        """Stop generating: the sequence ends and frees its blocks at the next step (any thread)."""
+        self.cancelled = True
+
+
+__all__ = ["Prompt", "Event", "Request", "EngineError", "QueueFullError", "EngineClosedError", "PromptTooLong"]
