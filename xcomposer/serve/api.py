@@ -391,11 +391,13 @@ def create_app(state: ServerState) -> FastAPI:
         if rf is not None and rf != {"type": "text"}:
             raise bad("only response_format {\"type\": \"text\"} is supported", "response_format")
         sampling = parse_sampling(body)
-        messages = parse_messages(body, state.media)
         cfg = _config(served, sampling)
+
+        def build():  # image fetching and decoding, tokenization: in a worker thread, off the event loop
+            messages = parse_messages(body, state.media)
+            return [served.chat_prompt(messages, c) for c in _per_choice(cfg, sampling)]
         try:
-            prompt_fn = lambda c: served.chat_prompt(messages, c)  # noqa: E731
-            prompts = [prompt_fn(c) for c in _per_choice(cfg, sampling)]
+            prompts = await asyncio.to_thread(build)
         except PromptError as e:
             raise bad(str(e), e.param) from e
         except ValueError as e:  # the model's own checks (history shape, too long ...)
@@ -422,12 +424,10 @@ def create_app(state: ServerState) -> FastAPI:
         if len(texts) * sampling.n > MAX_N:
             raise bad(f"{len(texts)} prompts x n={sampling.n} is over {MAX_N} choices per request", "n")
         cfg = _config(served, sampling, completion=True)
-        cfgs, prompts = [], []
-        try:
-            for t in texts:
-                for c in _per_choice(cfg, sampling):
-                    cfgs.append(c)
-                    prompts.append(served.completion_prompt(t, c))
+        cfgs = [c for _ in texts for c in _per_choice(cfg, sampling)]
+        try:  # long prompts take a while to tokenize: off the event loop
+            prompts = await asyncio.to_thread(
+                lambda: [served.completion_prompt(t, c) for t in texts for c in _per_choice(cfg, sampling)])
         except PromptError as e:
             raise bad(str(e), e.param) from e
         return await _run(request, engine, served, prompts, cfgs, sampling, chat=False)
