@@ -49,18 +49,23 @@ def _worker(rank: int, folder: str, rendezvous: str, results: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:
-        from xcomposer.parallel.tensor_parallel import tensor_parallel
-        model = tensor_parallel(InternLM.from_pretrained(folder), dist.group.WORLD)
+        from xcomposer.parallel.tensor_parallel import sharded_loading
+        # each rank splits the meta model and reads only its own slices of the checkpoint
+        model = InternLM.from_pretrained(folder, before_load=sharded_loading(dist.group.WORLD))
+        params = list(model.parameters())
+        held = {"numel": sum(p.numel() for p in params),
+                # no loaded slice keeps the whole checkpoint tensor alive behind it
+                "own_storage": all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in params)}
         kw = dict(max_batch_size=4, session_len=64, prefill_chunk=4, tp_group=dist.group.WORLD)
         if rank == 0:
             engine = Engine(model, **kw)
             tokens = _run(engine)
             engine.close()  # tells rank 1 to stop
-            torch.save({"tokens": tokens, "heads": model.model.layers[0].self_attn.n_heads},
+            torch.save({"tokens": tokens, "heads": model.model.layers[0].self_attn.n_heads, **held},
                        Path(results) / "rank0.pt")
         else:
             Engine(model, start=False, **kw).follow()
-            torch.save({"followed": True}, Path(results) / "rank1.pt")
+            torch.save({"followed": True, **held}, Path(results) / "rank1.pt")
         dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
@@ -72,12 +77,21 @@ def folder(tmp_path_factory):
 
 
 def test_tensor_parallel_engine_equals_single_process(folder, tmp_path):
-    with Engine(InternLM.from_pretrained(folder), max_batch_size=4, session_len=64, prefill_chunk=4) as eng:
+    """Ranks that loaded only their own slices (sharded loading) serve through the paged engine
+    exactly as one process does; each holds the replicated weights plus half of the split ones."""
+    whole = InternLM.from_pretrained(folder)
+    with Engine(whole, max_batch_size=4, session_len=64, prefill_chunk=4) as eng:
         ref = _run(eng)
+    split = sum(p.numel() for n, p in whole.unfuse_projections().named_parameters()
+                if any(k in n for k in ("q_proj", "k_proj", "v_proj", "o_proj.weight", "gate_proj", "up_proj",
+                                        "down_proj")))
+    total = sum(p.numel() for p in whole.parameters())
     mp.spawn(_worker, args=(str(folder), str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    assert r0["heads"] == 2 and r1 == {"followed": True}  # 4 heads split over 2 ranks
+    assert r0["heads"] == 2 and r1["followed"]  # 4 heads split over 2 ranks
     assert r0["tokens"] == ref
+    for r in (r0, r1):
+        assert r["numel"] == total - split // 2 and r["own_storage"]
 
 
 def _free_port() -> int:

@@ -360,6 +360,7 @@ def load_checkpoint_into(
     skip: Callable[[str], bool] | None = None,
     lora: LoRAMerge | None = None,
     checkpoint_name: Callable[[str], str | None] | None = None,
+    select: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     """Fill every parameter and persistent buffer of `model` (typically built on `meta`) from `folder`.
 
@@ -371,6 +372,9 @@ def load_checkpoint_into(
     `checkpoint_name` (the inverse of `key_map`) lets errors name missing tensors by their
     checkpoint key. `device` may be a function of the model name (a multi-GPU placement): each
     tensor then goes straight to its own device.
+    `select(name, tensor)` gives the part of each tensor this model keeps (a tensor-parallel rank's
+    slice, `parallel.tensor_parallel.rank_slicer`): the shapes checked are the model's, and only
+    that part is copied, so a rank never holds the whole model.
     """
     folder = Path(folder)
     key_map = key_map or (lambda k: k)
@@ -423,6 +427,8 @@ def load_checkpoint_into(
                 unexpected.append(f"{name} (shard {path.name})" if name == key
                                   else f"{name} (from {key}, shard {path.name})")
                 continue
+            if select is not None:
+                tensor = select(name, tensor)
             if name in loaded:
                 first_key, first_shard = loaded[name]
                 raise CheckpointError(f"key {name!r} is stored twice: as {first_key!r} in shard {first_shard} and "

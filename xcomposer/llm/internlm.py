@@ -103,7 +103,7 @@ class InternLM(InternLMForCausalLM):
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype | str | None = None, fuse: bool = True, rope_scaling: Any = "config",
                         rope_scaling_factor: float | None = None, max_context: int | None = None,
-                        template: str | None = None) -> "InternLM":
+                        template: str | None = None, before_load=None) -> "InternLM":
         """Load a local folder or hub id of either family, strictly: InternLM v1 (internlm-chat-7b
         layout) or InternLM2 / InternLM2.5 (`model_type` "internlm2" in config.json).
 
@@ -117,6 +117,9 @@ class InternLM(InternLMForCausalLM):
         InternLM v1 only: `template` ("2023-07" or "2023-12") overrides the chat template read from
         the folder's `modeling_internlm.py` (llm/chat.py, `chat_template_of`); InternLM2 uses chatml.
         What decided the template is printed and kept in `model.load_notes`.
+        `before_load(model)` runs on the meta-device model before any weight is read and may return
+        a `select(name, tensor)` for the loader (`parallel.tensor_parallel.sharded_loading(group)`:
+        each tensor-parallel rank splits the model first and reads only its own slices).
         """
         if template is not None:
             check_template(template)
@@ -133,11 +136,13 @@ class InternLM(InternLMForCausalLM):
             model = cls(cfg)
         if max_context is not None:
             model.context_window = max_context
+        select = before_load(model) if before_load is not None else None
         if device.type == "cuda":  # under torch.distributed, tensor_parallel will split the cache over the ranks
             ranks = torch.distributed.get_world_size() if torch.distributed.is_available() \
                 and torch.distributed.is_initialized() else 1
+            # a model split before loading (before_load) counts only its own share of the weights
             check_fits_device(model, dtype, int(torch.cuda.mem_get_info(device)[0]), str(device), kv_split=ranks)
-        load_checkpoint_into(model, folder, device=device, dtype=dtype, **checkpoint_options(cfg))
+        load_checkpoint_into(model, folder, device=device, dtype=dtype, select=select, **checkpoint_options(cfg))
         model.setup_rope(cfg.max_position_embeddings)
         if fuse:
             model.fuse_projections()

@@ -125,6 +125,37 @@ def shard_decoder(model: InternLMForCausalLM, group=None) -> InternLMForCausalLM
     return model
 
 
+_COLUMN = ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.", "mlp.gate_proj.", "mlp.up_proj.")
+_ROW = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+
+
+def rank_slicer(model: InternLMForCausalLM):
+    """For a decoder split by `shard_decoder` while still on the meta device: a function giving, for
+    a checkpoint tensor loaded under the model's parameter `name`, this rank's part of it (the rows
+    of a column-parallel projection, the input columns of a row-parallel one, anything else whole),
+    as a fresh tensor, so the full tensor is not kept (`load_checkpoint_into(select=...)`)."""
+    rank, world = model.tp_rank, model.tp_world_size
+
+    def select(name: str, t: torch.Tensor) -> torch.Tensor:
+        if any(part in name for part in _COLUMN):
+            return _rows(t, rank, world)
+        if name.endswith(_ROW):
+            n = t.shape[1] // world
+            return t.detach().narrow(1, rank * n, n).clone()
+        return t
+    return select
+
+
+def sharded_loading(group=None):
+    """A `before_load` hook for `InternLM.from_pretrained`: split the decoder, still on the meta
+    device, over `group`, and read only this rank's slice of every split weight. Each rank then
+    holds its share from the start, so `--tp N` serves a model larger than one device."""
+    def before_load(model: InternLMForCausalLM):
+        shard_decoder(model, group)
+        return rank_slicer(model)
+    return before_load
+
+
 def tensor_parallel(model: nn.Module, group=None) -> nn.Module:
     """`shard_decoder` for an `InternLMForCausalLM` (or `InternLM`), or for the decoder of an
     `XComposer` (`model.llm`; the vision tower and sampler stay whole on every rank)."""
@@ -137,4 +168,4 @@ def tensor_parallel(model: nn.Module, group=None) -> nn.Module:
     raise TypeError(f"tensor_parallel expects an InternLMForCausalLM or an XComposer, got {type(model).__name__}")
 
 
-__all__ = ["RowParallelLinear", "check_shardable", "shard_decoder", "tensor_parallel"]
+__all__ = ["RowParallelLinear", "check_shardable", "shard_decoder", "tensor_parallel", "rank_slicer", "sharded_loading"]

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..llm.generation import GenerationConfig
-from .engine import Engine, EngineClosedError, Event, PromptTooLong, QueueFullError
+from .engine import Engine, EngineClosedError, Event, PromptTooLong, QueueFullError, decoder_of
 from .media import MediaError, MediaPolicy
 from .metrics import Metrics
 from .prompts import Message, PromptError, ServedModel, layout_text
@@ -620,8 +620,9 @@ async def _stream(events, first, reqs, served, rid, created, chat, include_usage
 
 # -- running a server --------------------------------------------------------------------------
 
-def load_model(folder: str, device: str | None = None, dtype: str | None = None):
-    """An `XComposer` or an `InternLM`, by the checkpoint's config.json."""
+def load_model(folder: str, device: str | None = None, dtype: str | None = None, before_load=None):
+    """An `XComposer` or an `InternLM`, by the checkpoint's config.json (`before_load`: InternLM's
+    loader hook, e.g. tensor-parallel sharded loading; XComposer loads whole)."""
     import torch
 
     from ..llm.checkpoint import checkpoint_folder
@@ -633,7 +634,7 @@ def load_model(folder: str, device: str | None = None, dtype: str | None = None)
             "XComposer" in a for a in cfg.get("architectures", []) or []):
         from ..models.xcomposer import XComposer
         return XComposer.from_pretrained(path, device=device, dtype=dtype)
-    return InternLM.from_pretrained(path, device=device, dtype=dtype)
+    return InternLM.from_pretrained(path, device=device, dtype=dtype, before_load=before_load)
 
 
 class _DrainingServer:
@@ -696,8 +697,12 @@ def _follower_main(env: dict, options: dict) -> None:
 def _tp_model(args, device):
     import torch.distributed as dist
 
-    from ..parallel.tensor_parallel import tensor_parallel
-    model = tensor_parallel(load_model(args.folder, device, args.dtype), dist.group.WORLD)
+    from ..parallel.tensor_parallel import sharded_loading, tensor_parallel
+    # an InternLM rank reads only its own slices (a model larger than one device serves); an
+    # XComposer rank loads whole and then keeps its slices of the decoder
+    model = load_model(args.folder, device, args.dtype, before_load=sharded_loading(dist.group.WORLD))
+    if getattr(decoder_of(model), "tp_world_size", 1) == 1:
+        model = tensor_parallel(model, dist.group.WORLD)
     if args.cuda_graphs:
         from ..llm.fast_decode import use_cuda_graphs
         use_cuda_graphs(model)
