@@ -20,6 +20,7 @@ request, stops the engine, and `error` tells `/health`. Greedy and seeded result
 """
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -359,8 +360,9 @@ class Engine:
 
     # -- running a step ----------------------------------------------------------------------
     def _call(self, inputs) -> torch.Tensor:
-        if self.tp is not None:
-            self.tp.send(("step", inputs))
+        if self.tp is not None:  # plain CPU tensors travel (an XComposer prompt's embeddings included)
+            sent = inputs if inputs.embeds is None else dataclasses.replace(inputs, embeds=inputs.embeds.cpu())
+            self.tp.send(("step", sent))
         return self.runner.execute(inputs)
 
     def _run(self, works) -> None:

@@ -185,8 +185,14 @@ class ModelRunner:
         return sum(p.k.numel() * p.k.element_size() * 2 for p in self.pool)
 
     # -- inputs ------------------------------------------------------------------------------
-    def slot(self, table: list[int], pos: int) -> int:
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+    def slots_of(self, table: list[int], start: int, end: int) -> torch.Tensor:
+        """Pool slots of positions [start, end) of a sequence with block table `table` (tensor ops:
+        a long context costs one small tensor per block, not one Python int per token)."""
+        bs = self.block_size
+        first, last = start // bs, (end - 1) // bs + 1
+        blocks = torch.tensor(table[first:last], dtype=torch.long)
+        slots = (blocks[:, None] * bs + torch.arange(bs)).flatten()
+        return slots[start - first * bs:end - first * bs]
 
     def prepare(self, works: list[Work]) -> StepInputs:
         ids, positions, rope_n, slots, image_rows = [], [], [], [], []
@@ -195,10 +201,11 @@ class ModelRunner:
         any_image = False
         for w in works:
             row0, n = len(ids), w.n
-            pos = list(range(w.start, w.start + n))
-            positions += pos
-            rope_n += [max(w.prompt_len, p + 1) for p in pos]
-            slots += [self.slot(w.block_table, p) for p in pos]
+            pos = torch.arange(w.start, w.start + n)
+            positions.append(pos)
+            rope_n.append(pos.clamp_min(w.prompt_len - 1) + 1)  # max(P, pos + 1)
+            ctx = self.slots_of(w.block_table, 0, w.start + n)
+            slots.append(ctx[w.start:])
             if w.ids is not None:
                 ids += w.ids
             else:
@@ -208,19 +215,18 @@ class ModelRunner:
             if w.image_mask is not None and bool(w.image_mask.any()):
                 any_image = True
                 image_rows.append((row0, w.image_mask.cpu()))
-            ctx = [self.slot(w.block_table, p) for p in range(w.start + n)]
             if n == 1:
                 dec.append((row0, ctx))
             else:
-                chunks.append((row0, row0 + n, torch.tensor(ctx, dtype=torch.long)))
+                chunks.append((row0, row0 + n, ctx))
             if w.sample:
                 sample_rows.append(row0 + n - 1)
+        positions, rope_n, slots = torch.cat(positions), torch.cat(rope_n), torch.cat(slots)
         T = len(ids)
-        inp = StepInputs(ids=torch.tensor(ids, dtype=torch.long), positions=torch.tensor(positions, dtype=torch.long),
-                         rope_n=torch.tensor(rope_n, dtype=torch.long) if self.dynamic else None,
-                         write_slots=torch.tensor(slots, dtype=torch.long), chunks=chunks,
+        inp = StepInputs(ids=torch.tensor(ids, dtype=torch.long), positions=positions,
+                         rope_n=rope_n if self.dynamic else None, write_slots=slots, chunks=chunks,
                          sample_rows=torch.tensor(sample_rows, dtype=torch.long))
-        if embeds:
+        if embeds:  # (rank 0's device; the engine sends a CPU copy to tensor-parallel ranks)
             inp.embeds = torch.cat([e.to(self.device, self.llm.dtype) for e in embeds])
             inp.embed_rows = torch.tensor(embed_rows, dtype=torch.long)
         if any_image:
@@ -234,7 +240,7 @@ class ModelRunner:
             inp.dec_slots = torch.zeros(len(dec), L, dtype=torch.long)
             inp.dec_valid = torch.zeros(len(dec), L, dtype=torch.bool)
             for i, (_, c) in enumerate(dec):
-                inp.dec_slots[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+                inp.dec_slots[i, :len(c)] = c
                 inp.dec_valid[i, :len(c)] = True
         return inp
 
