@@ -200,6 +200,53 @@ def test_preemption_recomputes_and_results_equal_generate(lm):
     eng.close()
 
 
+@pytest.mark.parametrize("family", ["internlm2-past-window", "xcomposer2"])
+def test_preemption_of_other_families_equals_generate(tmp_path, family):
+    """Recompute after preemption for InternLM2 past its window (each token's rotary length kept)
+    and for XComposer2 image prompts (embeddings, then the generated ids: the recompute crosses the
+    prompt's end, with the image mask on its chunks)."""
+    if family == "xcomposer2":
+        from vision.image import to_data_uri
+        from xcomposer.models.xcomposer2 import XComposer2
+        from xcomposer.serve.prompts import Message, ServedModel
+        from xcomposer.tiny import write_tiny_xcomposer2
+
+        model = XComposer2.from_pretrained(write_tiny_xcomposer2(tmp_path / "xc2"))
+        served = ServedModel(model, "xc2")
+        opts = {"max_new_tokens": 24, "do_sample": False, "repetition_penalty": 1.0}
+        cfg = served.config({**opts, "ignore_eos": True})
+        qs = [f"<ImageHere>Question number {i}?" for i in range(4)]
+        uris = [to_data_uri(torch.rand(3, 30, 40, generator=torch.Generator().manual_seed(s))) for s in range(4)]
+        prompts = [served.chat_prompt([Message("user", q.replace("<ImageHere>", ""), [u], q)], cfg)
+                   for q, u in zip(qs, uris)]
+        session = int(prompts[0].build()[0].shape[0]) + 32
+        # room for two of the four sequences at a time: the others wait or are preempted
+        eng = Engine(model, max_batch_size=4, session_len=session, block_size=8, start=False,
+                     num_blocks=1 + 2 * -(-session // 8))
+        cfgs = [cfg] * 4
+    else:
+        model = InternLM.from_pretrained(write_tiny_internlm2(tmp_path / "w", max_position_embeddings=32,
+                                                              rope_scaling={"type": "dynamic", "factor": 2.0}),
+                                         max_context=256)
+        prompts = [Prompt(ids=[1] + _ids(40 + 9 * i, 60 + i)) for i in range(4)]
+        cfgs = [_cfg(max_new_tokens=30), _cfg(max_new_tokens=30, do_sample=True, seed=4, top_k=40)] * 2
+        eng = Engine(model, max_batch_size=4, session_len=128, block_size=8, num_blocks=24, start=False)
+    qs = [_collect(eng, p, c)[1] for p, c in zip(prompts, cfgs)]
+    while not eng.idle:
+        eng.step()
+    done = [[e for e in _events(q) if e.kind in ("done", "error")][0] for q in qs]
+    assert all(d.kind == "done" for d in done) and sum(d.preemptions for d in done) > 0
+    if family == "xcomposer2":
+        for p, c, d in zip(prompts, cfgs, done):  # each alone, in a fresh engine with room for all
+            with Engine(model, max_batch_size=1, session_len=session) as alone:
+                assert alone.generate(p, c)[1].tokens == d.tokens
+    else:
+        assert [d.tokens for d in done] == [generate(model, [p.ids], config=c).tokens[0]
+                                           for p, c in zip(prompts, cfgs)]
+    assert eng.blocks.num_used == 0
+    eng.close()
+
+
 def test_300_random_requests_each_end_once_and_leak_no_block(lm):
     rng = random.Random(0)
     tok = lm.tokenizer
@@ -208,12 +255,15 @@ def test_300_random_requests_each_end_once_and_leak_no_block(lm):
     eng = Engine(lm, max_batch_size=8, max_queue=400, session_len=128, block_size=8, num_blocks=40,
                  prefill_chunk=16, max_prefill_tokens=48, start=False)
     live = []
-    for i in range(300):
+    i = 0
+    while i < 300:
         k = rng.randrange(len(distinct))
         n = rng.randint(1, 6)
         stop = [tok.decode([rng.randint(10, 900)])] if rng.random() < 0.2 else []
-        req, q = _collect(eng, Prompt(ids=distinct[k]), _cfg(max_new_tokens=n), stop)
-        live.append((req, q, k, n, bool(stop)))
+        for _ in range(min(rng.choice([1, 1, 1, 2, 3]), 300 - i)):  # n > 1: copies of one prompt at once
+            req, q = _collect(eng, Prompt(ids=distinct[k]), _cfg(max_new_tokens=n), stop)
+            live.append((req, q, k, n, bool(stop)))
+            i += 1
         if i % 7 == 0:
             eng.step()
         if rng.random() < 0.1:  # cancel a random earlier request (waiting, prefilling or decoding)
@@ -235,6 +285,7 @@ def test_300_random_requests_each_end_once_and_leak_no_block(lm):
             refs[(k, n)] = generate(lm, [distinct[k]], config=_cfg(max_new_tokens=n)).tokens[0]
         assert end.tokens == refs[(k, n)]
     assert eng.blocks.num_used == 0
+    assert eng.blocks.hit_tokens > 0 and eng.blocks.evictions > 0  # prefixes were shared, and evicted
     eng.blocks.check()
     eng.close()
 

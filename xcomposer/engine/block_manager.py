@@ -52,6 +52,7 @@ class BlockManager:
         # counters for /metrics
         self.queried_tokens = 0
         self.hit_tokens = 0
+        self.evictions = 0  # cached blocks handed out again (their prefix forgotten)
 
     # -- sizes -------------------------------------------------------------------------------
     @property
@@ -120,6 +121,7 @@ class BlockManager:
                 b, _ = self._lru.popitem(last=False)
                 del self.cached[self.key[b]]
                 self.key[b] = None
+                self.evictions += 1
             self.ref[b] = 1
             out.append(b)
         return out

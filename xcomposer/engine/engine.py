@@ -208,7 +208,7 @@ class Engine:
         b = self.blocks
         return {"blocks_total": b.usable, "blocks_used": b.num_used, "blocks_free": b.num_free,
                 "blocks_cached": b.num_cached, "prefix_queried_tokens": b.queried_tokens,
-                "prefix_hit_tokens": b.hit_tokens,
+                "prefix_hit_tokens": b.hit_tokens, "evictions": b.evictions,
                 "prefix_hit_rate": b.hit_tokens / b.queried_tokens if b.queried_tokens else 0.0}
 
     def reset_prefix_cache(self) -> None:

@@ -26,7 +26,7 @@ class Metrics:
         self.ttft = Histogram("xcomposer_time_to_first_token_seconds", "Submission to first generated token",
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.cache = Gauge("xcomposer_kv_cache", "KV block pool and prefix cache: blocks_total/used/free/cached, "
-                           "prefix_queried_tokens, prefix_hit_tokens, prefix_hit_rate", ["stat"], registry=r)
+                           "prefix_queried_tokens, prefix_hit_tokens, prefix_hit_rate, evictions", ["stat"], registry=r)
         self.itl = Histogram("xcomposer_inter_token_latency_seconds", "Time between two tokens of a sequence",
                              buckets=_LATENCY_BUCKETS, registry=r)
 
