@@ -12,6 +12,11 @@
 #    against transformers' Llama, prefill, decode batch 1/8/32, 5 beams, image question time to
 #    first token, image encode batch 1/8 with the real EVA ViT-g, the bandwidth limit).
 # 3. (STEPS="bench2") the same benchmark at the internlm2_5-7b-chat shape (grouped-query attention).
+# 4. (STEPS="serve") the serving benchmark (benchmarks/bench_serve.py --device cuda) at the
+#    internlm2_5-7b-chat shape, fp16: server memory at --session-len 32768 with batch 1 and 16,
+#    document chat with prefix caching on/off, head-of-line blocking per prefill budget, engine
+#    decode tokens/s at batch 1 and 16 (eager and CUDA graphs) against the bandwidth limit; about
+#    4 minutes, results in $OUT/serve.json and serve.txt. SERVE_ARGS passes options to it.
 # One device call may run 10 minutes at most: STEPS="tests" or STEPS="bench" runs one part, and
 # BENCH_ARGS passes options to the benchmark, e.g. BENCH_ARGS="--variants ours ours-graph --repeats 3"
 # (the compiled variant compiles once per batch shape: budget a minute or more per shape).
@@ -35,5 +40,9 @@ fi
 if [[ " $steps " == *" bench2 "* ]]; then  # the internlm2_5-7b-chat shape (GQA), STEPS="bench2"
     python3 benchmarks/bench_decoder.py --device cuda --mode 7b --family internlm2 --no-image \
         --json "$out/decoder_internlm2.json" ${BENCH_ARGS:-} 2>&1 | tee "$out/decoder_internlm2.txt" || rc=1
+fi
+if [[ " $steps " == *" serve "* ]]; then  # the serving benchmark at the internlm2_5-7b-chat shape, STEPS="serve"
+    python3 benchmarks/bench_serve.py --device cuda --json "$out/serve.json" ${SERVE_ARGS:-} 2>&1 \
+        | tee "$out/serve.txt" || rc=1
 fi
 exit $rc
