@@ -8,6 +8,8 @@
 #    (token-identical greedy and beams, batch 1-32, with and without torch.compile; sampling
 #    token-identical without compile, per-step logits within fp16 rounding with it), the
 #    one-GPU memory report, and the decoder/generation parity tests on this machine;
+# 1b. (STEPS="engine", in the default) the paged serving engine's tests: real CUDA graphs over block
+#    tables equal generate(), plus the engine suites (prefix caching, preemption, random load);
 # 2. the decoder benchmark at the InternLM-7B shape in fp16 (ours eager / graph / graph+compiled
 #    against transformers' Llama, prefill, decode batch 1/8/32, 5 beams, image question time to
 #    first token, image encode batch 1/8 with the real EVA ViT-g, the bandwidth limit).
@@ -24,7 +26,7 @@ set -uo pipefail
 out=${OUT:-gpu_results}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-steps=${STEPS:-"tests bench"}
+steps=${STEPS:-"tests engine bench"}
 rc=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers, timm; print('torch', torch.__version__, 'transformers', transformers.__version__, 'timm', timm.__version__)" | tee -a "$out/gpu.txt"
@@ -32,6 +34,11 @@ if [[ " $steps " == *" tests "* ]]; then
     python3 -m pytest -q -p no:cacheprovider -rs tests/test_fast_decode.py tests/test_sharding.py tests/test_decoder.py \
         tests/test_generation.py tests/test_internlm2_decoder.py tests/test_internlm2_parallel.py 2>&1 \
         | tee "$out/tests.txt" || rc=1
+fi
+if [[ " $steps " == *" engine "* ]]; then  # the paged engine: real CUDA graphs over block tables, STEPS="engine"
+    # (the /health test needs the HTTP stack, which the GPU image lacks: it runs in CI)
+    python3 -m pytest -q -p no:cacheprovider -rs tests/test_engine_paged.py tests/test_serve_engine.py -k "not health" \
+        2>&1 | tee "$out/engine_tests.txt" || rc=1
 fi
 if [[ " $steps " == *" bench "* ]]; then
     python3 benchmarks/bench_decoder.py --device cuda --mode 7b --json "$out/decoder.json" ${BENCH_ARGS:-} 2>&1 \

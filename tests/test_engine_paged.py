@@ -364,10 +364,12 @@ def test_the_pool_is_planned_from_a_budget_not_batch_times_window(lm):
     assert "full session" in plan.describe() and "KiB per token" in plan.describe()
     with pytest.raises(PoolTooSmallError, match=r"holds \d+ tokens but one sequence of --session-len 262144"):
         kv_pool_plan(cfg, session_len=262144, free_bytes=int(8 * gib))
-    one = Engine(lm, max_batch_size=1, session_len=512, start=False)
-    many = Engine(lm, max_batch_size=16, session_len=512, start=False)
+    one = Engine(lm, max_batch_size=1, session_len=512, kv_cache_gib=0.01, start=False)
+    many = Engine(lm, max_batch_size=16, session_len=512, kv_cache_gib=0.01, start=False)
     assert one.runner.pool_bytes == many.runner.pool_bytes  # batch size does not multiply memory
     assert one.plan.full_sessions >= 1
+    # the CPU default: at most 1 GiB, and room for max(4, batch) sessions (allocated, not touched)
+    assert Engine(lm, max_batch_size=16, session_len=512, start=False).plan.full_sessions == 16
 
 
 # -- the fixed-shape decode step through a capture stand-in ---------------------------------------

@@ -43,7 +43,7 @@ DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_QUEUE = 64
 DEFAULT_PREFILL_CHUNK = 256
 DEFAULT_MAX_PREFILL_TOKENS = 8192  # LMDeploy's --max-prefill-token-num
-DEFAULT_CPU_MAX_PREFILL_TOKENS = 1024
+DEFAULT_CPU_MAX_PREFILL_TOKENS = 256  # CPU prefill is compute-bound: small steps keep first tokens quick
 
 _HEARTBEAT_S = 60.0
 
@@ -133,7 +133,8 @@ class Engine:
         self.plan: KVPoolPlan = kv_pool_plan(self.llm.config, session_len=session_len, dtype=self.llm.dtype,
                                              block_size=block_size, free_bytes=free,
                                              cache_max_entry_count=cache_max_entry_count,
-                                             kv_cache_gib=kv_cache_gib, num_blocks=num_blocks, kv_split=kv_split)
+                                             kv_cache_gib=kv_cache_gib, num_blocks=num_blocks, kv_split=kv_split,
+                                             max_batch_size=max_batch_size)
         if tp_group is not None:  # every rank must hold the same pool: the smallest plan wins
             import torch.distributed as dist
             n = torch.tensor([self.plan.num_blocks])
@@ -461,7 +462,8 @@ class Engine:
             self.metrics.observe_done(reason, seq.prompt_len, len(seq.tokens))
         self._deliver(seq.req, Event("done", finish_reason=reason, prompt_tokens=seq.prompt_len,
                                      completion_tokens=len(seq.tokens), tokens=list(seq.tokens),
-                                     cached_tokens=seq.cached_tokens, preemptions=seq.preemptions))
+                                     cached_tokens=seq.cached_tokens, preemptions=seq.preemptions,
+                                     submitted_at=seq.req.submitted, first_token_at=seq.first_token))
 
     def _fail(self, seq: Sequence, text: str) -> None:
         seq.finished = True

@@ -158,8 +158,13 @@ class ModelRunner:
             attn = layer.self_attn
             dev = attn.o_proj.weight.device
             shape = (num_blocks * block_size, attn.n_kv_heads, attn.head_dim)
-            k = torch.zeros(shape, dtype=llm.dtype, device=dev)
-            v = torch.zeros(shape, dtype=llm.dtype, device=dev)
+            # uninitialised: a slot is always written before any query reads it unmasked. Only the
+            # reserved block 0 (padding reads) is zeroed, so a masked read never meets a NaN; on a
+            # CPU the pages of blocks never used are not even resident
+            k = torch.empty(shape, dtype=llm.dtype, device=dev)
+            v = torch.empty(shape, dtype=llm.dtype, device=dev)
+            k[:block_size].zero_()
+            v[:block_size].zero_()
             self.pool.append(PagedKV(k, v, self))
         self.static = getattr(llm, "static_decode", None) if graph_buckets else None
         if self.static is not None and fast_decode.is_dispatched(llm):

@@ -75,6 +75,8 @@ class Event:
     error_type: str = "invalid_request"  # error: "invalid_request" (the input) or "internal" (a bug)
     cached_tokens: int = 0  # done: prompt tokens whose keys/values came from the prefix cache
     preemptions: int = 0  # done: how often the request gave its blocks back and was recomputed
+    submitted_at: float | None = None  # done: time.monotonic() of submit() ...
+    first_token_at: float | None = None  # ... and of its first generated token (time to first token)
 
 
 class Request:

@@ -3,8 +3,9 @@
 Every step runs the decode token of every running sequence, plus prompt chunks up to a token
 budget (`max_prefill_tokens`, LMDeploy's `--max-prefill-token-num`). Chunk boundaries sit at fixed
 multiples of `prefill_chunk` positions, so a prompt is cut the same way whatever else runs; the
-prompts with the least left to prefill go first, so a short request is never stuck behind a long
-document. A sequence is admitted when its whole prompt fits in free blocks (after the prefix
+prompts with the least left to prefill go first, and a step in which a short prompt (at most one
+chunk left) finishes runs at most one chunk of prompt work, so a short request is never stuck
+behind a long document. A sequence is admitted when its whole prompt fits in free blocks (after the prefix
 cache's hits); a decode step that needs a new block and finds none preempts the most recently
 admitted sequence: its blocks go back to the pool (full ones stay cached under their prefix
 keys) and it waits at the head of the queue to be recomputed, prompt and reply so far, then goes
@@ -177,6 +178,10 @@ class Scheduler:
         budget = self.budget
         prefilling = sorted((s for s in self.running if s.total_len - s.computed > 1),
                             key=lambda s: s.total_len - s.computed)
+        if prefilling and prefilling[0].total_len - prefilling[0].computed <= self.chunk:
+            # a short prompt finishes in this step: keep the step short too (one chunk of work), so its
+            # first token does not wait for a long document's chunks; the long prompt resumes next step
+            budget = min(budget, self.chunk)
         for s in prefilling:
             pos = s.computed
             while pos < s.total_len and budget > 0:

@@ -177,11 +177,11 @@ class PoolTooSmallError(ShardingError):
 def kv_pool_plan(config: AnyConfig, *, session_len: int, dtype: torch.dtype = torch.float16,
                  block_size: int = DEFAULT_BLOCK_SIZE, free_bytes: int | None = None,
                  cache_max_entry_count: float = DEFAULT_CACHE_MAX_ENTRY_COUNT, kv_cache_gib: float | None = None,
-                 num_blocks: int | None = None, kv_split: int = 1) -> KVPoolPlan:
+                 num_blocks: int | None = None, kv_split: int = 1, max_batch_size: int = 1) -> KVPoolPlan:
     """Size the serving engine's KV pool, by the first of: `num_blocks`; `kv_cache_gib` (an absolute
     budget); `cache_max_entry_count` x `free_bytes` (LMDeploy's rule: the fraction of the device
     memory still free once the weights are loaded); on a CPU (`free_bytes` None) the smaller of
-    DEFAULT_CPU_KV_GIB and DEFAULT_CPU_SESSIONS full sessions. `kv_split` tensor-parallel ranks
+    DEFAULT_CPU_KV_GIB and max(DEFAULT_CPU_SESSIONS, `max_batch_size`) full sessions. `kv_split` tensor-parallel ranks
     share the kv heads. The pool does not depend on the batch size: sequences hold only the
     blocks they have filled. Refuses (PoolTooSmallError, both numbers named) when one
     `session_len` sequence does not fit."""
@@ -205,8 +205,9 @@ def kv_pool_plan(config: AnyConfig, *, session_len: int, dtype: torch.dtype = to
         source = f"--cache-max-entry-count {cache_max_entry_count:g} of {_gib(free_bytes)} free"
     else:
         cap = int(DEFAULT_CPU_KV_GIB * (1 << 30)) // per_block
-        n = min(cap, DEFAULT_CPU_SESSIONS * (need_blocks - 1) + 1)
-        source = f"CPU default: at most {DEFAULT_CPU_KV_GIB:g} GiB or {DEFAULT_CPU_SESSIONS} sessions"
+        sessions = max(DEFAULT_CPU_SESSIONS, max_batch_size)
+        n = min(cap, sessions * (need_blocks - 1) + 1)
+        source = f"CPU default: at most {DEFAULT_CPU_KV_GIB:g} GiB or {sessions} sessions"
     plan = KVPoolPlan(max(n, 0), block_size, per_block, session_len, source)
     if plan.num_blocks < need_blocks:
         raise PoolTooSmallError(

@@ -25,13 +25,13 @@ def add_serve_arguments(p) -> None:
                         f"{DEFAULT_PREFILL_CHUNK})")
     p.add_argument("--max-prefill-token-num", type=int, default=None,
                    help="prompt tokens one step may prefill, over all sequences (LMDeploy's name; default 8192 on "
-                        "a GPU, 1024 on a CPU)")
+                        "a GPU, 256 on a CPU)")
     p.add_argument("--block-size", type=int, default=64, help="tokens per KV block (default 64, as LMDeploy)")
     p.add_argument("--cache-max-entry-count", type=float, default=0.8,
                    help="fraction of the device memory free after loading that the KV pool takes (LMDeploy's "
                         "name and meaning; default 0.8)")
     p.add_argument("--kv-cache-gib", type=float, default=None,
-                   help="KV pool size in GiB instead (on a CPU the default is 1 GiB or 4 sessions, the smaller)")
+                   help="KV pool size in GiB instead (on a CPU the default is the smaller of 1 GiB and max(4, --max-batch-size) sessions)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse the KV blocks of shared prefixes (on by default)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set XCOMPOSER_API_KEY)")
