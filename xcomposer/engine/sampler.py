@@ -26,7 +26,7 @@ class SampleRow:
 
     cfg: GenerationConfig
     n_generated: int  # tokens generated before this one (min_new_tokens)
-    history: list[int]  # ids the repetition penalty sees (prompt's penalty ids, then generated)
+    history: torch.Tensor | None  # (1, n) ids the repetition penalty sees (prompt's, then generated)
     generator: torch.Generator | None
 
 
@@ -35,8 +35,8 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
     scores = logits
     for i, r in enumerate(rows):
         cfg = r.cfg
-        if cfg.repetition_penalty != 1.0 and r.history:
-            hist = torch.tensor([r.history], dtype=torch.long, device=scores.device)
+        if cfg.repetition_penalty != 1.0 and r.history is not None and r.history.shape[1]:
+            hist = r.history.to(scores.device)
             scores[i:i + 1] = apply_repetition_penalty(scores[i:i + 1], hist, torch.ones_like(hist, dtype=torch.bool),
                                                        cfg.repetition_penalty)
         if r.n_generated < cfg.min_new_tokens and cfg.stop_ids:

@@ -53,6 +53,28 @@ class Sequence:
         self.last_token: float | None = None
         self.finished = False
 
+    def history(self, device) -> torch.Tensor | None:
+        """(1, n) ids the repetition penalty sees (the prompt's penalty ids, then the reply), kept on
+        `device` and grown in place: no per-step copy of a long prompt from the host."""
+        if self.cfg.repetition_penalty == 1.0:
+            return None
+        n = len(self.penalty_ids) + len(self.tokens)
+        h = getattr(self, "_hist", None)
+        if h is None or h.shape[1] < n:
+            grown = torch.empty(1, max(2 * n, 64), dtype=torch.long, device=device)
+            if h is None:
+                if self.penalty_ids:
+                    grown[0, :len(self.penalty_ids)] = torch.tensor(self.penalty_ids, dtype=torch.long)
+                self._hist_len = len(self.penalty_ids)
+            else:
+                grown[:, :self._hist_len] = h[:, :self._hist_len]
+            h = self._hist = grown
+        if self._hist_len < n:
+            new = self.tokens[self._hist_len - len(self.penalty_ids):]
+            h[0, self._hist_len:n] = torch.tensor(new, dtype=torch.long)
+            self._hist_len = n
+        return h[:, :n]
+
     @property
     def total_len(self) -> int:
         """Positions so far: the prompt and every generated token (the last one not yet computed)."""
