@@ -367,8 +367,11 @@ class Engine:
         return self.runner.execute(inputs)
 
     def _run(self, works) -> None:
+        fresh = self.scheduler.take_fresh()
         try:
-            logits = self._call(self.runner.prepare([w for _, w in works]))
+            inputs = self.runner.prepare([w for _, w in works])
+            inputs.fresh_blocks = torch.tensor(fresh, dtype=torch.long) if fresh else None
+            logits = self._call(inputs)
             results = [(works, logits)]
         except Exception as e:  # noqa: BLE001  one request's fault must not end the others
             if self.tp is not None:

@@ -61,17 +61,18 @@ class StepInputs:
     embed_rows: torch.Tensor | None = None  # (Te,) where in T they go
     image_mask: torch.Tensor | None = None  # (T,) bool or None
     dec_rows: torch.Tensor | None = None  # (Bd,) one-token items' rows in T
-    dec_slots: torch.Tensor | None = None  # (Bd, L) their context slots, padded with slot 0
-    dec_valid: torch.Tensor | None = None  # (Bd, L) bool
-    chunks: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (row0, row1, context slots)
+    dec_blocks: torch.Tensor | None = None  # (Bd, nb) their block tables, padded with block 0
+    dec_lens: torch.Tensor | None = None  # (Bd,) their context lengths (the new token included)
+    chunks: list[tuple[int, int, torch.Tensor, int]] = field(default_factory=list)  # (row0, row1, blocks, length)
     sample_rows: torch.Tensor | None = None  # (S,) rows whose logits are returned
+    fresh_blocks: torch.Tensor | None = None  # blocks handed out since the last step: zeroed first
 
 
 class StepMeta:
     """The device tensors a step's attention reads (shared by every layer's `PagedKV`)."""
 
-    def __init__(self, write_slots, dec_rows=None, dec_slots=None, dec_valid=None, chunks=(), all_decode=False):
-        self.write_slots, self.dec_rows, self.dec_slots, self.dec_valid = write_slots, dec_rows, dec_slots, dec_valid
+    def __init__(self, write_slots, dec_rows=None, dec_blocks=None, dec_lens=None, chunks=(), all_decode=False):
+        self.write_slots, self.dec_rows, self.dec_blocks, self.dec_lens = write_slots, dec_rows, dec_blocks, dec_lens
         self.chunks = list(chunks)
         self.all_decode = all_decode  # every row is a one-token item, in order (no scatter needed)
         self._moved: dict = {}
@@ -107,23 +108,38 @@ class PagedKV(nn.Module):
         self.v.index_copy_(0, slots, v[0].transpose(0, 1).to(self.v.dtype))
         if meta.all_decode:
             qd = q[0].transpose(0, 1)[:, :, None]  # (B, H, 1, d)
-            return _attend(qd, self.k, self.v, meta.on(dev, "dec_slots"), meta.on(dev, "dec_valid"))[:, :, 0] \
+            return self._attend(qd, meta.on(dev, "dec_blocks"), meta.on(dev, "dec_lens"))[:, :, 0] \
                 .transpose(0, 1)[None]
         out = torch.empty_like(q)
         if meta.dec_rows is not None:
             rows = meta.on(dev, "dec_rows")
             qd = q[0][:, rows].transpose(0, 1)[:, :, None]
-            y = _attend(qd, self.k, self.v, meta.on(dev, "dec_slots"), meta.on(dev, "dec_valid"))
+            y = self._attend(qd, meta.on(dev, "dec_blocks"), meta.on(dev, "dec_lens"))
             out[0][:, rows] = y[:, :, 0].transpose(0, 1)
-        for a, b, ctx in meta.chunks:
-            ctx = ctx.to(dev, non_blocking=True)
-            L, n = ctx.shape[0], b - a
-            kk = self.k[ctx].transpose(0, 1)[None]  # (1, Hkv, L, d)
-            vv = self.v[ctx].transpose(0, 1)[None]
-            # causal: query i (position L - n + i) sees keys 0 .. L - n + i
-            causal = torch.arange(L, device=dev)[None, :] <= (L - n + torch.arange(n, device=dev))[:, None]
+        for a, b, blocks, L in meta.chunks:
+            n = b - a
+            kk, vv = self._gather(blocks.to(dev, non_blocking=True)[None])  # (1, Hkv, nb * bs, d)
+            # causal: query i (position L - n + i) sees keys 0 .. L - n + i (the padding after L never)
+            causal = torch.arange(kk.shape[2], device=dev)[None, :] <= (L - n + torch.arange(n, device=dev))[:, None]
             out[:, :, a:b] = _sdpa(q[:, :, a:b], kk, vv, causal[None, None])
         return out
+
+    def _gather(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of block tables (B, nb) -> (B, Hkv, nb * block_size, d): whole blocks are
+        copied (block_size x kv_heads x head_dim contiguous elements each), not token by token."""
+        B, nb = blocks.shape
+        bs = self.runner.block_size
+        kp = self.k.view(-1, bs, *self.k.shape[1:])
+        vp = self.v.view(-1, bs, *self.v.shape[1:])
+        k = kp[blocks].view(B, nb * bs, *self.k.shape[1:]).transpose(1, 2)
+        v = vp[blocks].view(B, nb * bs, *self.v.shape[1:]).transpose(1, 2)
+        return k, v
+
+    def _attend(self, q: torch.Tensor, blocks: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        """q (B, H, 1, d), one token per row, over its own blocks (B, nb) up to lens (B,)."""
+        kk, vv = self._gather(blocks)
+        valid = torch.arange(kk.shape[2], device=q.device)[None, :] < lens[:, None]
+        return _sdpa(q, kk, vv, valid[:, None, None, :])
 
 
 def _sdpa(q, k, v, mask):
@@ -133,13 +149,6 @@ def _sdpa(q, k, v, mask):
         g = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
-
-
-def _attend(q, kpool, vpool, slots, valid):
-    """q (B, H, 1, d) over each row's gathered context slots (B, L), masked by valid (B, L)."""
-    kk = kpool[slots].transpose(1, 2)  # (B, Hkv, L, d)
-    vv = vpool[slots].transpose(1, 2)
-    return _sdpa(q, kk, vv, valid[:, None, None, :])
 
 
 class ModelRunner:
@@ -158,13 +167,10 @@ class ModelRunner:
             attn = layer.self_attn
             dev = attn.o_proj.weight.device
             shape = (num_blocks * block_size, attn.n_kv_heads, attn.head_dim)
-            # uninitialised: a slot is always written before any query reads it unmasked. Only the
-            # reserved block 0 (padding reads) is zeroed, so a masked read never meets a NaN; on a
-            # CPU the pages of blocks never used are not even resident
-            k = torch.empty(shape, dtype=llm.dtype, device=dev)
-            v = torch.empty(shape, dtype=llm.dtype, device=dev)
-            k[:block_size].zero_()
-            v[:block_size].zero_()
+            # zeroed: attention reads whole blocks, masked past each sequence's length, and a masked
+            # slot must still hold a finite number (0 x NaN is NaN in the weighted sum)
+            k = torch.zeros(shape, dtype=llm.dtype, device=dev)
+            v = torch.zeros(shape, dtype=llm.dtype, device=dev)
             self.pool.append(PagedKV(k, v, self))
         self.static = getattr(llm, "static_decode", None) if graph_buckets else None
         if self.static is not None and fast_decode.is_dispatched(llm):
@@ -184,6 +190,15 @@ class ModelRunner:
             llm._rope_len = 0
             llm.setup_rope(self.rope_len)
             self._graphs.clear()  # captured steps read the old table
+
+    def zero_blocks(self, blocks: torch.Tensor) -> None:
+        """A block handed out again may hold what a failed step wrote (a NaN, say): attention reads
+        whole blocks, masked past each length, and 0 x NaN is NaN, so new blocks start at zero."""
+        bs = self.block_size
+        for p in self.pool:
+            idx = blocks.to(p.k.device)
+            p.k.view(-1, bs, *p.k.shape[1:])[idx] = 0
+            p.v.view(-1, bs, *p.v.shape[1:])[idx] = 0
 
     @property
     def pool_bytes(self) -> int:
@@ -209,8 +224,9 @@ class ModelRunner:
             pos = torch.arange(w.start, w.start + n)
             positions.append(pos)
             rope_n.append(pos.clamp_min(w.prompt_len - 1) + 1)  # max(P, pos + 1)
-            ctx = self.slots_of(w.block_table, 0, w.start + n)
-            slots.append(ctx[w.start:])
+            slots.append(self.slots_of(w.block_table, w.start, w.start + n))
+            L = w.start + n
+            blocks = torch.tensor(w.block_table[:-(-L // self.block_size)], dtype=torch.long)
             if w.ids is not None:
                 ids += w.ids
             else:
@@ -221,9 +237,9 @@ class ModelRunner:
                 any_image = True
                 image_rows.append((row0, w.image_mask.cpu()))
             if n == 1:
-                dec.append((row0, ctx))
+                dec.append((row0, blocks, L))
             else:
-                chunks.append((row0, row0 + n, ctx))
+                chunks.append((row0, row0 + n, blocks, L))
             if w.sample:
                 sample_rows.append(row0 + n - 1)
         positions, rope_n, slots = torch.cat(positions), torch.cat(rope_n), torch.cat(slots)
@@ -240,13 +256,12 @@ class ModelRunner:
                 m[row0:row0 + mask.shape[0]] = mask
             inp.image_mask = m
         if dec:
-            L = max(len(c) for _, c in dec)
-            inp.dec_rows = torch.tensor([r for r, _ in dec], dtype=torch.long)
-            inp.dec_slots = torch.zeros(len(dec), L, dtype=torch.long)
-            inp.dec_valid = torch.zeros(len(dec), L, dtype=torch.bool)
-            for i, (_, c) in enumerate(dec):
-                inp.dec_slots[i, :len(c)] = c
-                inp.dec_valid[i, :len(c)] = True
+            nb = max(b.shape[0] for _, b, _ in dec)
+            inp.dec_rows = torch.tensor([r for r, _, _ in dec], dtype=torch.long)
+            inp.dec_blocks = torch.zeros(len(dec), nb, dtype=torch.long)
+            for i, (_, b, _) in enumerate(dec):
+                inp.dec_blocks[i, :b.shape[0]] = b
+            inp.dec_lens = torch.tensor([L for _, _, L in dec], dtype=torch.long)
         return inp
 
     # -- the forward -------------------------------------------------------------------------
@@ -254,6 +269,8 @@ class ModelRunner:
         """Logits (S, vocab) in fp32 of the sampled rows, in `works` order."""
         self.tokens_run += int(inp.ids.shape[0])
         self._check_rope()
+        if inp.fresh_blocks is not None and inp.fresh_blocks.numel():
+            self.zero_blocks(inp.fresh_blocks)
         all_decode = inp.dec_rows is not None and not inp.chunks and inp.dec_rows.shape[0] == inp.ids.shape[0]
         if all_decode and self.static is not None and inp.embeds is None:
             return self._static_decode(inp)
@@ -266,7 +283,7 @@ class ModelRunner:
             x[inp.embed_rows.to(dev)] = inp.embeds.to(dev, x.dtype)
         meta = StepMeta(inp.write_slots.to(dev, non_blocking=True),
                         *(None if t is None else t.to(dev, non_blocking=True)
-                          for t in (inp.dec_rows, inp.dec_slots, inp.dec_valid)),
+                          for t in (inp.dec_rows, inp.dec_blocks, inp.dec_lens)),
                         chunks=inp.chunks, all_decode=all_decode)
         image_mask = None if inp.image_mask is None else inp.image_mask.to(dev)[None]
         rope_n = None if inp.rope_n is None else inp.rope_n.to(dev, non_blocking=True)
@@ -306,22 +323,20 @@ class ModelRunner:
     def _static_decode(self, inp: StepInputs) -> torch.Tensor:
         B = inp.ids.shape[0]
         Bp = self.bucket(B)
-        L = inp.dec_slots.shape[1]
-        Lp = self.bucket(-(-L // self.block_size)) * self.block_size
+        nb = inp.dec_blocks.shape[1]
+        nbp = self.bucket(nb)
         ids = torch.zeros(Bp, dtype=torch.long)
         pos = torch.zeros(Bp, dtype=torch.long)
         rope_n = torch.ones(Bp, dtype=torch.long)
-        write = torch.zeros(Bp, dtype=torch.long)  # padded rows write into the reserved block 0
-        ctx = torch.zeros(Bp, Lp, dtype=torch.long)
-        valid = torch.zeros(Bp, Lp, dtype=torch.bool)
-        valid[:, 0] = True  # padded rows attend to one slot: no all-masked (NaN) rows
+        write = torch.zeros(Bp, dtype=torch.long)  # padded rows write into the reserved block 0 ...
+        blocks = torch.zeros(Bp, nbp, dtype=torch.long)
+        lens = torch.ones(Bp, dtype=torch.long)  # ... and attend to its first slot: no all-masked (NaN) rows
         ids[:B], pos[:B], write[:B] = inp.ids, inp.positions, inp.write_slots
         if inp.rope_n is not None:
             rope_n[:B] = inp.rope_n
-        ctx[:B, :L], valid[:B] = inp.dec_slots, False
-        valid[:B, :L] = inp.dec_valid
-        args = [t.to(self.device) for t in (ids, pos, rope_n, write, ctx, valid)]
-        key = (Bp, Lp)
+        blocks[:B, :nb], lens[:B] = inp.dec_blocks, inp.dec_lens
+        args = [t.to(self.device) for t in (ids, pos, rope_n, write, blocks, lens)]
+        key = (Bp, nbp)
         call = self._graphs.get(key)
         if call is None:
             while len(self._graphs) >= self.MAX_GRAPHS:
@@ -333,9 +348,9 @@ class ModelRunner:
         logits = call(*args) if call is not None else self._decode_fn(*args)
         return logits[:B]
 
-    def _decode_fn(self, ids, pos, rope_n, write, ctx, valid) -> torch.Tensor:
+    def _decode_fn(self, ids, pos, rope_n, write, blocks, lens) -> torch.Tensor:
         """Rows of one decode token each, fixed shapes, no host sync: what a CUDA graph records."""
-        meta = StepMeta(write, None, ctx, valid, all_decode=True)
+        meta = StepMeta(write, None, blocks, lens, all_decode=True)
         rows = torch.arange(ids.shape[0], device=ids.device)
         return self._forward(ids[None], pos, rope_n if self.dynamic else None, meta, None, rows)
 

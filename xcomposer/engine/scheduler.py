@@ -117,6 +117,16 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order
         # (sequence, position) -> extra key material (rotary lengths that depend on the prompt), or None
         self.rope_key = rope_key
+        self.fresh: list[int] = []  # blocks allocated since the last step (the runner zeroes them)
+
+    def _allocate(self, n: int) -> list[int]:
+        got = self.blocks.allocate(n)
+        self.fresh += got
+        return got
+
+    def take_fresh(self) -> list[int]:
+        fresh, self.fresh = self.fresh, []
+        return fresh
 
     # -- prefix keys -------------------------------------------------------------------------
     def keys_up_to(self, seq: Sequence, n_blocks: int) -> list[bytes]:
@@ -152,7 +162,7 @@ class Scheduler:
         if need - len(hit) > self.blocks.num_free:
             self.blocks.release(hit)
             return False
-        seq.block_table = hit + self.blocks.allocate(need - len(hit))
+        seq.block_table = hit + self._allocate(need - len(hit))
         seq.computed = len(hit) * bs
         if not seq.admitted_once:
             seq.cached_tokens = min(seq.computed, seq.prompt_len)
@@ -190,7 +200,7 @@ class Scheduler:
                 continue
             while len(s.block_table) < self.blocks.blocks_for(s.total_len):
                 if self.blocks.num_free:
-                    s.block_table += self.blocks.allocate(1)
+                    s.block_table += self._allocate(1)
                     continue
                 victim = self.running[-1]
                 self.preempt(victim)
