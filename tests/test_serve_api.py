@@ -401,10 +401,10 @@ BAD = [
     ("min over max", _ok_chat(min_tokens=5), 400, "min_tokens"),
     ("repetition_penalty negative", _ok_chat(repetition_penalty=-1), 400, "repetition_penalty"),
     ("n too large", _ok_chat(n=100), 400, "n"),
-    ("too many stops", _ok_chat(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
+    ("too many stops", _ok_chat(stop=[str(i) for i in range(17)]), 400, "stop"),
     ("stop wrong type", _ok_chat(stop=3), 400, "stop"),
     ("beam search", _ok_chat(use_beam_search=True, best_of=4), 400, "use_beam_search"),
-    ("frequency penalty", _ok_chat(frequency_penalty=0.5), 400, "frequency_penalty"),
+    ("frequency penalty", _ok_chat(frequency_penalty=2.5), 400, "frequency_penalty"),
     ("stream_options without stream", _ok_chat(stream_options={"include_usage": True}), 400, "stream_options"),
     ("system turn not first", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                                             {"role": "system", "content": "be nice"}, {"role": "user", "content": "c"}]},
@@ -525,3 +525,84 @@ def test_internlm2_system_message_is_the_chatml_system_turn(tmp_path):
                                                                 Message("user", "more")]
         ids = served.chat_prompt(msgs, cfg).ids
         assert ids == build_chatml_ids(tok, "more", [("hi", "yo")], m.context_window, 8, meta)[0]
+
+
+# -- what current clients send ------------------------------------------------------------------------
+
+def test_current_client_fields_developer_role_and_a_dumped_assistant_message(lm_server):
+    """The openai SDK and LangChain send a `developer` system prompt, request fields with no meaning
+    here (store, metadata, ...) and assistant messages as `model_dump()` leaves them (null refusal,
+    tool_calls ...): all accepted, the developer message is the system turn."""
+    c = lm_server.client
+    kw = dict(model="tiny-lm", max_tokens=6, temperature=0)
+    as_system = c.chat.completions.create(**kw, messages=[{"role": "system", "content": "Answer in French."},
+                                                          {"role": "user", "content": "Hi"}])
+    r = c.chat.completions.create(**kw, messages=[{"role": "developer", "content": "Answer in French."},
+                                                  {"role": "user", "content": "Hi"}],
+                                  store=False, metadata={"run": "1"}, service_tier="auto",
+                                  extra_body={"prompt_cache_key": "k", "safety_identifier": "u1",
+                                              "reasoning_effort": "low"})
+    assert r.choices[0].message.content == as_system.choices[0].message.content
+    dumped = r.choices[0].message.model_dump()
+    assert {"refusal", "tool_calls", "function_call"} <= set(dumped)
+    r2 = c.chat.completions.create(**kw, messages=[{"role": "user", "content": "Hi"}, dumped,
+                                                   {"role": "user", "content": "More"}])
+    assert r2.choices[0].finish_reason in ("stop", "length")
+
+
+def test_many_stop_strings_models_retrieve_and_responses_by_status(lm_server):
+    c = lm_server.client
+    stops = [f"never-{i}" for i in range(15)] + ["e"]
+    full = c.chat.completions.create(model="tiny-lm", max_tokens=30, temperature=0,
+                                     messages=[{"role": "user", "content": "Write"}], extra_body={"ignore_eos": True})
+    r = c.chat.completions.create(model="tiny-lm", max_tokens=30, temperature=0, stop=stops,
+                                  messages=[{"role": "user", "content": "Write"}], extra_body={"ignore_eos": True})
+    text = full.choices[0].message.content
+    assert r.choices[0].message.content == (text[:text.index("e")] if "e" in text else text)
+    with pytest.raises(openai.BadRequestError, match="at most 16"):
+        c.chat.completions.create(model="tiny-lm", max_tokens=3, stop=stops + ["x"],
+                                  messages=[{"role": "user", "content": "Write"}])
+    assert c.models.retrieve("tiny-lm").id == "tiny-lm"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        c.models.retrieve("gpt-4")
+    assert _metric(lm_server, "xcomposer_http_responses_total",
+                   '{endpoint="/v1/chat/completions",status="400"}') >= 1
+    assert _metric(lm_server, "xcomposer_http_responses_total",
+                   '{endpoint="/v1/models/{id}",status="404"}') >= 1
+
+
+def test_presence_and_frequency_penalties_equal_the_python_api(lm_server):
+    model = lm_server.state.served.model
+    tok = model.tokenizer
+    kw = dict(model="tiny-lm", max_tokens=24, temperature=0, messages=[{"role": "user", "content": "Tell me"}])
+    plain = lm_server.client.chat.completions.create(**kw).choices[0].message.content
+    got = lm_server.client.chat.completions.create(**kw, presence_penalty=1.5, frequency_penalty=1.0)
+    ref, _ = model.chat(tok, "Tell me", do_sample=False, max_new_tokens=24, presence_penalty=1.5,
+                        frequency_penalty=1.0)
+    assert got.choices[0].message.content == ref != plain  # the penalties change the reply, as in chat()
+    with pytest.raises(openai.BadRequestError, match="presence_penalty"):
+        lm_server.client.chat.completions.create(**{**kw, "presence_penalty": 2.5})
+
+
+def test_a_deeply_nested_body_is_a_400_and_the_server_goes_on(lm_server):
+    deep = '{"model": "tiny-lm", "messages": ' + "[" * 10000 + "]" * 10000 + "}"
+    r = httpx.post(lm_server.url + "/v1/chat/completions", content=deep, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
+    shallow_but_deep = {"model": "tiny-lm", "messages": [{"role": "user", "content": "x"}],
+                        "metadata": {"a": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}
+    assert httpx.post(lm_server.url + "/v1/chat/completions", json=shallow_but_deep).status_code == 400
+    assert httpx.get(lm_server.url + "/health").status_code == 200
+
+
+def test_a_system_message_opens_the_first_user_turn_where_the_template_has_no_system_turn(xc_server):
+    """XComposer 1.0's template has no system turn: a client's system prompt is folded into the first
+    user message (documented), not refused."""
+    model = xc_server.state.served.model
+    a = _png_uri(3)
+    r = xc_server.client.chat.completions.create(
+        model="tiny-xc", max_tokens=6, temperature=0,
+        messages=[{"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": [{"type": "image_url", "image_url": {"url": a}},
+                                               {"type": "text", "text": "What is it?"}]}])
+    ref, _ = model.chat("Be brief.\n<ImageHere>What is it?", image=a, num_beams=1, max_new_tokens=6)
+    assert r.choices[0].message.content == ref

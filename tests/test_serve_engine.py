@@ -90,12 +90,13 @@ def test_request_admitted_mid_decode_equals_alone(lm):
 
 
 def test_sampling_options_match_generate_in_a_full_batch(lm):
-    """Seeded sampling with temperature/top-k/top-p, repetition penalty and min tokens decode as
+    """Seeded sampling with temperature/top-k/top-p, repetition/presence/frequency penalties and min tokens decode as
     `generate` decodes each request alone, whatever else shares the batch."""
     tok = lm.tokenizer
     prompts = _prompts(tok, 6)
     cfgs = [_cfg(tok, max_new_tokens=12, do_sample=True, temperature=0.7 + 0.1 * i, top_k=20 + i, top_p=0.9,
-                 seed=100 + i, repetition_penalty=1.0 + 0.2 * (i % 3), min_new_tokens=i) for i in range(6)]
+                 seed=100 + i, repetition_penalty=1.0 + 0.2 * (i % 3), min_new_tokens=i,
+                 presence_penalty=0.8 * (i % 2), frequency_penalty=0.5 * (i % 3 == 0)) for i in range(6)]
     ref = [generate(lm, [p], config=c).tokens[0] for p, c in zip(prompts, cfgs)]
     with Engine(lm, max_batch_size=6, session_len=128) as eng:
         qs = []

@@ -423,7 +423,7 @@ class Engine:
         seqs = [sampled[i] for i in keep]
         picked = logits if len(keep) == logits.shape[0] else logits.index_select(
             0, torch.tensor(keep, device=logits.device))
-        rows = [SampleRow(s.cfg, len(s.tokens), s.history(self.device), s.generator) for s in seqs]
+        rows = [SampleRow(s.cfg, len(s.tokens), s.history(self.device), s.generator, s.tokens) for s in seqs]
         for seq, tok in zip(seqs, sample(picked, rows)):
             self._push(seq, tok)
 

@@ -1,8 +1,8 @@
 """The batched sampler: one step's logits of every sampled sequence in, one token each out, one
 host sync in all.
 
-Each request keeps its own options (greedy or sampling, temperature, top-k, top-p, repetition
-penalty, min new tokens, seed). Rows are processed with `xcomposer.llm.generation`'s own rules
+Each request keeps its own options (greedy or sampling, temperature, top-k, top-p, repetition,
+presence and frequency penalties, min new tokens, seed). Rows are processed with `xcomposer.llm.generation`'s own rules
 (`apply_repetition_penalty`, `warp_scores`), the warps applied to groups of rows that share
 their options (the operations work row by row, so a group gives each row the numbers it would
 get alone), and a seeded row draws from its own generator, so a request samples exactly as
@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..llm.generation import GenerationConfig, apply_repetition_penalty, warp_scores
+from ..llm.generation import GenerationConfig, apply_presence_frequency, apply_repetition_penalty, warp_scores
 
 
 @dataclass
@@ -28,6 +28,7 @@ class SampleRow:
     n_generated: int  # tokens generated before this one (min_new_tokens)
     history: torch.Tensor | None  # (1, n) ids the repetition penalty sees (prompt's, then generated)
     generator: torch.Generator | None
+    generated: list[int] | None = None  # the reply so far (presence / frequency penalties)
 
 
 def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
@@ -39,6 +40,10 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
             hist = r.history.to(scores.device)
             scores[i:i + 1] = apply_repetition_penalty(scores[i:i + 1], hist, torch.ones_like(hist, dtype=torch.bool),
                                                        cfg.repetition_penalty)
+        if (cfg.presence_penalty or cfg.frequency_penalty) and r.generated:
+            gen = torch.tensor([r.generated], dtype=torch.long, device=scores.device)
+            scores[i:i + 1] = apply_presence_frequency(scores[i:i + 1], gen, cfg.presence_penalty,
+                                                       cfg.frequency_penalty)
         if r.n_generated < cfg.min_new_tokens and cfg.stop_ids:
             scores[i, cfg.stop_ids] = float("-inf")
     out = torch.empty(len(rows), dtype=torch.long, device=scores.device)

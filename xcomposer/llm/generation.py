@@ -43,6 +43,8 @@ class GenerationConfig:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was generated
     eos_token_id: int | list[int] | None = None
     pad_token_id: int = 0
     seed: int | None = None
@@ -80,6 +82,9 @@ class GenerationConfig:
         if number("repetition_penalty") <= 0:
             raise bad("repetition_penalty", "must be > 0 (1 disables it)")
         number("length_penalty")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= number(name) <= 2.0:
+                raise bad(name, "must be in [-2, 2] (0 disables it)")
         if self.early_stopping not in (True, False, "never"):
             raise bad("early_stopping", "must be True, False or 'never'")
         if not isinstance(self.do_sample, bool):
@@ -138,6 +143,17 @@ def apply_repetition_penalty(scores: torch.Tensor, history: torch.Tensor, seen: 
     s = torch.where(s < 0, s * penalty, s / penalty)
     ext.scatter_(1, idx, s)
     return ext[:, :v]
+
+
+def apply_presence_frequency(scores: torch.Tensor, generated: torch.Tensor, presence: float,
+                             frequency: float) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties over the tokens generated so far (not the prompt,
+    as vLLM and LMDeploy count them): score_j - count_j * frequency - (count_j > 0) * presence.
+    `generated` (N, n) ids."""
+    if (presence == 0.0 and frequency == 0.0) or generated.shape[1] == 0:
+        return scores
+    counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+    return scores - counts * frequency - (counts > 0).to(scores.dtype) * presence
 
 
 def _filter_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -301,6 +317,8 @@ class _Batch:
 
 def _process(scores: torch.Tensor, batch: _Batch, cfg: GenerationConfig, n_generated: int) -> torch.Tensor:
     scores = apply_repetition_penalty(scores, batch.hist, batch.seen, cfg.repetition_penalty)
+    scores = apply_presence_frequency(scores, batch.hist[:, batch.T:batch.T + n_generated], cfg.presence_penalty,
+                                      cfg.frequency_penalty)
     if n_generated < cfg.min_new_tokens and cfg.stop_ids:
         scores[:, cfg.stop_ids] = float("-inf")
     return scores

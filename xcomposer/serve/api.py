@@ -36,15 +36,20 @@ from .prompts import Message, PromptError, ServedModel, layout_text
 from .options import DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT
 
 MAX_N = 16
-MAX_STOP = 4
+MAX_STOP = 16
 
 _SAMPLING = {"max_tokens", "max_completion_tokens", "n", "stop", "seed", "temperature", "top_p", "top_k",
              "repetition_penalty", "min_tokens", "ignore_eos", "stream", "stream_options", "user",
              "presence_penalty", "frequency_penalty", "logprobs", "logit_bias", "use_beam_search", "best_of",
              "num_beams", "length_penalty", "early_stopping"}
+# sent by current clients (the openai SDK, LangChain) and meaningless here: accepted and ignored
+IGNORED_FIELDS = {"store", "metadata", "service_tier", "reasoning_effort", "prompt_cache_key", "safety_identifier",
+                  "modalities", "verbosity", "web_search_options", "prediction"}
 CHAT_FIELDS = {"model", "messages", "top_logprobs", "response_format", "tools", "tool_choice",
-               "parallel_tool_calls"} | _SAMPLING
-COMPLETION_FIELDS = {"model", "prompt", "echo", "suffix"} | _SAMPLING
+               "parallel_tool_calls"} | _SAMPLING | IGNORED_FIELDS
+COMPLETION_FIELDS = {"model", "prompt", "echo", "suffix"} | _SAMPLING | IGNORED_FIELDS
+# what an assistant message's `model_dump()` carries besides role and content (null or empty here)
+_MESSAGE_NULL_FIELDS = {"refusal", "annotations", "audio", "function_call", "tool_calls"}
 
 
 class APIError(Exception):
@@ -140,6 +145,46 @@ def _bool(body, name):
     return v
 
 
+MAX_JSON_DEPTH = 64
+_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
+
+
+class _ResponseCounter:
+    """Counts every HTTP answer by status and endpoint. A plain ASGI middleware that only watches
+    `send`: Starlette's BaseHTTPMiddleware would stand between the app and `receive`, and an endpoint
+    would no longer hear that its client disconnected."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        endpoint = path if path in _ENDPOINTS else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.observe_response(message["status"], endpoint)
+            await send(message)
+        await self.app(scope, receive, counting_send)
+
+
+def _json_depth(value) -> int:
+    """Nesting depth of a parsed JSON value, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        deepest = max(deepest, d)
+        if deepest > MAX_JSON_DEPTH:
+            return deepest
+        if isinstance(v, dict):
+            stack += [(x, d + 1) for x in v.values()]
+        elif isinstance(v, list):
+            stack += [(x, d + 1) for x in v]
+    return deepest
+
+
 @dataclass
 class Sampling:
     options: dict[str, Any]
@@ -160,9 +205,7 @@ def parse_sampling(body: dict[str, Any]) -> Sampling:
     for name in ("length_penalty", "early_stopping"):
         if body.get(name) is not None:
             raise bad(f"{name} applies to beam search, which the batching server does not run", name)
-    for name in ("presence_penalty", "frequency_penalty"):
-        if (_num(body, name, -2.0, 2.0) or 0.0) != 0.0:
-            raise bad(f"{name} is not supported: use repetition_penalty (e.g. 1.1)", name)
+    penalties = {name: _num(body, name, -2.0, 2.0) for name in ("presence_penalty", "frequency_penalty")}
     if body.get("logprobs") not in (None, False, 0):
         raise bad("logprobs are not supported yet", "logprobs")
     if body.get("top_logprobs") not in (None, 0):
@@ -196,6 +239,9 @@ def parse_sampling(body: dict[str, Any]) -> Sampling:
     rep = _num(body, "repetition_penalty", 0.0, lo_open=True)
     if rep is not None:
         opts["repetition_penalty"] = rep
+    for name, value in penalties.items():  # OpenAI's formulas over the reply so far (the batched sampler)
+        if value:
+            opts[name] = value
     seed = _int(body, "seed", 0, 2 ** 63 - 1)
     if seed is not None:
         opts["seed"] = seed
@@ -270,13 +316,15 @@ def parse_messages(body: dict[str, Any], media: MediaPolicy) -> list[Message]:
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise bad(f"{where} must be an object with role and content", where)
-        extra = set(m) - {"role", "content", "name"}
+        extra = set(m) - {"role", "content", "name"} - {k for k in _MESSAGE_NULL_FIELDS if m.get(k) in (None, [])}
         if extra:
             raise bad(f"{where} has unknown field(s) {sorted(extra)}", f"{where}.{sorted(extra)[0]}")
         role = m.get("role")
+        if role == "developer":  # OpenAI's newer name for the system role (the SDK and LangChain send it)
+            role = "system"
         if role not in ("system", "user", "assistant"):
-            raise bad(f"{where}.role must be 'system', 'user' or 'assistant', got {json.dumps(role)[:40]}",
-                      f"{where}.role")
+            raise bad(f"{where}.role must be 'system' (or 'developer'), 'user' or 'assistant', got "
+                      f"{json.dumps(role)[:40]}", f"{where}.role")
         if "content" not in m or m["content"] is None:
             raise bad(f"{where}.content is missing", f"{where}.content")
         parts = _content_parts(m["content"], f"{where}.content", media, allow_images=(role == "user"))
@@ -302,6 +350,8 @@ def parse_messages(body: dict[str, Any], media: MediaPolicy) -> list[Message]:
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="XComposer OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
+
+    app.add_middleware(_ResponseCounter, metrics=state.metrics)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -344,8 +394,12 @@ def create_app(state: ServerState) -> FastAPI:
             body = json.loads(bytes(data))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise bad(f"the request body is not valid JSON: {e}") from e
+        except RecursionError as e:
+            raise bad(f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from e
         if not isinstance(body, dict):
             raise bad("the request body must be a JSON object")
+        if _json_depth(body) > MAX_JSON_DEPTH:  # later checks print and walk values: keep them shallow
+            raise bad(f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)")
         return body
 
     def _check(body: dict[str, Any], known: set[str], served: ServedModel) -> None:
@@ -375,8 +429,16 @@ def create_app(state: ServerState) -> FastAPI:
     async def models(request: Request):
         _auth(request)
         served, engine = state.ready()
-        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": int(START_TIME),
-                                            "owned_by": "xcomposer", "max_model_len": engine.session_len}]}
+        return {"object": "list", "data": [_model_card(served, engine)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        _auth(request)
+        served, engine = state.ready()
+        if model_id != served.name:
+            raise APIError(404, f"the model {model_id!r} does not exist: this server serves {served.name!r}",
+                           param="model", code="model_not_found")
+        return _model_card(served, engine)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -436,6 +498,11 @@ def create_app(state: ServerState) -> FastAPI:
 
 
 START_TIME = time.time()
+
+
+def _model_card(served: ServedModel, engine: Engine) -> dict[str, Any]:
+    return {"id": served.name, "object": "model", "created": int(START_TIME), "owned_by": "xcomposer",
+            "max_model_len": engine.session_len}
 
 
 def _config(served: ServedModel, sampling: Sampling, completion: bool = False) -> GenerationConfig:

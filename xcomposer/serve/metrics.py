@@ -19,6 +19,8 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self.requests = Counter("xcomposer_requests", "Finished requests by status (HTTP status for refusals; "
                                 "stop/length/cancelled/error for generations)", ["status"], registry=r)
+        self.responses = Counter("xcomposer_http_responses", "HTTP responses by status code and endpoint",
+                                 ["status", "endpoint"], registry=r)
         self.queue_depth = Gauge("xcomposer_queue_depth", "Requests waiting for a batch row", registry=r)
         self.running = Gauge("xcomposer_running_sequences", "Sequences in the batch", registry=r)
         self.prompt_tokens = Counter("xcomposer_prompt_tokens", "Prompt tokens prefilled", registry=r)
@@ -46,6 +48,9 @@ class Metrics:
         self.requests.labels(status=status).inc()
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(completion_tokens)
+
+    def observe_response(self, status: int, endpoint: str) -> None:
+        self.responses.labels(status=str(status), endpoint=endpoint).inc()
 
     def observe_http(self, status: int) -> None:
         self.requests.labels(status=str(status)).inc()

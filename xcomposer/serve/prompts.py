@@ -89,16 +89,21 @@ class ServedModel:
         for i, m in enumerate(messages):
             if m.role != "system":
                 continue
-            if i != 0 or not self.has_system_turn:
-                why = ("only the first message may be a system message" if self.has_system_turn else
-                       "this model's chat template has no system turn (its upstream chat() takes none): put the "
-                       "instruction into the first user message")
-                raise PromptError(why, f"messages[{i}].role")
+            if i != 0:
+                raise PromptError("only the first message may be a system message", f"messages[{i}].role")
             if m.images:
                 raise PromptError("a system message takes text only", f"messages[{i}].content")
             system = m.text
         if system is not None:
             messages = messages[1:]
+            if not self.has_system_turn:
+                # the template has no system turn (internlm-chat-7b's July 2023 one, XComposer 1.0): the
+                # instruction opens the first user message, as a client sending a system prompt expects
+                first = messages[0]
+                joined = lambda t: f"{system}\n{t}" if system else t  # noqa: E731
+                messages = [Message(first.role, joined(first.text), first.images,
+                                    None if first.layout is None else joined(first.layout))] + list(messages[1:])
+                system = None
         if self.xcomposer2:
             return self._xcomposer2_prompt(messages, cfg, system)
         if not self.vision:
