@@ -432,3 +432,45 @@ def test_cuda_graph_paged_decode_equals_generate(tmp_path, family):
     got = [[e for e in _events(q) if e.kind == "done"][0].tokens for q in qs] + [tail.tokens]
     assert got == ref
     assert tail.cached_tokens == 64 and graphs
+
+
+# -- logprobs ------------------------------------------------------------------------------------------
+
+def test_logprobs_and_prompt_logprobs_equal_a_full_forward(lm):
+    """Generated tokens' log-softmax (before any penalty: OpenAI's meaning), their top alternatives,
+    and every prompt token's after the first, equal the log-softmax of one uncached forward over the
+    whole sequence; batched with a request that asks for none; prompt_only ends after the prompt."""
+    p, other = [1] + _ids(40, 90), [1] + _ids(25, 91)
+    cfg = _cfg(max_new_tokens=10, repetition_penalty=1.3)  # the penalty must not show in the logprobs
+    with Engine(lm, max_batch_size=4, session_len=128, prefill_chunk=16) as eng:
+        _, q = _collect(eng, Prompt(ids=other), _cfg(max_new_tokens=10))
+        q2: "queue.Queue[Event]" = queue.Queue()
+        eng.submit(Prompt(ids=p), cfg, q2.put, logprobs=3, prompt_logprobs=2)
+        evs = []
+        while not evs or evs[-1].kind != "done":
+            evs.append(q2.get(timeout=60))
+        done = evs[-1]
+        q3: "queue.Queue[Event]" = queue.Queue()
+        eng.submit(Prompt(ids=p), cfg, q3.put, prompt_logprobs=0, prompt_only=True)
+        only = q3.get(timeout=60)
+    assert done.tokens == generate(lm, [p], config=cfg).tokens[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(lm(torch.tensor([p + done.tokens])).float()[0], dim=-1)
+    gen = done.logprobs
+    assert [e[0] for e in gen] == done.tokens and len(gen) == 10
+    for i, (tok, lp, top) in enumerate(gen):
+        row = ref[len(p) - 1 + i]
+        assert abs(lp - float(row[tok])) < 1e-4
+        assert [t for t, _ in top] == row.topk(3).indices.tolist()
+        assert all(abs(v - float(row[t])) < 1e-4 for t, v in top)
+    streamed = [e for ev in evs for e in (ev.logprobs or []) if ev.kind == "text"]
+    assert streamed == gen[:len(streamed)]  # text events carry the entries of their tokens
+    plp = done.prompt_logprobs
+    assert len(plp) == len(p) - 1
+    for pos, (tok, lp, top) in enumerate(plp, start=1):
+        assert tok == p[pos] and abs(lp - float(ref[pos - 1, tok])) < 1e-4 and len(top) == 2
+    assert only.kind == "done" and only.tokens == [] and only.finish_reason == "length"
+    assert [e[0] for e in only.prompt_logprobs] == p[1:]
+    assert max(abs(a[1] - b[1]) for a, b in zip(only.prompt_logprobs, plp)) < 1e-4
+    with pytest.raises(ValueError, match="logprobs=21"):
+        Engine(lm, session_len=128, start=False).submit(Prompt(ids=p), cfg, lambda e: None, logprobs=21)

@@ -20,7 +20,7 @@ import pytest
 import torch
 import uvicorn
 
-from xcomposer import InternLM
+from xcomposer import InternLM, generate
 from xcomposer.serve.api import ServerState, create_app
 from conftest import FedTokens
 from xcomposer.serve.engine import Engine
@@ -447,8 +447,9 @@ def test_bad_chat_requests_get_the_envelope(lm_server, name, body, status, param
 def test_other_refusals(lm_server, tmp_path):
     url, state = lm_server.url, lm_server.state
     # completions: wrong prompt type, unknown field
-    for body, param in (({"prompt": 5}, "prompt"), ({"prompt": "a", "echo": True}, "echo"),
-                        ({"prompt": "a", "bogus": 1}, "bogus")):
+    for body, param in (({"prompt": 5}, "prompt"), ({"prompt": "a", "echo": "yes"}, "echo"),
+                        ({"prompt": [1, 99999]}, "prompt"), ({"prompt": "a", "logprobs": 21}, "logprobs"),
+                        ({"prompt": "a", "max_tokens": 0}, "max_tokens"), ({"prompt": "a", "bogus": 1}, "bogus")):
         r = httpx.post(url + "/v1/completions", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param
     # unknown endpoint and method
@@ -606,3 +607,92 @@ def test_a_system_message_opens_the_first_user_turn_where_the_template_has_no_sy
                                                {"type": "text", "text": "What is it?"}]}])
     ref, _ = model.chat("Be brief.\n<ImageHere>What is it?", image=a, num_beams=1, max_new_tokens=6)
     assert r.choices[0].message.content == ref
+
+
+# -- logprobs, echo, token-id prompts -------------------------------------------------------------------
+
+def _full_logprobs(model, ids):
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).float()[0], dim=-1)
+
+
+def test_chat_logprobs_equal_a_full_forward_streamed_or_not(lm_server):
+    from xcomposer.serve.prompts import Message
+    model, served = lm_server.state.served.model, lm_server.state.served
+    tok = model.tokenizer
+    kw = dict(model="tiny-lm", max_tokens=8, temperature=0, logprobs=True, top_logprobs=3,
+              messages=[{"role": "user", "content": "Tell me"}], extra_body={"ignore_eos": True})
+    r = lm_server.client.chat.completions.create(**kw)
+    cfg = served.config({"max_new_tokens": 8, "do_sample": False, "ignore_eos": True})
+    prompt = served.chat_prompt([Message("user", "Tell me")], cfg).ids
+    gen = generate(model, [prompt], config=cfg).tokens[0]
+    ref = _full_logprobs(model, prompt + gen)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 8
+    for i, (e, t) in enumerate(zip(content, gen)):
+        row = ref[len(prompt) - 1 + i]
+        assert abs(e.logprob - float(row[t])) < 1e-4 and bytes(e.bytes) == tok.token_bytes(t)
+        assert [abs(a.logprob - float(v)) < 1e-4 for a, v in zip(e.top_logprobs, row.topk(3).values)] == [True] * 3
+    chunks = list(lm_server.client.chat.completions.create(**kw, stream=True))
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 5)) for e in streamed] == [(e.token, round(e.logprob, 5)) for e in content]
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        lm_server.client.chat.completions.create(**{**kw, "top_logprobs": 21})
+
+
+def test_completions_echo_scores_a_token_id_prompt_as_lm_eval_asks(lm_server):
+    """lm-eval's log-likelihood request: token ids, echo, logprobs, max_tokens 0."""
+    model = lm_server.state.served.model
+    tok = model.tokenizer
+    ids = tok.encode("The cat sat on the mat", add_bos=True)
+    r = lm_server.client.completions.create(model="tiny-lm", prompt=ids, echo=True, logprobs=2, max_tokens=0)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == tok.decode(ids, skip_special_tokens=False) and r.usage.completion_tokens == 0
+    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids)
+    ref = _full_logprobs(model, ids)
+    assert max(abs(lp.token_logprobs[p] - float(ref[p - 1, ids[p]])) for p in range(1, len(ids))) < 1e-4
+    # (two alternatives that decode to the same text, e.g. two lone bytes, share one key of the dict)
+    assert all(1 <= len(t) <= 2 for t in lp.top_logprobs[1:]) and lp.text_offset[0] == 0
+    # a string prompt with echo and new tokens: the prompt text, then the reply
+    r2 = lm_server.client.completions.create(model="tiny-lm", prompt="The cat", echo=True, max_tokens=3,
+                                             temperature=0, logprobs=0)
+    assert r2.choices[0].text.startswith("The cat") and len(r2.choices[0].logprobs.tokens) > 3
+
+
+def test_lmdeploys_api_server_line_means_the_same_here(tmp_path):
+    """InternLM's README serves with `lmdeploy serve api_server PATH --model-name internlm2-chat
+    --session-len ... --server-port ... --max-batch-size 1 --cache-max-entry-count 0.7`: the same
+    words after `python -m xcomposer serve` (plus --api-keys, --rope-scaling-factor past the window)."""
+    from xcomposer.tiny import write_tiny_internlm2
+    folder = write_tiny_internlm2(tmp_path / "lm2")  # max_position_embeddings 512
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
+    cmd = [sys.executable, "-m", "xcomposer", "serve", str(folder), "--model-name", "internlm2-chat", "--session-len",
+           "1024", "--server-port", str(port), "--server-name", "127.0.0.1", "--max-batch-size", "1",
+           "--cache-max-entry-count", "0.7", "--api-keys", "k1", "k2", "--rope-scaling-factor", "2.5",
+           "--enable-prefix-caching", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def ready():
+            try:
+                return httpx.get(url + "/health").status_code == 200
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read().decode()
+                return False
+        _wait(ready, 120)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k2", max_retries=0)
+        assert client.models.list().data[0].id == "internlm2-chat"
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k2"}).json()["data"][0][
+            "max_model_len"] == 1024  # past the 512-token window: loaded with max_context (dynamic NTK)
+        prompt = "w " * 700  # over the model's own window (about 700 tokens)
+        r = client.completions.create(model="internlm2-chat", prompt=prompt, max_tokens=4, temperature=0)
+        assert r.usage.prompt_tokens > 512 and r.choices[0].finish_reason in ("stop", "length")
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    both = subprocess.run([sys.executable, "-m", "xcomposer", "serve", str(folder), "--folder", str(folder)],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert both.returncode == 2 and "give the checkpoint once" in both.stderr

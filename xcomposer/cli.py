@@ -57,6 +57,12 @@ def add_serve_commands(groups: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .serve.options import resolve_serve_arguments
+    try:
+        resolve_serve_arguments(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from .serve.api import serve
 
     return serve(args)

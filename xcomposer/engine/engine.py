@@ -46,6 +46,7 @@ DEFAULT_MAX_PREFILL_TOKENS = 8192  # LMDeploy's --max-prefill-token-num
 DEFAULT_CPU_MAX_PREFILL_TOKENS = 256  # CPU prefill is compute-bound: small steps keep first tokens quick
 
 _HEARTBEAT_S = 60.0
+MAX_TOP_LOGPROBS = 20
 
 
 class _Commands:
@@ -167,11 +168,21 @@ class Engine:
 
     # -- the public side -------------------------------------------------------------------
     def submit(self, prompt: Prompt, config: GenerationConfig, sink: Callable[[Event], None],
-               stop: Seq[str] = ()) -> Request:
-        """Queue a request; raises QueueFullError, EngineClosedError or PromptTooLong."""
+               stop: Seq[str] = (), *, logprobs: int | None = None, prompt_logprobs: int | None = None,
+               prompt_only: bool = False) -> Request:
+        """Queue a request; raises QueueFullError, EngineClosedError or PromptTooLong (ValueError for
+        bad logprob options). `logprobs` / `prompt_logprobs`: report log-probabilities of the
+        generated / prompt tokens with that many top alternatives (0-20); `prompt_only`: stop after
+        the prompt (no token generated)."""
         config.validate()
+        for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOP_LOGPROBS):
+                raise ValueError(f"{name}={k!r} must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+        if (prompt_logprobs is not None or prompt_only) and prompt.ids is None:
+            raise ValueError("prompt logprobs and prompt-only requests take token-id prompts")
         self._check_length(prompt)
-        req = Request(prompt, config, sink, stop)
+        req = Request(prompt, config, sink, stop, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                      prompt_only=prompt_only)
         with self._lock:
             if self._closing or self._stopped:
                 raise EngineClosedError("the engine is shutting down and takes no new requests")
@@ -406,29 +417,72 @@ class Engine:
         return results
 
     def _advance(self, works, logits: torch.Tensor) -> None:
-        """Commit a step: positions computed, full blocks into the prefix cache, tokens sampled.
-        `logits` has one row per work that asked for sampling, in order."""
+        """Commit a step: positions computed, full blocks into the prefix cache, prompt logprobs
+        recorded, tokens sampled. `logits` has a row for each work that samples (its last token) or
+        every row of a work that asked for all (prompt logprobs), in order."""
         running = self.scheduler.running
         alive = lambda s: not s.finished and s in running  # noqa: E731
+        sampled: list[tuple[Sequence, int]] = []
+        cursor = 0
         for seq, w in works:
+            rows = w.n if w.all_logits else int(w.sample)
             if alive(seq):
                 seq.computed = w.start + w.n
+                if w.all_logits:
+                    self._record_prompt_logprobs(seq, w, logits[cursor:cursor + rows])
+                if w.sample:
+                    sampled.append((seq, cursor + rows - 1))
+            cursor += rows
         for seq in {id(s): s for s, _ in works}.values():
             if alive(seq):
                 self.scheduler.register_full_blocks(seq)
-        sampled = [seq for seq, w in works if w.sample]
-        keep = [i for i, seq in enumerate(sampled) if alive(seq)]
-        if not keep:
+        for seq, _ in [x for x in sampled if x[0].req.prompt_only]:  # echo with max_tokens 0
+            self._finish(seq, "length")
+        sampled = [x for x in sampled if not x[0].finished]
+        if not sampled:
             return
-        seqs = [sampled[i] for i in keep]
-        picked = logits if len(keep) == logits.shape[0] else logits.index_select(
-            0, torch.tensor(keep, device=logits.device))
+        seqs = [s for s, _ in sampled]
+        idx = [r for _, r in sampled]
+        picked = logits if idx == list(range(logits.shape[0])) else logits.index_select(
+            0, torch.tensor(idx, device=logits.device))
+        want = [i for i, s in enumerate(seqs) if s.req.logprobs is not None]
+        # OpenAI's logprobs: the model's log-softmax, before any penalty or warp the sampler applies
+        logp = torch.log_softmax(picked[want], dim=-1) if want else None
         rows = [SampleRow(s.cfg, len(s.tokens), s.history(self.device), s.generator, s.tokens) for s in seqs]
-        for seq, tok in zip(seqs, sample(picked, rows)):
-            self._push(seq, tok)
+        tokens = sample(picked, rows)
+        entries: dict[int, tuple] = {}
+        if want:
+            chosen = logp.gather(1, torch.tensor([[tokens[i]] for i in want], device=logp.device))[:, 0]
+            k = max(seqs[i].req.logprobs for i in want)
+            top = logp.topk(k, dim=-1) if k else None
+            chosen = chosen.tolist()
+            top_v, top_i = (top.values.tolist(), top.indices.tolist()) if k else ([], [])
+            for j, i in enumerate(want):
+                kk = seqs[i].req.logprobs
+                alts = list(zip(top_i[j][:kk], top_v[j][:kk])) if kk else []
+                entries[i] = (tokens[i], chosen[j], alts)
+        for i, (seq, tok) in enumerate(zip(seqs, tokens)):
+            self._push(seq, tok, entries.get(i))
 
-    def _push(self, seq: Sequence, tok: int) -> None:
+    def _record_prompt_logprobs(self, seq: Sequence, w, rows: torch.Tensor) -> None:
+        """Row j of a prompt chunk predicts the token at position start + j + 1."""
+        k = seq.req.prompt_logprobs
+        targets = [(j, w.start + j + 1) for j in range(w.n)
+                   if w.start + j + 1 < seq.prompt_len and w.start + j + 1 not in seq.prompt_logprobs]
+        if not targets:
+            return
+        logp = torch.log_softmax(rows[[j for j, _ in targets]].float(), dim=-1)
+        ids = [seq.ids[p] for _, p in targets]
+        chosen = logp.gather(1, torch.tensor([[t] for t in ids], device=logp.device))[:, 0].tolist()
+        top = logp.topk(k, dim=-1) if k else None
+        top_v, top_i = (top.values.tolist(), top.indices.tolist()) if k else ([[]] * len(ids), [[]] * len(ids))
+        for (j, p), t, c, tv, ti in zip(targets, ids, chosen, top_v, top_i):
+            seq.prompt_logprobs[p] = (t, c, list(zip(ti, tv)))
+
+    def _push(self, seq: Sequence, tok: int, entry: tuple | None = None) -> None:
         seq.tokens.append(tok)
+        if entry is not None:
+            seq.logprobs.append(entry)
         now = time.monotonic()
         if self.metrics is not None:
             self.metrics.observe_token(seq.last_token if seq.last_token is not None else seq.req.submitted, now,
@@ -441,7 +495,7 @@ class Engine:
             return
         text, stopped = seq.stream.push(tok)
         if text:
-            self._deliver(seq.req, Event("text", text=text))
+            self._deliver(seq.req, self._text_event(seq, text))
         if stopped:
             self._finish(seq, "stop")
             return
@@ -454,7 +508,7 @@ class Engine:
         if flush:
             text, stopped = seq.stream.flush()
             if text:
-                self._deliver(seq.req, Event("text", text=text))
+                self._deliver(seq.req, self._text_event(seq, text))
             if stopped:
                 reason = "stop"
         seq.finished = True
@@ -466,7 +520,17 @@ class Engine:
         self._deliver(seq.req, Event("done", finish_reason=reason, prompt_tokens=seq.prompt_len,
                                      completion_tokens=len(seq.tokens), tokens=list(seq.tokens),
                                      cached_tokens=seq.cached_tokens, preemptions=seq.preemptions,
+                                     logprobs=list(seq.logprobs) if seq.req.logprobs is not None else None,
+                                     prompt_logprobs=[seq.prompt_logprobs.get(p) for p in range(1, seq.prompt_len)]
+                                     if seq.req.prompt_logprobs is not None else None,
                                      submitted_at=seq.req.submitted, first_token_at=seq.first_token))
+
+    def _text_event(self, seq: Sequence, text: str) -> Event:
+        """A text piece, with the logprobs of the tokens generated since the last piece (when asked)."""
+        ev = Event("text", text=text)
+        if seq.req.logprobs is not None:
+            ev.logprobs, seq.lp_sent = seq.logprobs[seq.lp_sent:], len(seq.logprobs)
+        return ev
 
     def _fail(self, seq: Sequence, text: str) -> None:
         seq.finished = True

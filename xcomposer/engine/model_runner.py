@@ -43,6 +43,7 @@ class Work:
     embeds: torch.Tensor | None = None  # (n, hidden) instead of ids
     image_mask: torch.Tensor | None = None  # (n,) bool, Partial LoRA rows
     sample: bool = True  # the logits of its last token are wanted
+    all_logits: bool = False  # the logits of every token are wanted (prompt logprobs)
 
     @property
     def n(self) -> int:
@@ -240,7 +241,9 @@ class ModelRunner:
                 dec.append((row0, blocks, L))
             else:
                 chunks.append((row0, row0 + n, blocks, L))
-            if w.sample:
+            if w.all_logits:
+                sample_rows += range(row0, row0 + n)
+            elif w.sample:
                 sample_rows.append(row0 + n - 1)
         positions, rope_n, slots = torch.cat(positions), torch.cat(rope_n), torch.cat(slots)
         T = len(ids)
@@ -266,12 +269,14 @@ class ModelRunner:
 
     # -- the forward -------------------------------------------------------------------------
     def execute(self, inp: StepInputs) -> torch.Tensor:
-        """Logits (S, vocab) in fp32 of the sampled rows, in `works` order."""
+        """Logits (R, vocab) in fp32: each work's last row if it samples, every row if it asked for all
+        (`all_logits`), in `works` order."""
         self.tokens_run += int(inp.ids.shape[0])
         self._check_rope()
         if inp.fresh_blocks is not None and inp.fresh_blocks.numel():
             self.zero_blocks(inp.fresh_blocks)
-        all_decode = inp.dec_rows is not None and not inp.chunks and inp.dec_rows.shape[0] == inp.ids.shape[0]
+        all_decode = inp.dec_rows is not None and not inp.chunks and inp.dec_rows.shape[0] == inp.ids.shape[0] \
+            and inp.sample_rows.shape[0] == inp.ids.shape[0]
         if all_decode and self.static is not None and inp.embeds is None:
             return self._static_decode(inp)
         dev = self.device

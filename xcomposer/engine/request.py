@@ -75,6 +75,10 @@ class Event:
     error_type: str = "invalid_request"  # error: "invalid_request" (the input) or "internal" (a bug)
     cached_tokens: int = 0  # done: prompt tokens whose keys/values came from the prefix cache
     preemptions: int = 0  # done: how often the request gave its blocks back and was recomputed
+    # text: (token id, logprob, [(id, logprob), ...] top alternatives) of the tokens behind this text
+    # (when asked); done: all of them, and the prompt's (position 1 on) when asked
+    logprobs: list | None = None
+    prompt_logprobs: list | None = None
     submitted_at: float | None = None  # done: time.monotonic() of submit() ...
     first_token_at: float | None = None  # ... and of its first generated token (time to first token)
 
@@ -85,8 +89,14 @@ class Request:
     _ids = itertools.count(1)
 
     def __init__(self, prompt: Prompt, config: GenerationConfig, sink: Callable[[Event], None],
-                 stop: Sequence[str] = ()):
+                 stop: Sequence[str] = (), *, logprobs: int | None = None, prompt_logprobs: int | None = None,
+                 prompt_only: bool = False):
         self.id = next(self._ids)
+        # log-softmax of the model's logits (before any penalty or warp) of each generated token, with
+        # the `logprobs` most likely alternatives; the same for every prompt token after the first
+        # (`prompt_logprobs`: needs the whole prompt computed, so no prefix-cache hits); `prompt_only`
+        # ends after the prompt (OpenAI's echo with max_tokens 0)
+        self.logprobs, self.prompt_logprobs, self.prompt_only = logprobs, prompt_logprobs, prompt_only
         self.prompt = prompt
         self.config = config
         self.stop = [s for s in stop if s]

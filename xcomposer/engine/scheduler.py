@@ -52,6 +52,9 @@ class Sequence:
         self.first_token: float | None = None
         self.last_token: float | None = None
         self.finished = False
+        self.logprobs: list = []  # (id, logprob, top) of each generated token, when asked
+        self.lp_sent = 0  # how many of them went out with text events
+        self.prompt_logprobs: dict[int, tuple] = {}  # position -> (id, logprob, top), when asked
 
     def history(self, device) -> torch.Tensor | None:
         """(1, n) ids the repetition penalty sees (the prompt's penalty ids, then the reply), kept on
@@ -156,7 +159,7 @@ class Scheduler:
         total = seq.total_len
         need = self.blocks.blocks_for(total)
         hit: list[int] = []
-        if self.blocks.prefix_caching:
+        if self.blocks.prefix_caching and seq.req.prompt_logprobs is None:  # prompt logprobs need every row
             # at least the last position is computed again: its logits give the next token
             hit = self.blocks.match(self.keys_up_to(seq, (total - 1) // bs))
         if need - len(hit) > self.blocks.num_free:
@@ -230,7 +233,8 @@ class Scheduler:
     def _work(self, s: Sequence, start: int, end: int) -> Work:
         ids = s.ids_at(start, end)
         w = Work(start=start, block_table=s.block_table, prompt_len=s.prompt_len, ids=ids,
-                 sample=end == s.total_len)
+                 sample=end == s.total_len,
+                 all_logits=s.req.prompt_logprobs is not None and start < s.prompt_len and end - start > 1)
         if ids is None:
             w.embeds = s.embeds[start:end]
             if s.image_mask is not None:

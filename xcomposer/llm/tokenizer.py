@@ -260,6 +260,17 @@ class InternLMTokenizer:
         text = self._decode(_as_list(ids), skip_special_tokens, at_start=True)
         return clean_up_tokenization(text) if self.clean_up_tokenization_spaces else text
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes one token stands for on its own (OpenAI's logprob `bytes`): a byte-fallback
+        piece `<0xE4>` is that one byte, `▁` is a space, a special token its piece text."""
+        token_id = self._check_id(token_id)
+        piece = self._sp.id_to_piece(token_id)
+        if self._sp.is_byte(token_id):
+            return bytes([int(piece[3:5], 16)])
+        if token_id in self._special_ids:
+            return piece.encode("utf-8")
+        return piece.replace("\u2581", " ").encode("utf-8")
+
     def _decode(self, ids: Sequence[int], skip_special_tokens: bool, at_start: bool) -> str:
         # at_start: nothing but <s> precedes ids[0] in the full sequence, so
         # the first plain run carries encode's dummy prefix.

@@ -28,7 +28,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..llm.generation import GenerationConfig
-from .engine import Engine, EngineClosedError, Event, PromptTooLong, QueueFullError, decoder_of
+from .engine import Engine, EngineClosedError, Event, Prompt, PromptTooLong, QueueFullError, decoder_of
+from ..engine.engine import MAX_TOP_LOGPROBS
 from .media import MediaError, MediaPolicy
 from .metrics import Metrics
 from .prompts import Message, PromptError, ServedModel, layout_text
@@ -80,7 +81,7 @@ class ServerState:
 
     served: ServedModel | None = None
     engine: Engine | None = None
-    api_key: str | None = None
+    api_key: str | list[str] | None = None  # one key, or several (any of them is accepted)
     media: MediaPolicy = field(default_factory=MediaPolicy)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     metrics: Metrics = field(default_factory=Metrics)
@@ -193,9 +194,12 @@ class Sampling:
     stream: bool
     include_usage: bool
     seed: int | None
+    logprobs: int | None = None  # top alternatives per generated token (0-20), None: no logprobs
+    echo: bool = False  # completions: the prompt comes back first (with its logprobs when asked)
+    prompt_only: bool = False  # echo with max_tokens 0: the prompt's logprobs, nothing generated
 
 
-def parse_sampling(body: dict[str, Any]) -> Sampling:
+def parse_sampling(body: dict[str, Any], chat: bool = True) -> Sampling:
     """OpenAI's options (plus vLLM/LMDeploy's extensions) as GenerationConfig options."""
     if _bool(body, "use_beam_search") or (_int(body, "best_of", 1) or 1) > 1 or (_int(body, "num_beams", 1) or 1) > 1:
         param = "use_beam_search" if body.get("use_beam_search") is True else \
@@ -206,10 +210,15 @@ def parse_sampling(body: dict[str, Any]) -> Sampling:
         if body.get(name) is not None:
             raise bad(f"{name} applies to beam search, which the batching server does not run", name)
     penalties = {name: _num(body, name, -2.0, 2.0) for name in ("presence_penalty", "frequency_penalty")}
-    if body.get("logprobs") not in (None, False, 0):
-        raise bad("logprobs are not supported yet", "logprobs")
-    if body.get("top_logprobs") not in (None, 0):
-        raise bad("top_logprobs are not supported yet", "top_logprobs")
+    if chat:  # logprobs: true/false, top_logprobs: 0-20 alternatives (needs logprobs)
+        want = _bool(body, "logprobs")
+        top = _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+        if top is not None and not want:
+            raise bad("top_logprobs needs logprobs: true", "top_logprobs")
+        logprobs = (top or 0) if want else None
+    else:  # completions: logprobs is the number of alternatives (0-20)
+        logprobs = _int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+    echo = not chat and bool(_bool(body, "echo"))
     if body.get("logit_bias") not in (None, {}):
         raise bad("logit_bias is not supported", "logit_bias")
     if body.get("user") is not None and not isinstance(body["user"], str):
@@ -217,8 +226,9 @@ def parse_sampling(body: dict[str, Any]) -> Sampling:
     opts: dict[str, Any] = {}
     max_tokens = _int(body, "max_completion_tokens", 1)
     if max_tokens is None:
-        max_tokens = _int(body, "max_tokens", 1)
-    if max_tokens is not None:
+        max_tokens = _int(body, "max_tokens", 0 if echo else 1)
+    prompt_only = max_tokens == 0  # echo with max_tokens 0: score the prompt, generate nothing
+    if max_tokens is not None and not prompt_only:
         opts["max_new_tokens"] = max_tokens
     min_tokens = _int(body, "min_tokens", 0)
     if min_tokens is not None:
@@ -270,7 +280,7 @@ def parse_sampling(body: dict[str, Any]) -> Sampling:
         if not stream:
             raise bad("stream_options is only allowed with stream=true", "stream_options")
         include_usage = bool(_bool(so, "include_usage"))
-    return Sampling(opts, stops, n, stream, include_usage, seed)
+    return Sampling(opts, stops, n, stream, include_usage, seed, logprobs, echo, prompt_only)
 
 
 def _content_parts(content, where: str, media: MediaPolicy, allow_images: bool) -> list[tuple[str, str]]:
@@ -376,7 +386,8 @@ def create_app(state: ServerState) -> FastAPI:
             return
         header = request.headers.get("authorization", "")
         token = header[7:] if header.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), state.api_key.encode()):
+        keys = [state.api_key] if isinstance(state.api_key, str) else state.api_key
+        if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
@@ -472,27 +483,26 @@ def create_app(state: ServerState) -> FastAPI:
         served, engine = state.ready()
         body = await _body(request)
         _check(body, COMPLETION_FIELDS, served)
-        if body.get("echo"):
-            raise bad("echo is not supported", "echo")
         if body.get("suffix") is not None:
             raise bad("suffix is not supported by these models", "suffix")
-        p = body.get("prompt")
-        texts = [p] if isinstance(p, str) else p
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            raise bad("prompt must be a string or a non-empty list of strings", "prompt")
-        if any(not t for t in texts):
-            raise bad("prompt must not be empty", "prompt")
-        sampling = parse_sampling(body)
+        texts = _completion_prompts(body.get("prompt"), served)
+        sampling = parse_sampling(body, chat=False)
         if len(texts) * sampling.n > MAX_N:
             raise bad(f"{len(texts)} prompts x n={sampling.n} is over {MAX_N} choices per request", "n")
         cfg = _config(served, sampling, completion=True)
         cfgs = [c for _ in texts for c in _per_choice(cfg, sampling)]
+        def build(t, c):  # a string, or token ids as lm-eval's local-completions sends them
+            return Prompt(ids=t) if isinstance(t, list) else served.completion_prompt(t, c)
         try:  # long prompts take a while to tokenize: off the event loop
-            prompts = await asyncio.to_thread(
-                lambda: [served.completion_prompt(t, c) for t in texts for c in _per_choice(cfg, sampling)])
+            prompts = await asyncio.to_thread(lambda: [build(t, c) for t in texts for c in _per_choice(cfg, sampling)])
         except PromptError as e:
             raise bad(str(e), e.param) from e
-        return await _run(request, engine, served, prompts, cfgs, sampling, chat=False)
+        if (sampling.echo or sampling.prompt_only) and any(pr.ids is None for pr in prompts):
+            raise bad("echo needs a prompt of token ids: XComposer 1.0 builds completion prompts as embeddings",
+                      "echo")
+        echoed = [t if isinstance(t, str) else served.tokenizer.decode(t, skip_special_tokens=False)
+                  for t in texts for _ in range(sampling.n)]
+        return await _run(request, engine, served, prompts, cfgs, sampling, chat=False, echoed=echoed)
 
     return app
 
@@ -503,6 +513,26 @@ START_TIME = time.time()
 def _model_card(served: ServedModel, engine: Engine) -> dict[str, Any]:
     return {"id": served.name, "object": "model", "created": int(START_TIME), "owned_by": "xcomposer",
             "max_model_len": engine.session_len}
+
+
+def _completion_prompts(p, served: ServedModel) -> list:
+    """`prompt`: a string, a list of strings, a list of token ids, or a list of such lists."""
+    if isinstance(p, str):
+        p = [p]
+    elif isinstance(p, list) and p and all(_is_int(t) for t in p):
+        p = [p]
+    if not isinstance(p, list) or not p or not all(
+            isinstance(t, str) or (isinstance(t, list) and all(_is_int(i) for i in t)) for t in p):
+        raise bad("prompt must be a string, a list of strings, a list of token ids or a list of such lists",
+                  "prompt")
+    vocab = served.tokenizer.vocab_size
+    for k, t in enumerate(p):
+        if not t:
+            raise bad("prompt must not be empty", "prompt")
+        if isinstance(t, list) and not all(0 <= i < vocab for i in t):
+            bad_id = next(i for i in t if not 0 <= i < vocab)
+            raise bad(f"prompt[{k}] holds token id {bad_id}, outside this model's vocabulary [0, {vocab})", "prompt")
+    return p
 
 
 def _config(served: ServedModel, sampling: Sampling, completion: bool = False) -> GenerationConfig:
@@ -523,7 +553,7 @@ def _per_choice(cfg: GenerationConfig, sampling: Sampling) -> list[GenerationCon
 
 
 async def _run(request: Request, engine: Engine, served: ServedModel, prompts, cfgs, sampling: Sampling,
-               chat: bool):
+               chat: bool, echoed: list[str] | None = None):
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     reqs = []
@@ -535,7 +565,9 @@ async def _run(request: Request, engine: Engine, served: ServedModel, prompts, c
 
     try:
         for i, (prompt, cfg) in enumerate(zip(prompts, cfgs)):
-            reqs.append(engine.submit(prompt, cfg, sink_for(i), sampling.stop))
+            reqs.append(engine.submit(prompt, cfg, sink_for(i), sampling.stop, logprobs=sampling.logprobs,
+                                      prompt_logprobs=sampling.logprobs if sampling.echo else None,
+                                      prompt_only=sampling.prompt_only))
     except QueueFullError as e:
         _cancel(reqs)
         raise APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from e
@@ -558,9 +590,10 @@ async def _run(request: Request, engine: Engine, served: ServedModel, prompts, c
     if first[1].kind == "error":
         _cancel(reqs)
         raise _event_error(first[1], chat)
+    fmt = _Logprobs(served.tokenizer, chat)
     if not sampling.stream:
-        return await _collect(request, events, first, reqs, served, rid, created, chat)
-    gen = _stream(events, first, reqs, served, rid, created, chat, sampling.include_usage)
+        return await _collect(request, events, first, reqs, served, rid, created, chat, sampling, echoed, fmt)
+    gen = _stream(events, first, reqs, served, rid, created, chat, sampling, echoed, fmt)
     return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
@@ -595,7 +628,48 @@ async def _next(request: Request, events: asyncio.Queue):
             continue
 
 
-async def _collect(request, events, first, reqs, served, rid, created, chat):
+class _Logprobs:
+    """Engine logprob entries (token id, logprob, [(id, logprob), ...]) in OpenAI's two formats:
+    chat's `content` list and completions' parallel lists."""
+
+    def __init__(self, tokenizer, chat: bool):
+        self.tok, self.chat = tokenizer, chat
+
+    def _token(self, token_id: int) -> tuple[str, list[int]]:
+        b = self.tok.token_bytes(token_id)
+        return b.decode("utf-8", errors="replace"), list(b)
+
+    def chat_content(self, entries) -> list[dict]:
+        out = []
+        for tid, lp, top in entries:
+            text, b = self._token(tid)
+            alts = []
+            for aid, alp in top:
+                at, ab = self._token(aid)
+                alts.append({"token": at, "logprob": alp, "bytes": ab})
+            out.append({"token": text, "logprob": lp, "bytes": b, "top_logprobs": alts})
+        return out
+
+    def completion(self, entries, offset: int = 0) -> dict:
+        """`entries` may hold None for the first prompt token (nothing predicts it)."""
+        tokens, lps, tops, offsets = [], [], [], []
+        for e in entries:
+            tid, lp, top = e
+            text, _ = self._token(tid)
+            tokens.append(text)
+            lps.append(lp)
+            tops.append(None if top is None else {self._token(a)[0]: alp for a, alp in top})
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _echo_entries(prompt_ids: list[int], prompt_logprobs) -> list:
+    """The prompt's tokens as entries: the first has no logprob (OpenAI: null)."""
+    return [(prompt_ids[0], None, None)] + [tuple(e) for e in (prompt_logprobs or [])]
+
+
+async def _collect(request, events, first, reqs, served, rid, created, chat, sampling, echoed, fmt):
     n = len(reqs)
     texts = [""] * n
     done: dict[int, Event] = {}
@@ -618,11 +692,20 @@ async def _collect(request, events, first, reqs, served, rid, created, chat):
     choices = []
     for i in range(n):
         reason = _reason(done[i])
+        lp = None
         if chat:
-            choices.append({"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
+            if sampling.logprobs is not None:
+                lp = {"content": fmt.chat_content(done[i].logprobs or []), "refusal": None}
+            choices.append({"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": lp,
                             "finish_reason": reason})
-        else:
-            choices.append({"index": i, "text": texts[i], "logprobs": None, "finish_reason": reason})
+            continue
+        text = (echoed[i] if sampling.echo else "") + texts[i]
+        if sampling.logprobs is not None:
+            entries = list(done[i].logprobs or [])
+            if sampling.echo:
+                entries = _echo_entries(reqs[i].prompt.ids, done[i].prompt_logprobs) + entries
+            lp = fmt.completion(entries)
+        choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": reason})
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": served.name, "choices": choices, "usage": _usage(done.values(), chat)}
 
@@ -642,9 +725,11 @@ def _usage(done, chat: bool) -> dict[str, int]:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-async def _stream(events, first, reqs, served, rid, created, chat, include_usage) -> AsyncIterator[str]:
+async def _stream(events, first, reqs, served, rid, created, chat, sampling, echoed, fmt) -> AsyncIterator[str]:
     n = len(reqs)
     obj = "chat.completion.chunk" if chat else "text_completion"
+    include_usage = sampling.include_usage
+    offsets = [0] * n  # completions' text_offset continues across chunks
 
     def chunk(choices, usage=None) -> str:
         d = {"id": rid, "object": obj, "created": created, "model": served.name, "choices": choices}
@@ -652,29 +737,50 @@ async def _stream(events, first, reqs, served, rid, created, chat, include_usage
             d["usage"] = usage
         return f"data: {json.dumps(d, ensure_ascii=False)}\n\n"
 
-    def choice(i, text=None, reason=None, role=False):
+    def logprobs(i, entries):
+        if sampling.logprobs is None or entries is None:
+            return None
+        if chat:
+            return {"content": fmt.chat_content(entries), "refusal": None}
+        out = fmt.completion(entries, offsets[i])
+        offsets[i] += sum(len(t) for t in out["tokens"])
+        return out
+
+    def choice(i, text=None, reason=None, role=False, entries=None):
         if chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
-            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
-        return {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
+            return {"index": i, "delta": delta, "logprobs": logprobs(i, entries), "finish_reason": reason}
+        return {"index": i, "text": text or "", "logprobs": logprobs(i, entries), "finish_reason": reason}
 
     done: dict[int, Event] = {}
+    sent = [0] * n  # generated tokens whose logprobs went out
     try:
         if chat:
             for i in range(n):
                 yield chunk([choice(i, role=True)])
         item = first
+        echo_sent = set()
         while True:
             i, ev = item
+            if not chat and sampling.echo and i not in echo_sent and ev.kind != "error":
+                echo_sent.add(i)  # the prompt first (its logprobs come with the done event: sent then)
+                if ev.kind != "done":
+                    yield chunk([choice(i, echoed[i])])
             if ev.kind == "text":
-                yield chunk([choice(i, ev.text)])
+                sent[i] += len(ev.logprobs or [])
+                yield chunk([choice(i, ev.text, entries=ev.logprobs or [])])
             elif ev.kind == "error":
                 err = _event_error(ev, chat)
                 yield f"data: {json.dumps(err.body())}\n\n"
                 break
             else:
                 done[i] = ev
-                yield chunk([choice(i, reason=_reason(ev))])
+                rest = list((ev.logprobs or [])[sent[i]:])
+                text = None
+                if not chat and sampling.echo and ev.prompt_logprobs is not None and sampling.prompt_only:
+                    rest = _echo_entries(reqs[i].prompt.ids, ev.prompt_logprobs)
+                    text = echoed[i]
+                yield chunk([choice(i, text, reason=_reason(ev), entries=rest if rest else None)])
                 if len(done) == n:
                     if include_usage:
                         yield chunk([], _usage(done.values(), chat))
@@ -687,7 +793,8 @@ async def _stream(events, first, reqs, served, rid, created, chat, include_usage
 
 # -- running a server --------------------------------------------------------------------------
 
-def load_model(folder: str, device: str | None = None, dtype: str | None = None, before_load=None):
+def load_model(folder: str, device: str | None = None, dtype: str | None = None, before_load=None,
+               rope_scaling_factor: float | None = None, max_context: int | None = None):
     """An `XComposer` or an `InternLM`, by the checkpoint's config.json (`before_load`: InternLM's
     loader hook, e.g. tensor-parallel sharded loading; XComposer loads whole)."""
     import torch
@@ -701,7 +808,12 @@ def load_model(folder: str, device: str | None = None, dtype: str | None = None,
             "XComposer" in a for a in cfg.get("architectures", []) or []):
         from ..models.xcomposer import XComposer
         return XComposer.from_pretrained(path, device=device, dtype=dtype)
-    return InternLM.from_pretrained(path, device=device, dtype=dtype, before_load=before_load)
+    extra = {}
+    if rope_scaling_factor is not None:  # LMDeploy's --rope-scaling-factor (InternLM2's dynamic NTK)
+        extra["rope_scaling_factor"] = rope_scaling_factor
+    if max_context is not None:  # --session-len past max_position_embeddings (dynamic NTK to 1M tokens)
+        extra["max_context"] = max_context
+    return InternLM.from_pretrained(path, device=device, dtype=dtype, before_load=before_load, **extra)
 
 
 class _DrainingServer:
@@ -767,13 +879,30 @@ def _tp_model(args, device):
     from ..parallel.tensor_parallel import sharded_loading, tensor_parallel
     # an InternLM rank reads only its own slices (a model larger than one device serves); an
     # XComposer rank loads whole and then keeps its slices of the decoder
-    model = load_model(args.folder, device, args.dtype, before_load=sharded_loading(dist.group.WORLD))
+    model = load_model(args.folder, device, args.dtype, before_load=sharded_loading(dist.group.WORLD),
+                       **_loader_kwargs(args))
     if getattr(decoder_of(model), "tp_world_size", 1) == 1:
         model = tensor_parallel(model, dist.group.WORLD)
     if args.cuda_graphs:
         from ..llm.fast_decode import use_cuda_graphs
         use_cuda_graphs(model)
     return model
+
+
+def _loader_kwargs(args) -> dict:
+    """--rope-scaling-factor, and a --session-len past the model's window (InternLM's max_context)."""
+    kw = {}
+    if getattr(args, "rope_scaling_factor", None) is not None:
+        kw["rope_scaling_factor"] = args.rope_scaling_factor
+    if getattr(args, "session_len", None) is not None:
+        cfg_file = Path(str(args.folder)) / "config.json"
+        try:
+            window = json.loads(cfg_file.read_text(encoding="utf-8")).get("max_position_embeddings")
+        except (OSError, ValueError):
+            window = None
+        if window is not None and args.session_len > window:
+            kw["max_context"] = args.session_len
+    return kw
 
 
 def _engine_kwargs(args) -> dict:
@@ -799,7 +928,8 @@ def serve(args) -> int:
         _tp_shutdown()
         return 0
 
-    api_key = args.api_key or os.environ.get("XCOMPOSER_API_KEY") or None
+    env_key = os.environ.get("XCOMPOSER_API_KEY")
+    api_key = args.api_key or ([env_key] if env_key else None)
     media = MediaPolicy(allowed_local_path=Path(args.allowed_local_media_path) if args.allowed_local_media_path
                         else None, allow_fetch=args.allow_fetch, max_image_bytes=args.max_image_bytes)
     state = ServerState(api_key=api_key, media=media, max_body_bytes=args.max_body_bytes)
@@ -812,7 +942,7 @@ def serve(args) -> int:
                 model = _tp_model(args, device)
                 group = dist.group.WORLD
             else:
-                model = load_model(args.folder, device, args.dtype)
+                model = load_model(args.folder, device, args.dtype, **_loader_kwargs(args))
                 group = None
                 if args.cuda_graphs:
                     from ..llm.fast_decode import use_cuda_graphs

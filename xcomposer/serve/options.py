@@ -10,9 +10,13 @@ DEFAULT_MAX_IMAGE_BYTES = 10 * 1024 * 1024
 
 
 def add_serve_arguments(p) -> None:
-    p.add_argument("--folder", required=True, help="checkpoint folder (InternLM chat or XComposer) or hub id")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
+    p.add_argument("model_path", nargs="?", default=None,
+                   help="checkpoint folder or hub id, as LMDeploy's `api_server PATH` (or --folder)")
+    p.add_argument("--folder", default=None, help="checkpoint folder (InternLM chat or XComposer) or hub id")
+    p.add_argument("--host", "--server-name", dest="host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 for all; --server-name as LMDeploy)")
+    p.add_argument("--port", "--server-port", dest="port", type=int, default=DEFAULT_PORT,
+                   help=f"port (default {DEFAULT_PORT}, LMDeploy's; 0 picks a free one; --server-port as LMDeploy)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the folder's name)")
     p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH,
                    help=f"sequences decoded together; the KV pool does not grow with it (default {DEFAULT_MAX_BATCH})")
@@ -26,7 +30,8 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--max-prefill-token-num", type=int, default=None,
                    help="prompt tokens one step may prefill, over all sequences (LMDeploy's name; default 8192 on "
                         "a GPU, 256 on a CPU)")
-    p.add_argument("--block-size", type=int, default=64, help="tokens per KV block (default 64, as LMDeploy)")
+    p.add_argument("--block-size", "--cache-block-seq-len", dest="block_size", type=int, default=64,
+                   help="tokens per KV block (default 64, as LMDeploy's --cache-block-seq-len)")
     p.add_argument("--cache-max-entry-count", type=float, default=0.8,
                    help="fraction of the device memory free after loading that the KV pool takes (LMDeploy's "
                         "name and meaning; default 0.8)")
@@ -34,7 +39,14 @@ def add_serve_arguments(p) -> None:
                    help="KV pool size in GiB instead (on a CPU the default is the smaller of 1 GiB and max(4, --max-batch-size) sessions)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse the KV blocks of shared prefixes (on by default)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set XCOMPOSER_API_KEY)")
+    p.add_argument("--enable-prefix-caching", action="store_true",
+                   help="LMDeploy's flag: prefix caching is on by default here, so it changes nothing")
+    p.add_argument("--rope-scaling-factor", type=float, default=None,
+                   help="InternLM2: the dynamic-NTK factor, overriding config.json (LMDeploy's flag; e.g. 2.5 with "
+                        "--session-len 1048576 for internlm2_5-7b-chat-1m)")
+    p.add_argument("--api-key", "--api-keys", dest="api_key", nargs="+", default=None,
+                   help="require 'Authorization: Bearer KEY', one of these keys (or set XCOMPOSER_API_KEY; "
+                        "--api-keys as LMDeploy)")
     p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
                    help="allow image_url file paths under DIR (default: none)")
     p.add_argument("--allow-fetch", action="store_true", help="allow http(s) image URLs (public addresses only)")
@@ -51,5 +63,14 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--log-level", default="info")
 
 
-__all__ = ["add_serve_arguments", "DEFAULT_PORT", "DEFAULT_MAX_BATCH", "DEFAULT_MAX_QUEUE", "DEFAULT_PREFILL_CHUNK",
+def resolve_serve_arguments(args) -> None:
+    """The checkpoint is the positional PATH or --folder (exactly one); raises ValueError otherwise."""
+    if (args.model_path is None) == (args.folder is None):
+        raise ValueError("give the checkpoint once: `serve PATH` or `serve --folder PATH`")
+    args.folder = args.folder or args.model_path
+    if isinstance(args.api_key, str):
+        args.api_key = [args.api_key]
+
+
+__all__ = ["add_serve_arguments", "resolve_serve_arguments", "DEFAULT_PORT", "DEFAULT_MAX_BATCH", "DEFAULT_MAX_QUEUE", "DEFAULT_PREFILL_CHUNK",
            "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_IMAGE_BYTES"]
