@@ -33,3 +33,36 @@ def test_pipeline_with_images(tmp_path):
     ref, _ = model.chat("Describe it", image=img, num_beams=1, max_new_tokens=8)
     ref2, _ = model.chat("No image here", num_beams=1, max_new_tokens=8)
     assert [x.text for x in r] == [ref, ref2]
+
+
+def test_lmdeploys_pipeline_lines_run_as_written(tmp_path):
+    """InternLM's README: `pipe = pipeline(path, backend_config=TurbomindEngineConfig(rope_scaling_factor=2.5,
+    session_len=...)); pipe(prompt)`, with our import; a session past the checkpoint's window loads it
+    with that window and the dynamic-NTK factor, as InternLM.from_pretrained(..., max_context=,
+    rope_scaling_factor=) does. stream_infer's pieces add up to the answers; LMDeploy's generation
+    field names (random_seed, stop_words) and OpenAI-style messages are taken."""
+    from xcomposer import GenerationConfig, TurbomindEngineConfig, pipeline
+    from xcomposer.tiny import write_tiny_internlm2
+    folder = write_tiny_internlm2(tmp_path / "lm2")  # a 512-token window
+    ref_model = InternLM.from_pretrained(folder, rope_scaling_factor=2.5, max_context=1024)
+    prompt = "w " * 250 + "the end"  # past the 512-token window with the chat template
+    with pipeline(str(folder), backend_config=TurbomindEngineConfig(rope_scaling_factor=2.5, session_len=1024)) as pipe:
+        assert pipe.engine.session_len == 1024
+        r = pipe(prompt, gen_config=GenerationConfig(max_new_tokens=8, do_sample=False))
+        assert r.input_token_len > 512
+        ref, _ = ref_model.chat(ref_model.tokenizer, prompt, do_sample=False, max_new_tokens=8)
+        assert r.text == ref
+        many = pipe(["Hi", "Shanghai is"], gen_config={"max_new_tokens": 6, "do_sample": False})
+        pieces = {}
+        for piece in pipe.stream_infer(["Hi", "Shanghai is"], gen_config={"max_new_tokens": 6, "do_sample": False}):
+            pieces[piece.index] = pieces.get(piece.index, "") + piece.text
+        assert [pieces[0], pieces[1]] == [m.text for m in many]
+        lmdeploy_style = {"max_new_tokens": 6, "do_sample": True, "top_k": 20, "random_seed": 3, "stop_words": ["zz"]}
+        a = pipe("Hi", gen_config=lmdeploy_style)
+        assert a.text == pipe("Hi", gen_config=lmdeploy_style).text  # random_seed is the seed
+        conv = pipe([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": many[0].text},
+                     {"role": "user", "content": "More"}], gen_config={"max_new_tokens": 4, "do_sample": False})
+        assert conv.finish_reason in ("stop", "length")
+    import pytest
+    with pytest.raises(ValueError, match="serve PATH --tp 2"):
+        pipeline(str(folder), backend_config=TurbomindEngineConfig(tp=2))

@@ -10,7 +10,8 @@ from .llm.internlm import InternLM
 from .llm.tokenizer import InternLMTokenizer, load_tokenizer
 
 __all__ = ["InternLMConfig", "InternLMForCausalLM", "InternLM", "InternLMTokenizer", "load_tokenizer",
-           "GenerationConfig", "generate", "stream_generate", "XComposer", "XComposerConfig", "XComposer2", "pipeline"]
+           "GenerationConfig", "generate", "stream_generate", "XComposer", "XComposerConfig", "XComposer2", "pipeline",
+           "TurbomindEngineConfig", "PytorchEngineConfig", "EngineConfig"]
 
 
 def __getattr__(name: str):
@@ -21,7 +22,8 @@ def __getattr__(name: str):
     if name == "XComposer2":
         from .models.xcomposer2 import XComposer2
         return XComposer2
-    if name == "pipeline":  # offline batches through the serving engine (xcomposer.serve.pipeline)
-        from .serve.pipeline import pipeline
-        return pipeline
+    if name in ("pipeline", "TurbomindEngineConfig", "PytorchEngineConfig", "EngineConfig"):
+        # offline batches through the serving engine (xcomposer.serve.pipeline), LMDeploy's words too
+        from .serve import pipeline as p
+        return getattr(p, name)
     raise AttributeError(f"module 'xcomposer' has no attribute {name!r}")

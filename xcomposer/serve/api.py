@@ -889,20 +889,26 @@ def _tp_model(args, device):
     return model
 
 
-def _loader_kwargs(args) -> dict:
-    """--rope-scaling-factor, and a --session-len past the model's window (InternLM's max_context)."""
+def loader_kwargs(folder: str, session_len: int | None, rope_scaling_factor: float | None) -> dict:
+    """LMDeploy's rope_scaling_factor, and a session_len past the checkpoint's window (InternLM's
+    max_context), as `load_model` options."""
     kw = {}
-    if getattr(args, "rope_scaling_factor", None) is not None:
-        kw["rope_scaling_factor"] = args.rope_scaling_factor
-    if getattr(args, "session_len", None) is not None:
-        cfg_file = Path(str(args.folder)) / "config.json"
+    if rope_scaling_factor is not None:
+        kw["rope_scaling_factor"] = rope_scaling_factor
+    if session_len is not None:
         try:
-            window = json.loads(cfg_file.read_text(encoding="utf-8")).get("max_position_embeddings")
-        except (OSError, ValueError):
+            from ..llm.checkpoint import checkpoint_folder
+            _, cfg_file = checkpoint_folder(folder, "model")
+            window = json.loads(Path(cfg_file).read_text(encoding="utf-8")).get("max_position_embeddings")
+        except Exception:  # noqa: BLE001  an unreadable folder: load_model says what is wrong with it
             window = None
-        if window is not None and args.session_len > window:
-            kw["max_context"] = args.session_len
+        if window is not None and session_len > window:
+            kw["max_context"] = session_len
     return kw
+
+
+def _loader_kwargs(args) -> dict:
+    return loader_kwargs(str(args.folder), getattr(args, "session_len", None), getattr(args, "rope_scaling_factor", None))
 
 
 def _engine_kwargs(args) -> dict:

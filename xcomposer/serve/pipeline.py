@@ -6,8 +6,16 @@
     print(responses[0].text)
     pipe([("Describe the picture", "cat.jpg")])             # XComposer: (prompt, image(s))
 
-Each prompt is one chat turn with the model's own template and defaults (`chat()`'s), all
-prompts run together in the engine's batch, and the answers come back in the prompts' order.
+Each prompt is one chat turn with the model's own template and defaults (`chat()`'s), or a whole
+conversation as OpenAI-style messages; all prompts run together in the engine's batch, and the
+answers come back in the prompts' order. LMDeploy's words work too (InternLM's README runs its
+models with them):
+
+    from xcomposer import pipeline, TurbomindEngineConfig, GenerationConfig
+    pipe = pipeline("internlm/internlm2_5-7b-chat-1m",
+                    backend_config=TurbomindEngineConfig(rope_scaling_factor=2.5, session_len=1048576))
+    pipe(prompt, gen_config=GenerationConfig(max_new_tokens=1024))
+    for r in pipe.stream_infer(["Hi", "Shanghai is"]): print(r.index, r.text, end="")
 """
 from __future__ import annotations
 
@@ -21,40 +29,133 @@ from .prompts import Message, ServedModel, layout_text
 
 @dataclass
 class Response:
-    """LMDeploy's field names: the text, token counts, and why it ended ("stop" or "length")."""
+    """LMDeploy's field names: the text, token counts, and why it ended ("stop" or "length");
+    `index` is the prompt's place in the batch (stream_infer's pieces say which prompt they are of)."""
 
     text: str
     generate_token_len: int
     input_token_len: int
-    finish_reason: str
+    finish_reason: str | None
     token_ids: list[int]
+    index: int = 0
+
+
+@dataclass
+class EngineConfig:
+    """The engine settings of LMDeploy's `TurbomindEngineConfig` / `PytorchEngineConfig`, under their
+    names and meanings (both names are this class here). `tp` > 1 needs a server (`serve --tp N`);
+    `quant_policy` (KV cache quantization) is not implemented yet."""
+
+    session_len: int | None = None
+    max_batch_size: int = 8
+    cache_max_entry_count: float = 0.8
+    rope_scaling_factor: float | None = None
+    tp: int = 1
+    cache_block_seq_len: int = 64
+    max_prefill_token_num: int | None = None
+    enable_prefix_caching: bool = True
+    quant_policy: int = 0
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        if self.tp != 1:
+            raise ValueError(f"tp={self.tp}: pipeline() runs in one process; for tensor parallelism run "
+                             f"`python -m xcomposer serve PATH --tp {self.tp}` and send it requests")
+        if self.quant_policy:
+            raise ValueError(f"quant_policy={self.quant_policy}: a quantized KV cache is not implemented yet; "
+                             f"leave it 0")
+        return dict(max_batch_size=self.max_batch_size, session_len=self.session_len,
+                    cache_max_entry_count=self.cache_max_entry_count, block_size=self.cache_block_seq_len,
+                    max_prefill_tokens=self.max_prefill_token_num, prefix_caching=self.enable_prefix_caching)
+
+
+TurbomindEngineConfig = PytorchEngineConfig = EngineConfig
+
+# LMDeploy's GenerationConfig names -> ours (transformers'); the rest are the same words
+_LMDEPLOY_GEN = {"random_seed": "seed", "stop_words": None, "skip_special_tokens": None, "n": None,
+                 "stop_token_ids": None, "bad_words": None, "bad_token_ids": None, "min_p": None,
+                 "logprobs": None, "response_format": None, "logits_processors": None, "output_logits": None,
+                 "output_last_hidden_state": None, "include_stop_str_in_output": None, "spaces_between_special_tokens":
+                 None, "migration_request": None, "with_cache": None, "preserve_cache": None}
+
+
+def _gen_options(gen_config) -> tuple[dict[str, Any], list[str]]:
+    """Options and stop strings from a generation config: ours, LMDeploy's (any object with its field
+    names), or a dict of either's names."""
+    if gen_config is None:
+        return {}, []
+    if isinstance(gen_config, dict):
+        fields = dict(gen_config)
+    elif hasattr(gen_config, "__dataclass_fields__"):
+        fields = {k: getattr(gen_config, k) for k in gen_config.__dataclass_fields__}
+    else:
+        fields = dict(vars(gen_config))
+    stop = list(fields.pop("stop_words", None) or [])
+    from ..llm.generation import GenerationConfig as Ours
+    known = set(Ours.__dataclass_fields__) | {"ignore_eos"}
+    options = {}
+    for k, v in fields.items():
+        k = _LMDEPLOY_GEN.get(k, k) if k in _LMDEPLOY_GEN else k
+        if k is None or v is None or k in ("eos_token_id", "pad_token_id"):
+            continue
+        if k not in known:
+            raise ValueError(f"unknown generation option {k!r}; known: {sorted(known)}")
+        options[k] = v
+    return options, stop
+
+
+def _is_conversation(item) -> bool:
+    return isinstance(item, list) and bool(item) and all(isinstance(m, dict) for m in item)
 
 
 class Pipeline:
-    def __init__(self, model, *, max_batch_size: int = 8, session_len: int | None = None, name: str = "model"):
+    def __init__(self, model, *, max_batch_size: int = 8, session_len: int | None = None, name: str = "model",
+                 backend_config: EngineConfig | None = None):
         self.served = ServedModel(model, name)
-        self.engine = Engine(model, max_batch_size=max_batch_size, session_len=session_len,
-                             max_queue=1 << 20)
+        kw = backend_config.engine_kwargs() if backend_config is not None else dict(
+            max_batch_size=max_batch_size, session_len=session_len)
+        self.engine = Engine(model, max_queue=1 << 20, **kw)
 
-    def __call__(self, prompts, *, stop: Sequence[str] = (), **options: Any) -> list[Response] | Response:
-        """Answer one prompt or a list; `options` are generation options (transformers' names,
-        `ignore_eos` too) applied to every prompt. A prompt is a string, or for XComposer a
-        (text, image or list of images) pair."""
-        single = isinstance(prompts, (str, tuple))
+    def _messages(self, item) -> list[Message]:
+        if _is_conversation(item):  # OpenAI-style messages: text content (and image_url parts for XComposer)
+            out = []
+            for m in item:
+                content = m.get("content")
+                if isinstance(content, str):
+                    out.append(Message(m["role"], content))
+                    continue
+                parts = [("text", p["text"]) if p.get("type") == "text" else
+                         ("image", p["image_url"]["url"] if isinstance(p["image_url"], dict) else p["image_url"])
+                         for p in content]
+                plain, layout = layout_text(parts)
+                out.append(Message(m["role"], plain, [v for k, v in parts if k == "image"], layout))
+            return out
+        text, images = (item if isinstance(item, tuple) else (item, []))
+        images = [images] if isinstance(images, str) else list(images or [])
+        parts = [("image", i) for i in images] + [("text", text)]
+        plain, layout = layout_text(parts)
+        return [Message("user", plain, images, layout)]
+
+    def _submit(self, prompts, gen_config, stop, options):
+        single = isinstance(prompts, (str, tuple)) or _is_conversation(prompts)
         items = [prompts] if single else list(prompts)
-        cfg = self.served.config(options)
+        gen_options, gen_stop = _gen_options(gen_config)
+        cfg = self.served.config({**gen_options, **options})
         queues = []
         for item in items:
-            text, images = (item if isinstance(item, tuple) else (item, []))
-            images = [images] if isinstance(images, str) else list(images or [])
-            parts = [("image", i) for i in images] + [("text", text)]
-            plain, layout = layout_text(parts)
-            prompt = self.served.chat_prompt([Message("user", plain, images, layout)], cfg)
+            prompt = self.served.chat_prompt(self._messages(item), cfg)
             q: "queue.Queue" = queue.Queue()
-            self.engine.submit(prompt, cfg, q.put, stop)
+            self.engine.submit(prompt, cfg, q.put, list(stop) + gen_stop)
             queues.append(q)
+        return single, queues
+
+    def __call__(self, prompts, gen_config=None, *, stop: Sequence[str] = (), **options: Any) -> list[Response] | Response:
+        """Answer one prompt or a list; `gen_config` (ours or LMDeploy's `GenerationConfig`, or a dict)
+        and `options` (transformers' names, `ignore_eos` too) apply to every prompt. A prompt is a
+        string, a list of OpenAI-style messages (one conversation), or for XComposer a (text, image
+        or list of images) pair."""
+        single, queues = self._submit(prompts, gen_config, stop, options)
         out = []
-        for q in queues:
+        for i, q in enumerate(queues):
             text = []
             while True:
                 ev = q.get()
@@ -64,9 +165,35 @@ class Pipeline:
                     raise EngineError(ev.text)
                 else:
                     out.append(Response("".join(text), ev.completion_tokens, ev.prompt_tokens, ev.finish_reason,
-                                        ev.tokens))
+                                        ev.tokens, i))
                     break
         return out[0] if single else out
+
+    def stream_infer(self, prompts, gen_config=None, *, stop: Sequence[str] = (), **options: Any):
+        """LMDeploy's `stream_infer`: Responses as text arrives, each naming its prompt (`index`), all
+        prompts decoding together; the last one of each prompt carries its finish reason and counts."""
+        _, queues = self._submit(prompts, gen_config, stop, options)
+        merged: "queue.Queue" = queue.Queue()
+        import threading
+
+        def pump(i, q):
+            while True:
+                ev = q.get()
+                merged.put((i, ev))
+                if ev.kind != "text":
+                    return
+        for i, q in enumerate(queues):
+            threading.Thread(target=pump, args=(i, q), daemon=True).start()
+        left = len(queues)
+        while left:
+            i, ev = merged.get()
+            if ev.kind == "text":
+                yield Response(ev.text, 0, 0, None, [], i)
+            elif ev.kind == "error":
+                raise EngineError(ev.text)
+            else:
+                left -= 1
+                yield Response("", ev.completion_tokens, ev.prompt_tokens, ev.finish_reason, ev.tokens, i)
 
     def close(self) -> None:
         self.engine.close()
@@ -78,18 +205,27 @@ class Pipeline:
         self.close()
 
 
-def pipeline(model_or_path, *, device: str | None = None, dtype: str | None = None, max_batch_size: int = 8,
-             session_len: int | None = None) -> Pipeline:
-    """A `Pipeline` over a loaded model, or over the checkpoint at a folder / hub id."""
+def pipeline(model_or_path, backend_config: EngineConfig | None = None, *, device: str | None = None,
+             dtype: str | None = None, max_batch_size: int = 8, session_len: int | None = None) -> Pipeline:
+    """A `Pipeline` over a loaded model, or over the checkpoint at a folder / hub id. `backend_config`
+    (LMDeploy's `TurbomindEngineConfig` / `PytorchEngineConfig` names) sets the engine; its
+    `rope_scaling_factor`, and a `session_len` past the checkpoint's window, apply when loading."""
     if isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__"):
         from pathlib import Path
 
-        from .api import load_model
+        from .api import load_model, loader_kwargs
         name = Path(str(model_or_path).rstrip("/")).name
-        model_or_path = load_model(str(model_or_path), device, dtype)
+        cfg = backend_config
+        extra = loader_kwargs(str(model_or_path), cfg.session_len if cfg else session_len,
+                              cfg.rope_scaling_factor if cfg else None)
+        model_or_path = load_model(str(model_or_path), device, dtype, **extra)
     else:
         name = "model"
-    return Pipeline(model_or_path, max_batch_size=max_batch_size, session_len=session_len, name=name)
+        if backend_config is not None and backend_config.rope_scaling_factor is not None:
+            raise ValueError("rope_scaling_factor applies when pipeline() loads the checkpoint: pass its path, or "
+                             "load the model with InternLM.from_pretrained(..., rope_scaling_factor=...)")
+    return Pipeline(model_or_path, max_batch_size=max_batch_size, session_len=session_len, name=name,
+                    backend_config=backend_config)
 
 
-__all__ = ["pipeline", "Pipeline", "Response"]
+__all__ = ["pipeline", "Pipeline", "Response", "EngineConfig", "TurbomindEngineConfig", "PytorchEngineConfig"]
