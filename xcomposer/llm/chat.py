@@ -13,6 +13,8 @@ Which revision a checkpoint folder holds is read from its `modeling_internlm.py`
 """
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Sequence
 
@@ -186,3 +188,82 @@ def build_chatml_ids(tokenizer, query: str, history: Sequence[Turn], window: int
         f"the question is {len(ids)} tokens with the chat template (system block included) but the context "
         f"window is {window}: shorten the question or the meta instruction"
     )
+
+
+# -- InternLM2 tool calls (facts and sources: docs/chat-template.md, "Tool calls") ----------------
+#
+#     <s><|im_start|>system\n{meta}<|im_end|>\n
+#     <|im_start|>system name=<|plugin|>\n{json list of the functions}<|im_end|>\n
+#     <|im_start|>user\n{q}<|im_end|>\n
+#     <|im_start|>assistant\n{text}<|action_start|><|plugin|>\n{"name": .., "parameters": {..}}<|action_end|><|im_end|>\n
+#     <|im_start|>environment name=<|plugin|>\n{tool result}<|im_end|>\n
+#     <|im_start|>assistant\n
+
+ACTION_START, ACTION_END, PLUGIN = "<|action_start|>", "<|action_end|>", "<|plugin|>"
+
+
+def tool_call_text(name: str, parameters) -> str:
+    """One call as the model writes it (and as a history turn repeats it)."""
+    return f"{ACTION_START}{PLUGIN}\n{json.dumps({'name': name, 'parameters': parameters}, ensure_ascii=False)}{ACTION_END}"
+
+
+def format_chatml_tool_prompt(turns: Sequence[tuple], meta_instruction: str = "", functions=None,
+                              reply_prefix: str = "") -> str:
+    """The chatml text after `<s>` for a conversation with tools. `turns` are (role, text, calls)
+    with role "user", "assistant" (calls: [(name, parameters)]) or "tool" (its result); `functions`
+    the tool descriptions (OpenAI's `function` objects), written as one JSON list in a system turn
+    named <|plugin|>; `reply_prefix` opens the reply (a forced call)."""
+    text = f"{IM_START}system\n{meta_instruction}{IM_END}\n" if meta_instruction else ""
+    if functions:
+        text += f"{IM_START}system name={PLUGIN}\n{json.dumps(list(functions), ensure_ascii=False)}{IM_END}\n"
+    for role, content, calls in turns:
+        if role == "user":
+            text += f"{IM_START}user\n{content}{IM_END}\n"
+        elif role == "assistant":
+            body = (content or "") + "".join(tool_call_text(n, p) for n, p in calls or ())
+            text += f"{IM_START}assistant\n{body}{IM_END}\n"
+        elif role == "tool":
+            text += f"{IM_START}environment name={PLUGIN}\n{content}{IM_END}\n"
+        else:
+            raise ValueError(f"unknown role {role!r} in a tool conversation: use user, assistant or tool")
+    return text + f"{IM_START}assistant\n" + reply_prefix
+
+
+def parse_tool_calls(tokenizer, ids: Sequence[int], reply_prefix: str = "") -> tuple[str, list[tuple[str, dict]]]:
+    """Split a reply into its text and the calls it makes: each `<|action_start|><|plugin|>` ...
+    `<|action_end|>` holds {"name", "parameters"} (or "arguments") JSON. The special tokens are read
+    as ids (the text a client sees never shows them). A call that is not such JSON stays in the
+    text. `reply_prefix` is what the prompt forced the reply to start with."""
+    start, plugin, end = (tokenizer.chat_token_id(t) for t in (ACTION_START, PLUGIN, ACTION_END))
+    stops = set(chatml_stop_ids(tokenizer))
+    ids = [i for i in ids if i not in stops]
+    if reply_prefix:
+        ids = tokenizer.encode(reply_prefix, add_bos=False) + ids
+    text_parts, calls, i = [], [], 0
+    while i < len(ids):
+        try:
+            a = ids.index(start, i)
+        except ValueError:
+            text_parts.append(tokenizer.decode(ids[i:]))
+            break
+        text_parts.append(tokenizer.decode(ids[i:a]))
+        b = ids.index(end, a) if end in ids[a:] else len(ids)
+        body = ids[a + 2:b] if a + 1 < len(ids) and ids[a + 1] == plugin else None
+        call = None
+        if body is not None:
+            try:
+                obj = json.loads(tokenizer.decode(body).strip())
+                name = obj.get("name") if isinstance(obj, dict) else None
+                params = obj.get("parameters", obj.get("arguments", {})) if isinstance(obj, dict) else None
+                if isinstance(params, str):
+                    params = json.loads(params)
+                if isinstance(name, str) and isinstance(params, dict):
+                    call = (name, params)
+            except ValueError:
+                call = None
+        if call is None:
+            text_parts.append(tokenizer.decode(ids[a:b + 1], skip_special_tokens=False))
+        else:
+            calls.append(call)
+        i = b + 1
+    return "".join(text_parts), calls

@@ -283,6 +283,85 @@ def parse_sampling(body: dict[str, Any], chat: bool = True) -> Sampling:
     return Sampling(opts, stops, n, stream, include_usage, seed, logprobs, echo, prompt_only)
 
 
+@dataclass
+class Tools:
+    functions: list[dict[str, Any]]  # OpenAI `function` objects shown to the model
+    choice: str  # "none" | "auto" | "required" | a function's name
+    parallel: bool = True
+
+    @property
+    def active(self) -> bool:
+        return bool(self.functions) and self.choice != "none"
+
+    @property
+    def reply_prefix(self) -> str:
+        """What the reply is made to start with: a call (`required`), of that function (named)."""
+        from ..llm.chat import ACTION_START, PLUGIN
+        names = [f["name"] for f in self.functions]
+        name = self.choice if self.choice not in ("auto", "required") else (
+            names[0] if self.choice == "required" and len(names) == 1 else None)
+        if name is not None:
+            return f'{ACTION_START}{PLUGIN}\n{{"name": {json.dumps(name, ensure_ascii=False)}, "parameters": '
+        return f"{ACTION_START}{PLUGIN}\n" if self.choice == "required" else ""
+
+
+def parse_tools(body: dict[str, Any]) -> Tools:
+    tools = body.get("tools")
+    functions: list[dict[str, Any]] = []
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise bad("tools must be a list of {type: 'function', function: {name, description, parameters}}", "tools")
+        for i, t in enumerate(tools):
+            f = t.get("function") if isinstance(t, dict) else None
+            if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(f, dict) \
+                    or not isinstance(f.get("name"), str) or not f["name"]:
+                raise bad(f"tools[{i}] must be {{type: 'function', function: {{name: str, ...}}}}", f"tools[{i}]")
+            if f.get("parameters") is not None and not isinstance(f["parameters"], dict):
+                raise bad(f"tools[{i}].function.parameters must be a JSON schema object", f"tools[{i}].function")
+            functions.append({k: f[k] for k in ("name", "description", "parameters") if f.get(k) is not None})
+    names = [f["name"] for f in functions]
+    if len(set(names)) != len(names):
+        raise bad("tools name the same function twice", "tools")
+    choice = body.get("tool_choice")
+    if choice is None:
+        choice = "auto" if functions else "none"
+    elif isinstance(choice, dict):
+        f = choice.get("function")
+        if choice.get("type") != "function" or not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            raise bad("tool_choice must be 'none', 'auto', 'required' or {type: 'function', function: {name}}",
+                      "tool_choice")
+        if f["name"] not in names:
+            raise bad(f"tool_choice names {f['name']!r}, which is not among the tools {names}", "tool_choice")
+        choice = f["name"]
+    elif choice not in ("none", "auto", "required"):
+        raise bad("tool_choice must be 'none', 'auto', 'required' or {type: 'function', function: {name}}",
+                  "tool_choice")
+    if choice != "none" and not functions:
+        raise bad(f"tool_choice {choice!r} needs tools", "tool_choice")
+    parallel = _bool(body, "parallel_tool_calls")
+    return Tools(functions, choice, True if parallel is None else parallel)
+
+
+def _tool_calls(calls, where: str) -> list[tuple[str, dict]]:
+    """An assistant message's OpenAI `tool_calls` as (name, parameters)."""
+    if not isinstance(calls, list):
+        raise bad(f"{where} must be a list of tool calls", where)
+    out = []
+    for j, c in enumerate(calls):
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            raise bad(f"{where}[{j}] must be {{id, type: 'function', function: {{name, arguments}}}}", f"{where}[{j}]")
+        args = f.get("arguments", "{}")
+        try:
+            params = json.loads(args) if isinstance(args, str) else args
+        except ValueError as e:
+            raise bad(f"{where}[{j}].function.arguments is not JSON: {e}", f"{where}[{j}].function.arguments") from e
+        if not isinstance(params, dict):
+            raise bad(f"{where}[{j}].function.arguments must be a JSON object", f"{where}[{j}].function.arguments")
+        out.append((f["name"], params))
+    return out
+
+
 def _content_parts(content, where: str, media: MediaPolicy, allow_images: bool) -> list[tuple[str, str]]:
     if isinstance(content, str):
         return [("text", content)]
@@ -326,32 +405,44 @@ def parse_messages(body: dict[str, Any], media: MediaPolicy) -> list[Message]:
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise bad(f"{where} must be an object with role and content", where)
-        extra = set(m) - {"role", "content", "name"} - {k for k in _MESSAGE_NULL_FIELDS if m.get(k) in (None, [])}
+        role = m.get("role")
+        allowed = {"role", "content", "name"} | ({"tool_calls"} if role == "assistant" else set()) | (
+            {"tool_call_id"} if role == "tool" else set())
+        extra = set(m) - allowed - {k for k in _MESSAGE_NULL_FIELDS if m.get(k) in (None, [])}
         if extra:
             raise bad(f"{where} has unknown field(s) {sorted(extra)}", f"{where}.{sorted(extra)[0]}")
-        role = m.get("role")
         if role == "developer":  # OpenAI's newer name for the system role (the SDK and LangChain send it)
             role = "system"
-        if role not in ("system", "user", "assistant"):
-            raise bad(f"{where}.role must be 'system' (or 'developer'), 'user' or 'assistant', got "
+        if role not in ("system", "user", "assistant", "tool"):
+            raise bad(f"{where}.role must be 'system' (or 'developer'), 'user', 'assistant' or 'tool', got "
                       f"{json.dumps(role)[:40]}", f"{where}.role")
+        calls = _tool_calls(m["tool_calls"], f"{where}.tool_calls") if m.get("tool_calls") else None
+        if m.get("content") is None and calls:
+            out.append(Message(role, "", tool_calls=calls))
+            continue
         if "content" not in m or m["content"] is None:
             raise bad(f"{where}.content is missing", f"{where}.content")
         parts = _content_parts(m["content"], f"{where}.content", media, allow_images=(role == "user"))
         text, layout = layout_text(parts)
-        out.append(Message(role, text, [v for k, v in parts if k == "image"], layout))
+        out.append(Message(role, text, [v for k, v in parts if k == "image"], layout, tool_calls=calls))
     turns = [m for m in out if m.role != "system"]
     first_turn = next(i for i, m in enumerate(out) if m.role != "system") if turns else len(out)
     for i, m in enumerate(out):
         if m.role == "system" and i >= first_turn:
             raise bad("system messages must come first", f"messages[{i}].role")
+    prev = None  # user and assistant alternate, starting with user; tool results follow a call
     for k, m in enumerate(turns):
-        want = "user" if k % 2 == 0 else "assistant"
-        if m.role != want:
+        ok = {"user": prev in (None, "assistant", "tool"), "assistant": prev in ("user", "tool"),
+              "tool": prev in ("call", "tool")}[m.role]
+        if not ok:
+            want = "user" if prev in (None, "assistant") else ("tool' or 'assistant" if prev == "tool" else
+                                                               ("tool" if prev == "call" else "assistant"))
             raise bad(f"messages[{first_turn + k}].role is {m.role!r} but {want!r} was expected: user and "
-                      f"assistant messages alternate, starting with user", f"messages[{first_turn + k}].role")
-    if not turns or turns[-1].role != "user":
-        raise bad("the last message must be a user message", "messages")
+                      f"assistant messages alternate, starting with user, and tool results follow an assistant "
+                      f"message with tool_calls", f"messages[{first_turn + k}].role")
+        prev = "call" if m.role == "assistant" and m.tool_calls else m.role
+    if not turns or turns[-1].role not in ("user", "tool"):
+        raise bad("the last message must be a user message (or a tool result)", "messages")
     return out
 
 
@@ -457,9 +548,7 @@ def create_app(state: ServerState) -> FastAPI:
         served, engine = state.ready()
         body = await _body(request)
         _check(body, CHAT_FIELDS, served)
-        for name in ("tools", "tool_choice", "parallel_tool_calls"):
-            if body.get(name) not in (None, [], "none"):
-                raise bad("tool calls are not supported by these models' chat templates", name)
+        tools = parse_tools(body)
         rf = body.get("response_format")
         if rf is not None and rf != {"type": "text"}:
             raise bad("only response_format {\"type\": \"text\"} is supported", "response_format")
@@ -468,6 +557,8 @@ def create_app(state: ServerState) -> FastAPI:
 
         def build():  # image fetching and decoding, tokenization: in a worker thread, off the event loop
             messages = parse_messages(body, state.media)
+            if tools.active:
+                return [served.tool_prompt(messages, tools.functions, tools.reply_prefix)] * len(_per_choice(cfg, sampling))
             return [served.chat_prompt(messages, c) for c in _per_choice(cfg, sampling)]
         try:
             prompts = await asyncio.to_thread(build)
@@ -475,7 +566,8 @@ def create_app(state: ServerState) -> FastAPI:
             raise bad(str(e), e.param) from e
         except ValueError as e:  # the model's own checks (history shape, too long ...)
             raise bad(str(e), "messages") from e
-        return await _run(request, engine, served, prompts, _per_choice(cfg, sampling), sampling, chat=True)
+        return await _run(request, engine, served, prompts, _per_choice(cfg, sampling), sampling, chat=True,
+                          tools=tools)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -553,7 +645,7 @@ def _per_choice(cfg: GenerationConfig, sampling: Sampling) -> list[GenerationCon
 
 
 async def _run(request: Request, engine: Engine, served: ServedModel, prompts, cfgs, sampling: Sampling,
-               chat: bool, echoed: list[str] | None = None):
+               chat: bool, echoed: list[str] | None = None, tools: "Tools | None" = None):
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     reqs = []
@@ -592,8 +684,8 @@ async def _run(request: Request, engine: Engine, served: ServedModel, prompts, c
         raise _event_error(first[1], chat)
     fmt = _Logprobs(served.tokenizer, chat)
     if not sampling.stream:
-        return await _collect(request, events, first, reqs, served, rid, created, chat, sampling, echoed, fmt)
-    gen = _stream(events, first, reqs, served, rid, created, chat, sampling, echoed, fmt)
+        return await _collect(request, events, first, reqs, served, rid, created, chat, sampling, echoed, fmt, tools)
+    gen = _stream(events, first, reqs, served, rid, created, chat, sampling, echoed, fmt, tools)
     return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
@@ -669,7 +761,21 @@ def _echo_entries(prompt_ids: list[int], prompt_logprobs) -> list:
     return [(prompt_ids[0], None, None)] + [tuple(e) for e in (prompt_logprobs or [])]
 
 
-async def _collect(request, events, first, reqs, served, rid, created, chat, sampling, echoed, fmt):
+def _reply_calls(served: ServedModel, tools: "Tools | None", ev: Event) -> tuple[str, list[dict]] | None:
+    """(text, OpenAI tool_calls) when the reply made calls, else None."""
+    if tools is None or not tools.active:
+        return None
+    from ..llm.chat import parse_tool_calls
+    text, calls = parse_tool_calls(served.tokenizer, ev.tokens, tools.reply_prefix)
+    if not calls:
+        return None
+    if not tools.parallel:
+        calls = calls[:1]
+    return text, [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                   "function": {"name": n, "arguments": json.dumps(p, ensure_ascii=False)}} for n, p in calls]
+
+
+async def _collect(request, events, first, reqs, served, rid, created, chat, sampling, echoed, fmt, tools=None):
     n = len(reqs)
     texts = [""] * n
     done: dict[int, Event] = {}
@@ -696,8 +802,12 @@ async def _collect(request, events, first, reqs, served, rid, created, chat, sam
         if chat:
             if sampling.logprobs is not None:
                 lp = {"content": fmt.chat_content(done[i].logprobs or []), "refusal": None}
-            choices.append({"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": lp,
-                            "finish_reason": reason})
+            message = {"role": "assistant", "content": texts[i]}
+            called = _reply_calls(served, tools, done[i])
+            if called is not None:  # InternLM2's <|action_start|><|plugin|> calls, as OpenAI's tool_calls
+                message = {"role": "assistant", "content": called[0] or None, "tool_calls": called[1]}
+                reason = "tool_calls"
+            choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
             continue
         text = (echoed[i] if sampling.echo else "") + texts[i]
         if sampling.logprobs is not None:
@@ -725,7 +835,8 @@ def _usage(done, chat: bool) -> dict[str, int]:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-async def _stream(events, first, reqs, served, rid, created, chat, sampling, echoed, fmt) -> AsyncIterator[str]:
+async def _stream(events, first, reqs, served, rid, created, chat, sampling, echoed, fmt,
+                  tools=None) -> AsyncIterator[str]:
     n = len(reqs)
     obj = "chat.completion.chunk" if chat else "text_completion"
     include_usage = sampling.include_usage
@@ -753,6 +864,7 @@ async def _stream(events, first, reqs, served, rid, created, chat, sampling, ech
         return {"index": i, "text": text or "", "logprobs": logprobs(i, entries), "finish_reason": reason}
 
     done: dict[int, Event] = {}
+    held: dict[int, str] = {}  # text of replies that may call tools, sent when they end
     sent = [0] * n  # generated tokens whose logprobs went out
     try:
         if chat:
@@ -766,7 +878,9 @@ async def _stream(events, first, reqs, served, rid, created, chat, sampling, ech
                 echo_sent.add(i)  # the prompt first (its logprobs come with the done event: sent then)
                 if ev.kind != "done":
                     yield chunk([choice(i, echoed[i])])
-            if ev.kind == "text":
+            if ev.kind == "text" and tools is not None and tools.active:
+                held[i] = held.get(i, "") + ev.text  # a reply that may call tools is parsed once it ends
+            elif ev.kind == "text":
                 sent[i] += len(ev.logprobs or [])
                 yield chunk([choice(i, ev.text, entries=ev.logprobs or [])])
             elif ev.kind == "error":
@@ -775,6 +889,24 @@ async def _stream(events, first, reqs, served, rid, created, chat, sampling, ech
                 break
             else:
                 done[i] = ev
+                if tools is not None and tools.active:
+                    called = _reply_calls(served, tools, ev)
+                    text = called[0] if called is not None else held.get(i, "")
+                    if text:
+                        yield chunk([choice(i, text)])
+                    if called is not None:
+                        deltas = [{"index": j, **c} for j, c in enumerate(called[1])]
+                        yield chunk([{"index": i, "delta": {"tool_calls": deltas}, "logprobs": None,
+                                      "finish_reason": None}])
+                        yield chunk([choice(i, reason="tool_calls")])
+                    else:
+                        yield chunk([choice(i, reason=_reason(ev))])
+                    if len(done) == n:
+                        if include_usage:
+                            yield chunk([], _usage(done.values(), chat))
+                        break
+                    item = await events.get()
+                    continue
                 rest = list((ev.logprobs or [])[sent[i]:])
                 text = None
                 if not chat and sampling.echo and ev.prompt_logprobs is not None and sampling.prompt_only:

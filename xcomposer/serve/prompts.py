@@ -42,6 +42,7 @@ class Message:
     images: list[str] = field(default_factory=list)  # references load_image takes: data URIs, absolute paths
     # where each image sat among the text parts: the text with IMAGE_PLACEHOLDER at those places
     layout: str | None = None
+    tool_calls: list[tuple[str, dict]] | None = None  # an assistant turn's calls: (name, parameters)
 
 
 class ServedModel:
@@ -84,7 +85,37 @@ class ServedModel:
         return cfg
 
     # -- prompts -----------------------------------------------------------------------------
+    @property
+    def tool_format(self) -> bool:
+        """InternLM2/2.5 chat models are trained for tool calls (llm/chat.py's plugin format)."""
+        return not self.vision and getattr(self.model, "chat_template", None) == "chatml"
+
+    def tool_prompt(self, messages: Sequence[Message], functions, reply_prefix: str = "") -> Prompt:
+        """An InternLM2 prompt with tools: the function list in a <|plugin|> system turn, assistant
+        turns with their calls, tool results as the environment turn (llm/chat.py)."""
+        if not self.tool_format:
+            raise PromptError(f"model {self.name!r} has no tool-call format (its chat template is "
+                              f"{getattr(self.model, 'chat_template', 'XComposer')!r}): tools work with InternLM2 / "
+                              f"InternLM2.5 chat models", "tools")
+        from ..llm.chat import INTERNLM2_META_INSTRUCTION, format_chatml_tool_prompt
+        meta = INTERNLM2_META_INSTRUCTION
+        if messages and messages[0].role == "system":
+            meta, messages = messages[0].text, messages[1:]
+        for i, m in enumerate(messages):
+            if m.role == "system":
+                raise PromptError("only the first message may be a system message", f"messages[{i}].role")
+            if m.images:
+                raise PromptError(f"model {self.name!r} is a text model and takes no images", f"messages[{i}].content")
+        tok = self.tokenizer
+        for name in ("<|action_start|>", "<|action_end|>", "<|plugin|>", "<|im_start|>", "<|im_end|>"):
+            tok.chat_token_id(name)
+        text = format_chatml_tool_prompt([(m.role, m.text, m.tool_calls) for m in messages], meta, functions,
+                                         reply_prefix)
+        return Prompt(ids=tok.encode(text, add_bos=True))
+
     def chat_prompt(self, messages: Sequence[Message], cfg: GenerationConfig) -> Prompt:
+        if any(m.role == "tool" or m.tool_calls for m in messages):  # a tool conversation without tools now
+            return self.tool_prompt(messages, None)
         system = None
         for i, m in enumerate(messages):
             if m.role != "system":
