@@ -57,3 +57,31 @@ def test_page_has_chat_and_its_own_composition(model, tmp_path):
     # upstream gradio_demo_composition.py's defaults
     assert app.compose_defaults == dict(max_new_tokens=4096, num_beams=1, repetition_penalty=1.005, do_sample=True,
                                         num_images=6, seed=8909, with_meta=False)
+
+
+def test_regenerate_asks_the_last_question_again_for_every_model_kind(model, tmp_path):
+    """Regenerate (the chat tab's button) for XComposer2, text InternLM2 and XComposer 1.0: after
+    two turns it asks the second question again on the first turn's state (one history entry per
+    turn for (query, response) histories, two for XComposer 1.0's), and greedy gives the same reply."""
+    from xcomposer import InternLM, XComposer
+    from xcomposer.tiny import write_tiny_internlm2, write_tiny_xcomposer
+
+    apps = [DemoApp(model, None, tmp_path / "xc2"),
+            DemoApp(InternLM.from_pretrained(write_tiny_internlm2(tmp_path / "lm2")), None, tmp_path / "lm2o"),
+            DemoApp(XComposer.from_pretrained(write_tiny_xcomposer(tmp_path / "xc1")), None, tmp_path / "xc1o")]
+    for app in apps:
+        refs, shown = app.store_uploads([str(_png(tmp_path / "a.png"))], "s") if app.vision else ([], [])
+        refs2, shown2 = app.store_uploads([str(_png(tmp_path / "b.png"))], "s") if app.vision else ([], [])
+        opts = app.chat_options(8, 1, 1.0, False, 1.0, 0.8)
+        with pytest.raises(ValueError, match="nothing to regenerate"):
+            app.regenerate_turn(ChatSession())
+        _, s1 = list(app.chat_turn("What is it?", refs, shown, ChatSession(), opts))[-1]
+        msgs2, s2 = list(app.chat_turn("And this one?", refs2, shown2, s1, opts))[-1]
+        assert len(s2.history) == 2 * app.history_entries_per_turn
+        text, r, sh, previous = app.regenerate_turn(s2)
+        assert (text, r, sh) == ("And this one?", refs2, shown2)
+        assert previous.history == s1.history and previous.messages == s1.messages and previous.images == s1.images
+        again_msgs, again = list(app.chat_turn(text, r, sh, previous, opts))[-1]
+        assert again.history == s2.history and again_msgs == msgs2
+        _, p1 = app.regenerate_turn(s1)[2:]  # after one turn: back to the empty session
+        assert p1.history == [] and p1.messages == []

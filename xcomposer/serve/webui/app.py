@@ -278,6 +278,23 @@ class DemoApp:
                           images=images if self.xcomposer2 else [])
         yield messages, new
 
+    @property
+    def history_entries_per_turn(self) -> int:
+        """XComposer 1.0 keeps a user and a bot entry per turn; InternLM and XComposer2 keep
+        upstream's one (query, response) pair."""
+        return 2 if self.vision and not self.xcomposer2 else 1
+
+    def regenerate_turn(self, state: ChatSession) -> tuple[str, list[str], list[str], ChatSession]:
+        """The last question (text, model refs, shown files) and the session as it was before it,
+        to ask it again; ValueError when there is nothing to regenerate."""
+        per = self.history_entries_per_turn
+        if state.last is None or len(state.history) < per or len(state.messages) < 2:
+            raise ValueError("nothing to regenerate yet: ask a question first")
+        text, refs, shown = state.last
+        images = state.images[:len(state.images) - len(refs)] if self.xcomposer2 and refs else list(state.images)
+        previous = ChatSession(history=state.history[:-per], messages=state.messages[:-2], last=None, images=images)
+        return text, refs, shown, previous
+
     def _engine_pieces(self, query: str, refs: list[str], history: list, options: dict) -> Iterator[tuple[str, Any]]:
         """One chat turn through the batching engine, as ("piece", text) ... ("history", history); the
         prompt and options are the model's own (serve/prompts.py builds them with its chat code)."""

@@ -63,11 +63,11 @@ def chat_tab(app: DemoApp, model_job: dict) -> None:
 
     def regenerate(state: ChatSession, max_new, n_beams, pen, do_sample, temp, top_p):
         opts = (max_new, n_beams, pen, do_sample, temp, top_p)
-        if state.last is None or len(state.history) < 2:
-            yield state.messages, state, _error_md("nothing to regenerate yet: ask a question first")
+        try:
+            text, refs, shown, previous = app.regenerate_turn(state)
+        except ValueError as e:
+            yield state.messages, state, _error_md(str(e))
             return
-        text, refs, shown = state.last
-        previous = ChatSession(history=state.history[:-2], messages=state.messages[:-2], last=None)
         try:
             options = app.chat_options(*opts)
             for messages, new in app.chat_turn(text, refs, shown, previous, options):
