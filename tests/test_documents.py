@@ -128,3 +128,37 @@ def test_a_text_model_chats_in_pairs_and_refuses_images(text_app, tmp_path):
     with pytest.raises(UserError, match="reads text only"):
         text_app.store_uploads([str(pic)], "s1")
     assert text_app.chat_defaults["temperature"] == 0.8 and text_app.chat_defaults["num_beams"] == 1
+
+
+@pytest.mark.parametrize("family", ["internlm", "internlm2"])
+def test_a_growing_document_chat_keeps_the_documents_and_drops_older_questions(tmp_path, family):
+    """The model's own chat() drops the oldest turn when a conversation outgrows the window: in a
+    document chat that is the turn holding the documents. The web demo keeps it and leaves out the
+    oldest question/answer pairs after it, then says so; when even that does not fit, it tells the user."""
+    from xcomposer.serve.webui import ChatSession
+    from xcomposer.tiny import write_tiny_internlm2
+    writer = write_tiny_internlm if family == "internlm" else write_tiny_internlm2
+    app = DemoApp(InternLM.from_pretrained(writer(tmp_path / family, max_position_embeddings=1024)), None,
+                  tmp_path / "out")
+    opts = dict(do_sample=False, max_new_tokens=24)
+    doc = "DOCUMENT: " + "the cherry trees bloom in april along the river " * 6
+    state = ChatSession()
+    *_, (_, state) = app.chat_turn("first?", [], [], state, opts, model_text=doc + "\n\nfirst?")
+    removed_total = 0
+    for i in range(24):
+        q = f"question number {i} about the trees and the river?"
+        fitted, removed = app.fit_document_chat(state, q, 24)
+        removed_total += removed
+        assert fitted.history[0][0].startswith("DOCUMENT:")  # the documents always stay
+        *_, (messages, state) = app.chat_turn(q, [], [], fitted, opts)
+        assert len(messages) == 2 * (i + 2)  # the page still shows every turn
+    assert removed_total > 0  # the conversation did outgrow the window
+    # the shortest question that no longer fits beside the documents: the user is told to start over
+    for k in range(5, 200, 5):
+        try:
+            app.fit_document_chat(state, "word " * k, 24)
+        except UserError as e:
+            assert "press Clear" in str(e)
+            break
+    else:
+        raise AssertionError("no question was too long")

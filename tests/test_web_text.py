@@ -97,4 +97,6 @@ def test_documents_upload_question_streamed_answer_and_a_corrupt_pdf(page, tmp_p
     page.fill("#doc-question textarea", "Still there?")
     page.click("#doc-ask")
     page.wait_for_function(DOC_IDLE, arg=[3])
-    assert page.inner_text("#doc-error").strip() == ""
+    # no error; when the conversation outgrew the window, a note that the documents were kept
+    note = page.inner_text("#doc-error").strip()
+    assert note == "" or note.startswith("Kept the documents; left out the"), note

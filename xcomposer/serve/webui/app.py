@@ -278,6 +278,42 @@ class DemoApp:
                           images=images if self.xcomposer2 else [])
         yield messages, new
 
+    def fit_document_chat(self, chat: ChatSession, question: str, max_new_tokens: int) -> tuple[ChatSession, int]:
+        """A document conversation (text InternLM: the documents are in the first question) with the
+        oldest question/answer pairs *after* the first dropped until `question` and room for the reply
+        fit the context window (with only the documents left, a shorter reply is accepted, as
+        generation shortens it), so the documents are never the turn that falls out (the model's own
+        chat() would drop the oldest turn: the one holding them). Returns the session and how many pairs
+        were dropped; UserError when the documents and the question alone no longer fit."""
+        from ...llm.chat import build_chat_ids, build_chatml_ids
+        from ...llm.generation import PromptTooLongError
+        model, tok = self.model, self.model.tokenizer
+        window = model.context_window
+        hist = [tuple(t) for t in chat.history]
+
+        def left_out(h, room: int = max_new_tokens) -> int:
+            if model.config.family == "internlm2":
+                return build_chatml_ids(tok, question, h, window, room)[1]
+            return build_chat_ids(tok, question, h, window, room, model.chat_template)[1]
+        removed = 0
+        try:
+            while hist and left_out(hist) > 0:
+                if len(hist) == 1:
+                    if left_out(hist, room=1) == 0:
+                        break  # the documents and the question fit: the reply is cut to the room left
+                    raise UserError(f"the documents, the first answer and this question no longer fit the model's "
+                                    f"{window:,}-token context window with {max_new_tokens} tokens for the reply: "
+                                    f"press Clear to start a new conversation, or ask for a shorter reply")
+                del hist[1]
+                removed += 1
+        except PromptTooLongError as e:
+            raise UserError(str(e)) from e
+        if not removed:
+            return chat, 0
+        # the page keeps showing every turn; only what the model reads leaves them out
+        return ChatSession(history=[list(t) for t in hist], messages=list(chat.messages), last=chat.last,
+                           images=list(chat.images)), removed
+
     @property
     def history_entries_per_turn(self) -> int:
         """XComposer 1.0 keeps a user and a bot entry per turn; InternLM and XComposer2 keep

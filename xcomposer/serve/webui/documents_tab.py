@@ -114,14 +114,19 @@ def documents_tab(app: DemoApp, model_job: dict) -> None:
             if options["do_sample"]:
                 options.update(temperature=float(temp), top_p=float(top_p))
             model_text = None if state.used else with_documents(text, list(state.documents))
+            chat, removed = (app.fit_document_chat(state.chat, text, options["max_new_tokens"]) if state.used
+                             else (state.chat, 0))
         except Exception as e:
             yield state.chat.messages, state, gr.update(), _error_md(describe_error(e)), document_list(app, state)
             return
+        # the documents stay; older questions make room, and the page says so
+        note = (f'<span class="xc-note">Kept the documents; left out the {removed} oldest question(s) after them '
+                f'to fit the context window.</span>') if removed else ""
         try:
-            for messages, chat in app.chat_turn(text, [], [], state.chat, options, model_text=model_text):
-                done = chat is not state.chat
-                new = DocSession(state.documents, state.tokens, used=True, chat=chat) if done else state
-                yield messages, new, "", "", document_list(app, new)
+            for messages, new_chat in app.chat_turn(text, [], [], chat, options, model_text=model_text):
+                done = new_chat is not chat
+                new = DocSession(state.documents, state.tokens, used=True, chat=new_chat) if done else state
+                yield messages, new, "", note, document_list(app, new)
         except Exception as e:
             yield (state.chat.messages, state, gr.update(value=without_surrogates(text)), _error_md(describe_error(e)),
                    document_list(app, state))
