@@ -188,10 +188,8 @@ class Scheduler:
         if seq.block_table:
             self.blocks.release(seq.block_table)
         seq.block_table = []
-        try:
+        if seq in self.waiting:
             self.waiting.remove(seq)
-        except ValueError:
-            pass
 
     # -- a step ------------------------------------------------------------------------------
     def schedule(self) -> list[tuple[Sequence, Work]]:

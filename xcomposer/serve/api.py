@@ -3,76 +3,43 @@
     python -m xcomposer serve --folder PATH [--host 127.0.0.1] [--port 23333]
 
 Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`, `GET /health`,
-`GET /metrics`. Request bodies are read and checked here, field by field, so every bad input gets
+`GET /metrics`. Request bodies are checked field by field (`protocol.py`), so every bad input gets
 OpenAI's error envelope with a 4xx status that names the field (docs/serving.md lists them); only a
-bug answers 500.
+bug answers 500. Responses and streams are shaped in `responses.py`; this file holds the app and
+running a server (draining, tensor-parallel ranks).
 """
 from __future__ import annotations
 
 import asyncio
 import hmac
 import json
-import math
 import os
-import signal
 import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..llm.generation import GenerationConfig
 from .engine import Engine, EngineClosedError, Event, Prompt, PromptTooLong, QueueFullError, decoder_of
-from ..engine.engine import MAX_TOP_LOGPROBS
-from .media import MediaError, MediaPolicy
+from .media import MediaPolicy
 from .metrics import Metrics
-from .prompts import Message, PromptError, ServedModel, layout_text
+from .prompts import PromptError, ServedModel
+from .protocol import (CHAT_FIELDS, COMPLETION_FIELDS, MAX_JSON_DEPTH, MAX_N, APIError, Sampling, Tools, _json_depth,
+                       _completion_prompts, bad, parse_messages, parse_sampling, parse_tools)
+from .responses import _Logprobs, _cancel, _collect, _event_error, _next, _stream
 
 from .options import DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT
 
-MAX_N = 16
-MAX_STOP = 16
 
-_SAMPLING = {"max_tokens", "max_completion_tokens", "n", "stop", "seed", "temperature", "top_p", "top_k",
-             "repetition_penalty", "min_tokens", "ignore_eos", "stream", "stream_options", "user",
-             "presence_penalty", "frequency_penalty", "logprobs", "logit_bias", "use_beam_search", "best_of",
-             "num_beams", "length_penalty", "early_stopping"}
 # sent by current clients (the openai SDK, LangChain) and meaningless here: accepted and ignored
-IGNORED_FIELDS = {"store", "metadata", "service_tier", "reasoning_effort", "prompt_cache_key", "safety_identifier",
-                  "modalities", "verbosity", "web_search_options", "prediction"}
-CHAT_FIELDS = {"model", "messages", "top_logprobs", "response_format", "tools", "tool_choice",
-               "parallel_tool_calls"} | _SAMPLING | IGNORED_FIELDS
-COMPLETION_FIELDS = {"model", "prompt", "echo", "suffix"} | _SAMPLING | IGNORED_FIELDS
 # what an assistant message's `model_dump()` carries besides role and content (null or empty here)
-_MESSAGE_NULL_FIELDS = {"refusal", "annotations", "audio", "function_call", "tool_calls"}
-
-
-class APIError(Exception):
-    """An answer in OpenAI's error envelope."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, type: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
-        self.type = type or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                             413: "invalid_request_error", 429: "rate_limit_error",
-                             503: "service_unavailable"}.get(status, "server_error")
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-def bad(message: str, param: str | None = None, status: int = 400) -> APIError:
-    return APIError(status, message, param=param)
 
 
 @dataclass
@@ -104,49 +71,8 @@ class ServerState:
         return self.served, self.engine
 
 
-# -- field checks ------------------------------------------------------------------------------
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
-
-
-def _int(body, name, lo=None, hi=None):
-    v = body.get(name)
-    if v is None:
-        return None
-    if not _is_int(v):
-        raise bad(f"{name} must be an integer, got {json.dumps(v)[:50]}", name)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise bad(f"{name}={v} is out of range: it must be in [{lo}, {hi if hi is not None else 'inf'}]", name)
-    return v
-
-
-def _num(body, name, lo=None, hi=None, lo_open=False):
-    v = body.get(name)
-    if v is None:
-        return None
-    if not _is_num(v):
-        raise bad(f"{name} must be a finite number, got {json.dumps(v)[:50]}", name)
-    if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
-        left = "(" if lo_open else "["
-        raise bad(f"{name}={v} is out of range: it must be in {left}{lo}, {hi if hi is not None else 'inf'}]", name)
-    return float(v)
-
-
-def _bool(body, name):
-    v = body.get(name)
-    if v is None:
-        return None
-    if not isinstance(v, bool):
-        raise bad(f"{name} must be true or false, got {json.dumps(v)[:50]}", name)
-    return v
-
-
-MAX_JSON_DEPTH = 64
 _ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
 
 
@@ -169,281 +95,6 @@ class _ResponseCounter:
                 self.metrics.observe_response(message["status"], endpoint)
             await send(message)
         await self.app(scope, receive, counting_send)
-
-
-def _json_depth(value) -> int:
-    """Nesting depth of a parsed JSON value, without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        v, d = stack.pop()
-        deepest = max(deepest, d)
-        if deepest > MAX_JSON_DEPTH:
-            return deepest
-        if isinstance(v, dict):
-            stack += [(x, d + 1) for x in v.values()]
-        elif isinstance(v, list):
-            stack += [(x, d + 1) for x in v]
-    return deepest
-
-
-@dataclass
-class Sampling:
-    options: dict[str, Any]
-    stop: list[str]
-    n: int
-    stream: bool
-    include_usage: bool
-    seed: int | None
-    logprobs: int | None = None  # top alternatives per generated token (0-20), None: no logprobs
-    echo: bool = False  # completions: the prompt comes back first (with its logprobs when asked)
-    prompt_only: bool = False  # echo with max_tokens 0: the prompt's logprobs, nothing generated
-
-
-def parse_sampling(body: dict[str, Any], chat: bool = True) -> Sampling:
-    """OpenAI's options (plus vLLM/LMDeploy's extensions) as GenerationConfig options."""
-    if _bool(body, "use_beam_search") or (_int(body, "best_of", 1) or 1) > 1 or (_int(body, "num_beams", 1) or 1) > 1:
-        param = "use_beam_search" if body.get("use_beam_search") is True else \
-            next(p for p in ("best_of", "num_beams") if (body.get(p) or 1) > 1)
-        raise bad("beam search is not supported by the batching server (its beams cannot share the batch): "
-                  "sample or decode greedily, or use the Python API (model.chat(..., num_beams=5))", param)
-    for name in ("length_penalty", "early_stopping"):
-        if body.get(name) is not None:
-            raise bad(f"{name} applies to beam search, which the batching server does not run", name)
-    penalties = {name: _num(body, name, -2.0, 2.0) for name in ("presence_penalty", "frequency_penalty")}
-    if chat:  # logprobs: true/false, top_logprobs: 0-20 alternatives (needs logprobs)
-        want = _bool(body, "logprobs")
-        top = _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
-        if top is not None and not want:
-            raise bad("top_logprobs needs logprobs: true", "top_logprobs")
-        logprobs = (top or 0) if want else None
-    else:  # completions: logprobs is the number of alternatives (0-20)
-        logprobs = _int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
-    echo = not chat and bool(_bool(body, "echo"))
-    if body.get("logit_bias") not in (None, {}):
-        raise bad("logit_bias is not supported", "logit_bias")
-    if body.get("user") is not None and not isinstance(body["user"], str):
-        raise bad("user must be a string", "user")
-    opts: dict[str, Any] = {}
-    max_tokens = _int(body, "max_completion_tokens", 1)
-    if max_tokens is None:
-        max_tokens = _int(body, "max_tokens", 0 if echo else 1)
-    prompt_only = max_tokens == 0  # echo with max_tokens 0: score the prompt, generate nothing
-    if max_tokens is not None and not prompt_only:
-        opts["max_new_tokens"] = max_tokens
-    min_tokens = _int(body, "min_tokens", 0)
-    if min_tokens is not None:
-        opts["min_new_tokens"] = min_tokens
-    if max_tokens is not None and min_tokens is not None and min_tokens > max_tokens:
-        raise bad(f"min_tokens={min_tokens} is larger than max_tokens={max_tokens}", "min_tokens")
-    temperature = _num(body, "temperature", 0.0, 2.0)
-    if temperature is not None:
-        opts["do_sample"] = temperature > 0
-        if temperature > 0:
-            opts["temperature"] = temperature
-    top_p = _num(body, "top_p", 0.0, 1.0, lo_open=True)
-    if top_p is not None:
-        opts["top_p"] = top_p
-    top_k = _int(body, "top_k", -1)
-    if top_k is not None:
-        opts["top_k"] = max(top_k, 0)  # -1 (vLLM) and 0 both switch it off
-    rep = _num(body, "repetition_penalty", 0.0, lo_open=True)
-    if rep is not None:
-        opts["repetition_penalty"] = rep
-    for name, value in penalties.items():  # OpenAI's formulas over the reply so far (the batched sampler)
-        if value:
-            opts[name] = value
-    seed = _int(body, "seed", 0, 2 ** 63 - 1)
-    if seed is not None:
-        opts["seed"] = seed
-    if _bool(body, "ignore_eos"):
-        opts["ignore_eos"] = True
-    stop = body.get("stop")
-    if stop is None:
-        stops = []
-    elif isinstance(stop, str):
-        stops = [stop]
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        stops = stop
-    else:
-        raise bad("stop must be a string or a list of strings", "stop")
-    if len(stops) > MAX_STOP:
-        raise bad(f"stop has {len(stops)} strings; at most {MAX_STOP} are allowed", "stop")
-    if any(not s for s in stops):
-        raise bad("stop strings must not be empty", "stop")
-    n = _int(body, "n", 1, MAX_N) or 1
-    stream = bool(_bool(body, "stream"))
-    so = body.get("stream_options")
-    include_usage = False
-    if so is not None:
-        if not isinstance(so, dict) or set(so) - {"include_usage", "continuous_usage_stats"}:
-            raise bad("stream_options must be an object like {\"include_usage\": true}", "stream_options")
-        if not stream:
-            raise bad("stream_options is only allowed with stream=true", "stream_options")
-        include_usage = bool(_bool(so, "include_usage"))
-    return Sampling(opts, stops, n, stream, include_usage, seed, logprobs, echo, prompt_only)
-
-
-@dataclass
-class Tools:
-    functions: list[dict[str, Any]]  # OpenAI `function` objects shown to the model
-    choice: str  # "none" | "auto" | "required" | a function's name
-    parallel: bool = True
-
-    @property
-    def active(self) -> bool:
-        return bool(self.functions) and self.choice != "none"
-
-    @property
-    def reply_prefix(self) -> str:
-        """What the reply is made to start with: a call (`required`), of that function (named)."""
-        from ..llm.chat import ACTION_START, PLUGIN
-        names = [f["name"] for f in self.functions]
-        name = self.choice if self.choice not in ("auto", "required") else (
-            names[0] if self.choice == "required" and len(names) == 1 else None)
-        if name is not None:
-            return f'{ACTION_START}{PLUGIN}\n{{"name": {json.dumps(name, ensure_ascii=False)}, "parameters": '
-        return f"{ACTION_START}{PLUGIN}\n" if self.choice == "required" else ""
-
-
-def parse_tools(body: dict[str, Any]) -> Tools:
-    tools = body.get("tools")
-    functions: list[dict[str, Any]] = []
-    if tools is not None:
-        if not isinstance(tools, list):
-            raise bad("tools must be a list of {type: 'function', function: {name, description, parameters}}", "tools")
-        for i, t in enumerate(tools):
-            f = t.get("function") if isinstance(t, dict) else None
-            if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(f, dict) \
-                    or not isinstance(f.get("name"), str) or not f["name"]:
-                raise bad(f"tools[{i}] must be {{type: 'function', function: {{name: str, ...}}}}", f"tools[{i}]")
-            if f.get("parameters") is not None and not isinstance(f["parameters"], dict):
-                raise bad(f"tools[{i}].function.parameters must be a JSON schema object", f"tools[{i}].function")
-            functions.append({k: f[k] for k in ("name", "description", "parameters") if f.get(k) is not None})
-    names = [f["name"] for f in functions]
-    if len(set(names)) != len(names):
-        raise bad("tools name the same function twice", "tools")
-    choice = body.get("tool_choice")
-    if choice is None:
-        choice = "auto" if functions else "none"
-    elif isinstance(choice, dict):
-        f = choice.get("function")
-        if choice.get("type") != "function" or not isinstance(f, dict) or not isinstance(f.get("name"), str):
-            raise bad("tool_choice must be 'none', 'auto', 'required' or {type: 'function', function: {name}}",
-                      "tool_choice")
-        if f["name"] not in names:
-            raise bad(f"tool_choice names {f['name']!r}, which is not among the tools {names}", "tool_choice")
-        choice = f["name"]
-    elif choice not in ("none", "auto", "required"):
-        raise bad("tool_choice must be 'none', 'auto', 'required' or {type: 'function', function: {name}}",
-                  "tool_choice")
-    if choice != "none" and not functions:
-        raise bad(f"tool_choice {choice!r} needs tools", "tool_choice")
-    parallel = _bool(body, "parallel_tool_calls")
-    return Tools(functions, choice, True if parallel is None else parallel)
-
-
-def _tool_calls(calls, where: str) -> list[tuple[str, dict]]:
-    """An assistant message's OpenAI `tool_calls` as (name, parameters)."""
-    if not isinstance(calls, list):
-        raise bad(f"{where} must be a list of tool calls", where)
-    out = []
-    for j, c in enumerate(calls):
-        f = c.get("function") if isinstance(c, dict) else None
-        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
-            raise bad(f"{where}[{j}] must be {{id, type: 'function', function: {{name, arguments}}}}", f"{where}[{j}]")
-        args = f.get("arguments", "{}")
-        try:
-            params = json.loads(args) if isinstance(args, str) else args
-        except ValueError as e:
-            raise bad(f"{where}[{j}].function.arguments is not JSON: {e}", f"{where}[{j}].function.arguments") from e
-        if not isinstance(params, dict):
-            raise bad(f"{where}[{j}].function.arguments must be a JSON object", f"{where}[{j}].function.arguments")
-        out.append((f["name"], params))
-    return out
-
-
-def _content_parts(content, where: str, media: MediaPolicy, allow_images: bool) -> list[tuple[str, str]]:
-    if isinstance(content, str):
-        return [("text", content)]
-    if not isinstance(content, list) or not content:
-        raise bad(f"{where} must be a string or a non-empty list of content parts", where)
-    parts = []
-    for j, part in enumerate(content):
-        p = f"{where}[{j}]"
-        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-            raise bad(f"{p} must be an object with a type ('text' or 'image_url')", p)
-        kind = part["type"]
-        if kind == "text":
-            if not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
-                raise bad(f"{p} must be {{'type': 'text', 'text': str}}", p)
-            parts.append(("text", part["text"]))
-        elif kind == "image_url":
-            if not allow_images:
-                raise bad(f"{p}: only user messages carry images", p)
-            iu = part.get("image_url")
-            if isinstance(iu, str):
-                url = iu
-            elif isinstance(iu, dict) and isinstance(iu.get("url"), str) and not set(iu) - {"url", "detail"}:
-                url = iu["url"]
-            else:
-                raise bad(f"{p}.image_url must be {{'url': str}}", f"{p}.image_url")
-            try:
-                parts.append(("image", media.resolve(url)))
-            except MediaError as e:
-                raise bad(f"{p}.image_url: {e}", f"{p}.image_url", status=e.status) from e
-        else:
-            raise bad(f"{p}.type {kind!r} is not supported: use 'text' or 'image_url'", f"{p}.type")
-    return parts
-
-
-def parse_messages(body: dict[str, Any], media: MediaPolicy) -> list[Message]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise bad("messages must be a non-empty list of {role, content} objects", "messages")
-    out: list[Message] = []
-    for i, m in enumerate(msgs):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise bad(f"{where} must be an object with role and content", where)
-        role = m.get("role")
-        allowed = {"role", "content", "name"} | ({"tool_calls"} if role == "assistant" else set()) | (
-            {"tool_call_id"} if role == "tool" else set())
-        extra = set(m) - allowed - {k for k in _MESSAGE_NULL_FIELDS if m.get(k) in (None, [])}
-        if extra:
-            raise bad(f"{where} has unknown field(s) {sorted(extra)}", f"{where}.{sorted(extra)[0]}")
-        if role == "developer":  # OpenAI's newer name for the system role (the SDK and LangChain send it)
-            role = "system"
-        if role not in ("system", "user", "assistant", "tool"):
-            raise bad(f"{where}.role must be 'system' (or 'developer'), 'user', 'assistant' or 'tool', got "
-                      f"{json.dumps(role)[:40]}", f"{where}.role")
-        calls = _tool_calls(m["tool_calls"], f"{where}.tool_calls") if m.get("tool_calls") else None
-        if m.get("content") is None and calls:
-            out.append(Message(role, "", tool_calls=calls))
-            continue
-        if "content" not in m or m["content"] is None:
-            raise bad(f"{where}.content is missing", f"{where}.content")
-        parts = _content_parts(m["content"], f"{where}.content", media, allow_images=(role == "user"))
-        text, layout = layout_text(parts)
-        out.append(Message(role, text, [v for k, v in parts if k == "image"], layout, tool_calls=calls))
-    turns = [m for m in out if m.role != "system"]
-    first_turn = next(i for i, m in enumerate(out) if m.role != "system") if turns else len(out)
-    for i, m in enumerate(out):
-        if m.role == "system" and i >= first_turn:
-            raise bad("system messages must come first", f"messages[{i}].role")
-    prev = None  # user and assistant alternate, starting with user; tool results follow a call
-    for k, m in enumerate(turns):
-        ok = {"user": prev in (None, "assistant", "tool"), "assistant": prev in ("user", "tool"),
-              "tool": prev in ("call", "tool")}[m.role]
-        if not ok:
-            want = "user" if prev in (None, "assistant") else ("tool' or 'assistant" if prev == "tool" else
-                                                               ("tool" if prev == "call" else "assistant"))
-            raise bad(f"messages[{first_turn + k}].role is {m.role!r} but {want!r} was expected: user and "
-                      f"assistant messages alternate, starting with user, and tool results follow an assistant "
-                      f"message with tool_calls", f"messages[{first_turn + k}].role")
-        prev = "call" if m.role == "assistant" and m.tool_calls else m.role
-    if not turns or turns[-1].role not in ("user", "tool"):
-        raise bad("the last message must be a user message (or a tool result)", "messages")
-    return out
 
 
 # -- the app -----------------------------------------------------------------------------------
@@ -607,26 +258,6 @@ def _model_card(served: ServedModel, engine: Engine) -> dict[str, Any]:
             "max_model_len": engine.session_len}
 
 
-def _completion_prompts(p, served: ServedModel) -> list:
-    """`prompt`: a string, a list of strings, a list of token ids, or a list of such lists."""
-    if isinstance(p, str):
-        p = [p]
-    elif isinstance(p, list) and p and all(_is_int(t) for t in p):
-        p = [p]
-    if not isinstance(p, list) or not p or not all(
-            isinstance(t, str) or (isinstance(t, list) and all(_is_int(i) for i in t)) for t in p):
-        raise bad("prompt must be a string, a list of strings, a list of token ids or a list of such lists",
-                  "prompt")
-    vocab = served.tokenizer.vocab_size
-    for k, t in enumerate(p):
-        if not t:
-            raise bad("prompt must not be empty", "prompt")
-        if isinstance(t, list) and not all(0 <= i < vocab for i in t):
-            bad_id = next(i for i in t if not 0 <= i < vocab)
-            raise bad(f"prompt[{k}] holds token id {bad_id}, outside this model's vocabulary [0, {vocab})", "prompt")
-    return p
-
-
 def _config(served: ServedModel, sampling: Sampling, completion: bool = False) -> GenerationConfig:
     try:
         return served.config(sampling.options, completion=completion)
@@ -687,240 +318,6 @@ async def _run(request: Request, engine: Engine, served: ServedModel, prompts, c
         return await _collect(request, events, first, reqs, served, rid, created, chat, sampling, echoed, fmt, tools)
     gen = _stream(events, first, reqs, served, rid, created, chat, sampling, echoed, fmt, tools)
     return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-def _cancel(reqs) -> None:
-    for r in reqs:
-        r.cancel()
-
-
-def _event_error(ev: Event, chat: bool) -> APIError:
-    if ev.error_type == "invalid_request":
-        return bad(ev.text, "messages" if chat else "prompt")
-    return APIError(500, ev.text)
-
-
-_DISCONNECT_CHECK_S = 0.1
-
-
-async def _next(request: Request, events: asyncio.Queue):
-    """The next (index, event), or None once the client has disconnected. The connection is looked
-    at every 0.1 s even while events keep coming, so a non-streaming request whose client gave up
-    (the openai SDK retries after its timeout) is cancelled within a step or two, not at its end."""
-    while True:
-        now = time.monotonic()
-        last = getattr(request.state, "disconnect_checked", 0.0)
-        if now - last >= _DISCONNECT_CHECK_S:
-            request.state.disconnect_checked = now
-            if await request.is_disconnected():
-                return None
-        try:
-            return await asyncio.wait_for(events.get(), timeout=_DISCONNECT_CHECK_S)
-        except asyncio.TimeoutError:
-            continue
-
-
-class _Logprobs:
-    """Engine logprob entries (token id, logprob, [(id, logprob), ...]) in OpenAI's two formats:
-    chat's `content` list and completions' parallel lists."""
-
-    def __init__(self, tokenizer, chat: bool):
-        self.tok, self.chat = tokenizer, chat
-
-    def _token(self, token_id: int) -> tuple[str, list[int]]:
-        b = self.tok.token_bytes(token_id)
-        return b.decode("utf-8", errors="replace"), list(b)
-
-    def chat_content(self, entries) -> list[dict]:
-        out = []
-        for tid, lp, top in entries:
-            text, b = self._token(tid)
-            alts = []
-            for aid, alp in top:
-                at, ab = self._token(aid)
-                alts.append({"token": at, "logprob": alp, "bytes": ab})
-            out.append({"token": text, "logprob": lp, "bytes": b, "top_logprobs": alts})
-        return out
-
-    def completion(self, entries, offset: int = 0) -> dict:
-        """`entries` may hold None for the first prompt token (nothing predicts it)."""
-        tokens, lps, tops, offsets = [], [], [], []
-        for e in entries:
-            tid, lp, top = e
-            text, _ = self._token(tid)
-            tokens.append(text)
-            lps.append(lp)
-            tops.append(None if top is None else {self._token(a)[0]: alp for a, alp in top})
-            offsets.append(offset)
-            offset += len(text)
-        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
-
-
-def _echo_entries(prompt_ids: list[int], prompt_logprobs) -> list:
-    """The prompt's tokens as entries: the first has no logprob (OpenAI: null)."""
-    return [(prompt_ids[0], None, None)] + [tuple(e) for e in (prompt_logprobs or [])]
-
-
-def _reply_calls(served: ServedModel, tools: "Tools | None", ev: Event) -> tuple[str, list[dict]] | None:
-    """(text, OpenAI tool_calls) when the reply made calls, else None."""
-    if tools is None or not tools.active:
-        return None
-    from ..llm.chat import parse_tool_calls
-    text, calls = parse_tool_calls(served.tokenizer, ev.tokens, tools.reply_prefix)
-    if not calls:
-        return None
-    if not tools.parallel:
-        calls = calls[:1]
-    return text, [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                   "function": {"name": n, "arguments": json.dumps(p, ensure_ascii=False)}} for n, p in calls]
-
-
-async def _collect(request, events, first, reqs, served, rid, created, chat, sampling, echoed, fmt, tools=None):
-    n = len(reqs)
-    texts = [""] * n
-    done: dict[int, Event] = {}
-    item = first
-    while True:
-        i, ev = item
-        if ev.kind == "text":
-            texts[i] += ev.text
-        elif ev.kind == "error":
-            _cancel(reqs)
-            raise _event_error(ev, chat)
-        else:
-            done[i] = ev
-            if len(done) == n:
-                break
-        item = await _next(request, events)
-        if item is None:
-            _cancel(reqs)
-            return Response(status_code=499)
-    choices = []
-    for i in range(n):
-        reason = _reason(done[i])
-        lp = None
-        if chat:
-            if sampling.logprobs is not None:
-                lp = {"content": fmt.chat_content(done[i].logprobs or []), "refusal": None}
-            message = {"role": "assistant", "content": texts[i]}
-            called = _reply_calls(served, tools, done[i])
-            if called is not None:  # InternLM2's <|action_start|><|plugin|> calls, as OpenAI's tool_calls
-                message = {"role": "assistant", "content": called[0] or None, "tool_calls": called[1]}
-                reason = "tool_calls"
-            choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
-            continue
-        text = (echoed[i] if sampling.echo else "") + texts[i]
-        if sampling.logprobs is not None:
-            entries = list(done[i].logprobs or [])
-            if sampling.echo:
-                entries = _echo_entries(reqs[i].prompt.ids, done[i].prompt_logprobs) + entries
-            lp = fmt.completion(entries)
-        choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": reason})
-    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": served.name, "choices": choices, "usage": _usage(done.values(), chat)}
-
-
-def _reason(ev: Event) -> str:
-    return {"cancelled": "abort"}.get(ev.finish_reason, ev.finish_reason)
-
-
-def _usage(done, chat: bool) -> dict[str, int]:
-    done = list(done)
-    # a chat prompt is counted once for its n choices; each completions prompt counts (n copies each)
-    prompt = done[0].prompt_tokens if chat else sum(e.prompt_tokens for e in done)
-    completion = sum(e.completion_tokens for e in done)
-    # OpenAI's field for prompt tokens served from a cache: here the prefix cache's hits
-    cached = done[0].cached_tokens if chat else sum(e.cached_tokens for e in done)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
-
-
-async def _stream(events, first, reqs, served, rid, created, chat, sampling, echoed, fmt,
-                  tools=None) -> AsyncIterator[str]:
-    n = len(reqs)
-    obj = "chat.completion.chunk" if chat else "text_completion"
-    include_usage = sampling.include_usage
-    offsets = [0] * n  # completions' text_offset continues across chunks
-
-    def chunk(choices, usage=None) -> str:
-        d = {"id": rid, "object": obj, "created": created, "model": served.name, "choices": choices}
-        if include_usage:
-            d["usage"] = usage
-        return f"data: {json.dumps(d, ensure_ascii=False)}\n\n"
-
-    def logprobs(i, entries):
-        if sampling.logprobs is None or entries is None:
-            return None
-        if chat:
-            return {"content": fmt.chat_content(entries), "refusal": None}
-        out = fmt.completion(entries, offsets[i])
-        offsets[i] += sum(len(t) for t in out["tokens"])
-        return out
-
-    def choice(i, text=None, reason=None, role=False, entries=None):
-        if chat:
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
-            return {"index": i, "delta": delta, "logprobs": logprobs(i, entries), "finish_reason": reason}
-        return {"index": i, "text": text or "", "logprobs": logprobs(i, entries), "finish_reason": reason}
-
-    done: dict[int, Event] = {}
-    held: dict[int, str] = {}  # text of replies that may call tools, sent when they end
-    sent = [0] * n  # generated tokens whose logprobs went out
-    try:
-        if chat:
-            for i in range(n):
-                yield chunk([choice(i, role=True)])
-        item = first
-        echo_sent = set()
-        while True:
-            i, ev = item
-            if not chat and sampling.echo and i not in echo_sent and ev.kind != "error":
-                echo_sent.add(i)  # the prompt first (its logprobs come with the done event: sent then)
-                if ev.kind != "done":
-                    yield chunk([choice(i, echoed[i])])
-            if ev.kind == "text" and tools is not None and tools.active:
-                held[i] = held.get(i, "") + ev.text  # a reply that may call tools is parsed once it ends
-            elif ev.kind == "text":
-                sent[i] += len(ev.logprobs or [])
-                yield chunk([choice(i, ev.text, entries=ev.logprobs or [])])
-            elif ev.kind == "error":
-                err = _event_error(ev, chat)
-                yield f"data: {json.dumps(err.body())}\n\n"
-                break
-            else:
-                done[i] = ev
-                if tools is not None and tools.active:
-                    called = _reply_calls(served, tools, ev)
-                    text = called[0] if called is not None else held.get(i, "")
-                    if text:
-                        yield chunk([choice(i, text)])
-                    if called is not None:
-                        deltas = [{"index": j, **c} for j, c in enumerate(called[1])]
-                        yield chunk([{"index": i, "delta": {"tool_calls": deltas}, "logprobs": None,
-                                      "finish_reason": None}])
-                        yield chunk([choice(i, reason="tool_calls")])
-                    else:
-                        yield chunk([choice(i, reason=_reason(ev))])
-                    if len(done) == n:
-                        if include_usage:
-                            yield chunk([], _usage(done.values(), chat))
-                        break
-                    item = await events.get()
-                    continue
-                rest = list((ev.logprobs or [])[sent[i]:])
-                text = None
-                if not chat and sampling.echo and ev.prompt_logprobs is not None and sampling.prompt_only:
-                    rest = _echo_entries(reqs[i].prompt.ids, ev.prompt_logprobs)
-                    text = echoed[i]
-                yield chunk([choice(i, text, reason=_reason(ev), entries=rest if rest else None)])
-                if len(done) == n:
-                    if include_usage:
-                        yield chunk([], _usage(done.values(), chat))
-                    break
-            item = await events.get()
-        yield "data: [DONE]\n\n"
-    finally:  # the client went away (the task is cancelled) or the stream ended: free the rows
-        _cancel(reqs)
 
 
 # -- running a server --------------------------------------------------------------------------
