@@ -170,3 +170,30 @@ def test_tools_on_a_model_without_a_tool_format_are_a_clear_400(tmp_path):
         assert e.value.body["param"] == "tools"
     finally:
         server.close()
+
+
+def test_langchain_bind_tools_round_trip(taught):
+    """LangChain as its users call it (`ChatOpenAI(base_url=...)`, `bind_tools`, invoke and stream, a
+    ToolMessage back): the call comes through as LangChain's tool_calls."""
+    pytest.importorskip("langchain_openai", reason="pip install -e '.[test]' installs langchain-openai")
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_openai import ChatOpenAI
+
+    server = _serve(taught, "tiny-lm2", max_batch_size=2, session_len=1024)
+    try:
+        llm = ChatOpenAI(base_url=server.url + "/v1", api_key="unused", model="tiny-lm2", temperature=0,
+                         max_tokens=64, max_retries=0)
+        bound = llm.bind_tools([{"type": "function", "function": WEATHER}, {"type": "function", "function": TIME}])
+        msg = bound.invoke([HumanMessage(QUESTION)])
+        assert [(c["name"], c["args"]) for c in msg.tool_calls] == [("get_weather", {"city": "Shanghai"})]
+        assert msg.content == "Let me check."
+        chunks = list(bound.stream([HumanMessage(QUESTION)]))
+        whole = chunks[0]
+        for c in chunks[1:]:
+            whole = whole + c
+        assert [(c["name"], c["args"]) for c in whole.tool_calls] == [("get_weather", {"city": "Shanghai"})]
+        after = bound.invoke([HumanMessage(QUESTION), msg,
+                              ToolMessage('{"temperature": 22}', tool_call_id=msg.tool_calls[0]["id"])])
+        assert after.response_metadata["finish_reason"] in ("stop", "length")
+    finally:
+        server.close()
