@@ -25,6 +25,7 @@ EXIT_ERROR = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from xcomposer.serve.options import add_quantization_arguments
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--folder", default=DEFAULT_FOLDER,
                    help=f"local checkpoint folder or hub id (default {DEFAULT_FOLDER})")
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "web_demo_output)")
     p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
                    help="weights dtype (default: float16 on GPU, float32 on CPU)")
+    add_quantization_arguments(p)
     p.add_argument("--max-concurrency", "--max_concurrency", dest="max_concurrency", type=int, default=1,
                    help="model jobs running at once; the rest wait in the queue (default 1)")
     p.add_argument("--cuda-graphs", "--cuda_graphs", dest="cuda_graphs", action="store_true",
@@ -87,6 +89,8 @@ def load_model(args: argparse.Namespace):
     from xcomposer import InternLM, XComposer
     from xcomposer.llm.checkpoint import CheckpointError, checkpoint_folder
     from xcomposer.llm.internlm import InsufficientMemoryError
+    from xcomposer.llm.quant import QuantizationError
+    from xcomposer.serve.options import quantization_options
     from xcomposer.models.xcomposer import is_xcomposer_config
     from xcomposer.parallel.sharding import ShardingError
 
@@ -99,7 +103,13 @@ def load_model(args: argparse.Namespace):
         vision = is_xcomposer_config(json.loads(cfg_file.read_text(encoding="utf-8")))
     except (CheckpointError, OSError, ValueError) as e:
         raise SystemExit(f"error: could not load the model from --folder {args.folder!r}: {e}\n{_FOLDER_HELP}") from None
-    kwargs = {"device": device, "dtype": args.dtype}
+    try:
+        kwargs = {"device": device, "dtype": args.dtype, **quantization_options(args)}
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if kwargs.keys() - {"device", "dtype"} and args.num_gpus > 1:
+        raise SystemExit("error: 8-bit / 4-bit weights load on one GPU: drop --num_gpus (a 4-bit 7B model needs about "
+                         "a quarter of the 16-bit memory)")
     if vision:
         kwargs["variant"] = args.variant
         if args.num_gpus > 1 and device == "cuda":
@@ -115,6 +125,8 @@ def load_model(args: argparse.Namespace):
         model = (XComposer if vision else InternLM).from_pretrained(args.folder, **kwargs)
     except (ShardingError, InsufficientMemoryError) as e:
         raise SystemExit(f"error: --num_gpus {args.num_gpus}: {e}") from None
+    except QuantizationError as e:
+        raise SystemExit(f"error: {e}") from None
     except (CheckpointError, OSError, ValueError) as e:
         raise SystemExit(f"error: could not load the model from --folder {args.folder!r}: {e}\n{_FOLDER_HELP}") from None
     if args.cuda_graphs:

@@ -9,7 +9,8 @@
 #    token-identical without compile, per-step logits within fp16 rounding with it), the
 #    one-GPU memory report, and the decoder/generation parity tests on this machine;
 # 1b. (STEPS="engine", in the default) the paged serving engine's tests: real CUDA graphs over block
-#    tables equal generate(), plus the engine suites (prefix caching, preemption, random load);
+#    tables equal generate(), plus the engine suites (prefix caching, preemption, random load) and the
+#    int8 KV cache (CUDA graphs over an int8 pool equal eager int8, fp32 and fp16);
 # 2. the decoder benchmark at the InternLM-7B shape in fp16 (ours eager / graph / graph+compiled
 #    against transformers' Llama, prefill, decode batch 1/8/32, 5 beams, image question time to
 #    first token, image encode batch 1/8 with the real EVA ViT-g, the bandwidth limit).
@@ -19,6 +20,8 @@
 #    document chat with prefix caching on/off, head-of-line blocking per prefill budget, engine
 #    decode tokens/s at batch 1 and 16 (eager and CUDA graphs) against the bandwidth limit; about
 #    4 minutes, results in $OUT/serve.json and serve.txt. SERVE_ARGS passes options to it.
+# 5. (STEPS="quant") the 8/4-bit tests on CUDA and benchmarks/bench_quant.py at the 7B shape (fp16, int8,
+#    nf4: weight memory, decode tokens/s at batch 1 and 16); QUANT_ARGS passes options to it.
 # One device call may run 10 minutes at most: STEPS="tests" or STEPS="bench" runs one part, and
 # BENCH_ARGS passes options to the benchmark, e.g. BENCH_ARGS="--variants ours ours-graph --repeats 3"
 # (the compiled variant compiles once per batch shape: budget a minute or more per shape).
@@ -37,8 +40,16 @@ if [[ " $steps " == *" tests "* ]]; then
 fi
 if [[ " $steps " == *" engine "* ]]; then  # the paged engine: real CUDA graphs over block tables, STEPS="engine"
     # (the /health test needs the HTTP stack, which the GPU image lacks: it runs in CI)
-    python3 -m pytest -q -p no:cacheprovider -rs tests/test_engine_paged.py tests/test_serve_engine.py -k "not health" \
+    python3 -m pytest -q -p no:cacheprovider -rs tests/test_engine_paged.py tests/test_serve_engine.py tests/test_kv_quant.py -k "not health" \
         2>&1 | tee "$out/engine_tests.txt" || rc=1
+fi
+if [[ " $steps " == *" quant "* ]]; then  # 8/4-bit weights (bitsandbytes, GPTQ / AWQ): tests, then bench_quant
+    # at the InternLM2.5-7B shape (fp16 vs int8 vs nf4: memory and decode tokens/s at batch 1 and 16), STEPS="quant"
+    python3 -c "import bitsandbytes" 2>/dev/null || echo "bitsandbytes is not installed: carry a wheel" | tee -a "$out/gpu.txt"
+    python3 -m pytest -q -p no:cacheprovider -rs tests/test_bnb_quant.py $(ls tests/test_packed_quant.py 2>/dev/null) \
+        2>&1 | tee "$out/quant_tests.txt" || rc=1
+    python3 benchmarks/bench_quant.py --device cuda --mode 7b --json "$out/quant.json" ${QUANT_ARGS:-} 2>&1 \
+        | tee "$out/quant.txt" || rc=1
 fi
 if [[ " $steps " == *" bench "* ]]; then
     python3 benchmarks/bench_decoder.py --device cuda --mode 7b --json "$out/decoder.json" ${BENCH_ARGS:-} 2>&1 \

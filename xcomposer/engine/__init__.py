@@ -5,6 +5,7 @@ model runner and a batched sampler, behind one `Engine` (docs/serving.md, docs/a
     block_manager.py  the block pool's bookkeeping: free list, ref counts, prefix keys, LRU eviction
     scheduler.py      which sequences run each step: decode tokens, prompt chunks by budget, preemption
     model_runner.py   the packed forward over the pool (paged attention), fixed-shape decode graphs
+    kv_quant.py       int8 / int4 K/V with a scale and zero point per (token, head) (quant_policy 8 / 4)
     sampler.py        one step's tokens for every sampled row, one host sync
     output.py         incremental text and stop strings
     engine.py         the thread that ties them together; faults; tensor-parallel followers

@@ -32,7 +32,8 @@ from torch import nn
 
 from ..llm.decoder import InternLMForCausalLM
 from ..llm.generation import GenerationConfig, seeded_generator
-from ..parallel.sharding import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_MAX_ENTRY_COUNT, KVPoolPlan, kv_pool_plan
+from ..parallel.sharding import (DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_MAX_ENTRY_COUNT, KVPoolPlan, check_quant_policy,
+                                 kv_pool_plan)
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
 from .request import EngineClosedError, EngineError, Event, Prompt, PromptTooLong, QueueFullError, Request
@@ -74,6 +75,27 @@ def decoder_of(model: nn.Module) -> InternLMForCausalLM:
     return llm
 
 
+# The KV cache settings the engine serves: 0 (K/V in the model's dtype) and 8 (int8, LMDeploy's
+# quant_policy 8). The pool and the planner also implement 4 (int4), but on our test models its
+# error was an order of magnitude above int8's and it changed greedy replies (docs/serving.md, "KV
+# cache quantization"), so the engine refuses it until it is measured on a real checkpoint.
+SERVED_QUANT_POLICIES = (0, 8)
+INT4_REFUSED = ("quant_policy=4 (int4 K/V) is not served: on our test models it moved logits by up to 2.8-3.8 "
+                "(int8: 0.14-0.37) and changed greedy replies that int8 keeps (docs/serving.md, \"KV cache "
+                "quantization\"); use 8 (int8, about 2x the tokens of the 16-bit cache) or 0")
+
+
+def check_serving_quant_policy(value) -> int:
+    """`value` if the engine serves that `quant_policy` (0 or 8), else a ValueError that names the
+    allowed values (and why 4 is refused)."""
+    if type(value) is int and value == 4:
+        raise ValueError(INT4_REFUSED)
+    if isinstance(value, bool) or not isinstance(value, int) or value not in SERVED_QUANT_POLICIES:
+        raise ValueError(f"quant_policy={value!r} is not a KV cache setting: use 0 (K/V in the model's dtype) or 8 "
+                         f"(int8 with a scale and zero point per token and head), LMDeploy's values")
+    return check_quant_policy(value)
+
+
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}={value!r} must be an integer >= 1")
@@ -87,7 +109,9 @@ class Engine:
     `session_len` caps one sequence (prompt plus reply; default the context window);
     `max_batch_size` caps the sequences decoded together. The pool is sized by `num_blocks`, or
     `kv_cache_gib`, or `cache_max_entry_count` of the free device memory (LMDeploy's rule), or on a
-    CPU a small default (`parallel.sharding.kv_pool_plan`); `plan` describes it."""
+    CPU a small default (`parallel.sharding.kv_pool_plan`); `plan` describes it. `quant_policy` 8
+    (LMDeploy's) stores K/V as int8 with a scale and a zero point per (token, kv head), so the same
+    budget holds about 2x the tokens; 4 (int4) is refused (docs/serving.md, "KV cache quantization")."""
 
     def __init__(self, model: nn.Module, *, max_batch_size: int = DEFAULT_MAX_BATCH,
                  max_queue: int = DEFAULT_MAX_QUEUE, session_len: int | None = None,
@@ -95,10 +119,11 @@ class Engine:
                  block_size: int = DEFAULT_BLOCK_SIZE, num_blocks: int | None = None,
                  cache_max_entry_count: float = DEFAULT_CACHE_MAX_ENTRY_COUNT, kv_cache_gib: float | None = None,
                  prefix_caching: bool = True, tokenizer=None, metrics=None, start: bool = True,
-                 tp_group=None, model_lock: threading.Lock | None = None):
+                 tp_group=None, model_lock: threading.Lock | None = None, quant_policy: int = 0):
         for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue),
                             ("prefill_chunk", prefill_chunk), ("block_size", block_size)):
             _positive_int(name, value)
+        self.quant_policy = check_serving_quant_policy(quant_policy)
         self.model = model
         self.llm = decoder_of(model)
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
@@ -135,14 +160,15 @@ class Engine:
                                              block_size=block_size, free_bytes=free,
                                              cache_max_entry_count=cache_max_entry_count,
                                              kv_cache_gib=kv_cache_gib, num_blocks=num_blocks, kv_split=kv_split,
-                                             max_batch_size=max_batch_size)
+                                             max_batch_size=max_batch_size, quant_policy=quant_policy)
         if tp_group is not None:  # every rank must hold the same pool: the smallest plan wins
             import torch.distributed as dist
             n = torch.tensor([self.plan.num_blocks])
             dist.all_reduce(n, op=dist.ReduceOp.MIN, group=tp_group)
             self.plan.num_blocks = int(n)
         self.blocks = BlockManager(self.plan.num_blocks, block_size, prefix_caching=prefix_caching)
-        self.runner = ModelRunner(self.llm, self.plan.num_blocks, block_size, rope_len=session_len)
+        self.runner = ModelRunner(self.llm, self.plan.num_blocks, block_size, rope_len=session_len,
+                                  quant_policy=quant_policy)
         cfg = self.llm.config
         rope_key = None
         if cfg.family == "internlm2" and cfg.rope_scaling_type == "dynamic":
@@ -586,5 +612,6 @@ class Engine:
         self.close()
 
 
-__all__ = ["Engine", "decoder_of", "DEFAULT_MAX_BATCH", "DEFAULT_MAX_QUEUE", "DEFAULT_PREFILL_CHUNK",
+__all__ = ["Engine", "decoder_of", "check_serving_quant_policy", "SERVED_QUANT_POLICIES", "DEFAULT_MAX_BATCH",
+           "DEFAULT_MAX_QUEUE", "DEFAULT_PREFILL_CHUNK",
            "DEFAULT_MAX_PREFILL_TOKENS"]

@@ -11,7 +11,9 @@ never masks over a whole window), `execute` runs it:
   one-token items together (queries (B, heads, 1, d) over keys gathered from each sequence's
   block table, padded and masked), each prompt chunk on its own (causal over its sequence's
   blocks). This gather + `scaled_dot_product_attention` is the one path on CPU and GPU; it reads
-  each sequence's own blocks only;
+  each sequence's own blocks only. With `quant_policy` 8 / 4 the pool holds int8 / int4 codes and a
+  scale and zero point per (slot, kv head) (`kv_quant.py`): keys and values are quantized as they
+  are written and the gathered blocks dequantized to the query's dtype;
 * only the rows that are sampled go through the final norm and the LM head.
 
 A step of decode tokens only can run as a fixed-shape call (`use_cuda_graphs(model)`): rows padded
@@ -30,6 +32,8 @@ from torch import nn
 
 from ..llm import fast_decode
 from ..llm.decoder import _SDPA_GQA, InternLMForCausalLM, rope_from_positions
+from ..parallel.sharding import check_quant_policy, kv_head_bytes, kv_scale_dtype
+from .kv_quant import dequantize, quantize
 
 
 @dataclass
@@ -91,22 +95,44 @@ class StepMeta:
 
 class PagedKV(nn.Module):
     """One layer's share of the pool, duck-typed into the decoder's `Attention.kv_cache` slot:
-    the decoder calls `attend(q, k, v)` with this step's rotated queries and keys."""
+    the decoder calls `attend(q, k, v)` with this step's rotated queries and keys.
+
+    `bits` 0: `k`/`v` hold the values in the model's dtype. 8 / 4 (`quant_policy`): `k`/`v` hold
+    uint8 codes (4 bits: two per byte, head_dim / 2 bytes) and `k_sz`/`v_sz` a [scale, zero] pair
+    per (slot, kv head) (`kv_quant`): written quantized, dequantized to the query's dtype when
+    gathered."""
 
     paged = True
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, runner: "ModelRunner"):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, runner: "ModelRunner", bits: int = 0,
+                 k_sz: torch.Tensor | None = None, v_sz: torch.Tensor | None = None):
         super().__init__()
-        self.k, self.v = k, v  # (num_blocks * block_size, kv_heads, head_dim)
+        self.k, self.v = k, v  # (num_blocks * block_size, kv_heads, head_dim or its packed bytes)
+        self.k_sz, self.v_sz = k_sz, v_sz  # (num_blocks * block_size, kv_heads, 2) when quantized
+        self.bits = bits
         self.runner = runner
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """Everything this layer stores per slot (codes and their scales/zeros when quantized)."""
+        return [t for t in (self.k, self.v, self.k_sz, self.v_sz) if t is not None]
+
+    def _write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k/v (T, Hkv, d) into their pool slots (T,)."""
+        if not self.bits:
+            self.k.index_copy_(0, slots, k.to(self.k.dtype))
+            self.v.index_copy_(0, slots, v.to(self.v.dtype))
+            return
+        for x, codes, sz in ((k, self.k, self.k_sz), (v, self.v, self.v_sz)):
+            c, s = quantize(x, self.bits, sz.dtype)
+            codes.index_copy_(0, slots, c)
+            sz.index_copy_(0, slots, s)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (1, H, T, d), k/v (1, Hkv, T, d) for the packed tokens -> (1, H, T, d)."""
         meta: StepMeta = self.runner.meta
         dev = q.device
-        slots = meta.on(dev, "write_slots")
-        self.k.index_copy_(0, slots, k[0].transpose(0, 1).to(self.k.dtype))
-        self.v.index_copy_(0, slots, v[0].transpose(0, 1).to(self.v.dtype))
+        self._write(meta.on(dev, "write_slots"), k[0].transpose(0, 1), v[0].transpose(0, 1))
         if meta.all_decode:
             qd = q[0].transpose(0, 1)[:, :, None]  # (B, H, 1, d)
             return self._attend(qd, meta.on(dev, "dec_blocks"), meta.on(dev, "dec_lens"))[:, :, 0] \
@@ -119,26 +145,31 @@ class PagedKV(nn.Module):
             out[0][:, rows] = y[:, :, 0].transpose(0, 1)
         for a, b, blocks, L in meta.chunks:
             n = b - a
-            kk, vv = self._gather(blocks.to(dev, non_blocking=True)[None])  # (1, Hkv, nb * bs, d)
+            kk, vv = self._gather(blocks.to(dev, non_blocking=True)[None], q.dtype)  # (1, Hkv, nb * bs, d)
             # causal: query i (position L - n + i) sees keys 0 .. L - n + i (the padding after L never)
             causal = torch.arange(kk.shape[2], device=dev)[None, :] <= (L - n + torch.arange(n, device=dev))[:, None]
             out[:, :, a:b] = _sdpa(q[:, :, a:b], kk, vv, causal[None, None])
         return out
 
-    def _gather(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(self, blocks: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of block tables (B, nb) -> (B, Hkv, nb * block_size, d): whole blocks are
-        copied (block_size x kv_heads x head_dim contiguous elements each), not token by token."""
+        copied (block_size x kv_heads x head_dim contiguous elements each), not token by token; a
+        quantized pool's blocks are dequantized to `dtype` (the query's) as they are gathered."""
         B, nb = blocks.shape
         bs = self.runner.block_size
-        kp = self.k.view(-1, bs, *self.k.shape[1:])
-        vp = self.v.view(-1, bs, *self.v.shape[1:])
-        k = kp[blocks].view(B, nb * bs, *self.k.shape[1:]).transpose(1, 2)
-        v = vp[blocks].view(B, nb * bs, *self.v.shape[1:]).transpose(1, 2)
-        return k, v
+
+        def rows(t: torch.Tensor) -> torch.Tensor:  # (B, nb * bs, Hkv, ...)
+            return t.view(-1, bs, *t.shape[1:])[blocks].view(B, nb * bs, *t.shape[1:])
+
+        if not self.bits:
+            return rows(self.k).transpose(1, 2), rows(self.v).transpose(1, 2)
+        k = dequantize(rows(self.k), rows(self.k_sz), self.bits, dtype)
+        v = dequantize(rows(self.v), rows(self.v_sz), self.bits, dtype)
+        return k.transpose(1, 2), v.transpose(1, 2)
 
     def _attend(self, q: torch.Tensor, blocks: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         """q (B, H, 1, d), one token per row, over its own blocks (B, nb) up to lens (B,)."""
-        kk, vv = self._gather(blocks)
+        kk, vv = self._gather(blocks, q.dtype)
         valid = torch.arange(kk.shape[2], device=q.device)[None, :] < lens[:, None]
         return _sdpa(q, kk, vv, valid[:, None, None, :])
 
@@ -156,8 +187,9 @@ class ModelRunner:
     """The pool (`num_blocks` blocks of `block_size` tokens in every layer) and the forward over it."""
 
     def __init__(self, llm: InternLMForCausalLM, num_blocks: int, block_size: int, rope_len: int,
-                 graph_buckets: bool = True):
+                 graph_buckets: bool = True, quant_policy: int = 0):
         self.llm, self.num_blocks, self.block_size = llm, num_blocks, block_size
+        self.quant_policy = check_quant_policy(quant_policy)  # 0: the model's dtype; 8 / 4: int8 / int4
         self.device = llm.device
         self.meta: StepMeta | None = None
         cfg = llm.config
@@ -167,12 +199,19 @@ class ModelRunner:
         for layer in llm.model.layers:
             attn = layer.self_attn
             dev = attn.o_proj.weight.device
-            shape = (num_blocks * block_size, attn.n_kv_heads, attn.head_dim)
+            slots = (num_blocks * block_size, attn.n_kv_heads)
             # zeroed: attention reads whole blocks, masked past each sequence's length, and a masked
             # slot must still hold a finite number (0 x NaN is NaN in the weighted sum)
-            k = torch.zeros(shape, dtype=llm.dtype, device=dev)
-            v = torch.zeros(shape, dtype=llm.dtype, device=dev)
-            self.pool.append(PagedKV(k, v, self))
+            if not self.quant_policy:
+                k = torch.zeros(*slots, attn.head_dim, dtype=llm.dtype, device=dev)
+                v = torch.zeros(*slots, attn.head_dim, dtype=llm.dtype, device=dev)
+                self.pool.append(PagedKV(k, v, self))
+                continue
+            sz_dtype = kv_scale_dtype(llm.dtype)
+            code_bytes = kv_head_bytes(attn.head_dim, llm.dtype, self.quant_policy) - 2 * sz_dtype.itemsize
+            k, v = (torch.zeros(*slots, code_bytes, dtype=torch.uint8, device=dev) for _ in range(2))
+            k_sz, v_sz = (torch.zeros(*slots, 2, dtype=sz_dtype, device=dev) for _ in range(2))
+            self.pool.append(PagedKV(k, v, self, self.quant_policy, k_sz, v_sz))
         self.static = getattr(llm, "static_decode", None) if graph_buckets else None
         if self.static is not None and fast_decode.is_dispatched(llm):
             self.static = None  # accelerate's hooks move tensors inside the step: eager only
@@ -198,12 +237,12 @@ class ModelRunner:
         bs = self.block_size
         for p in self.pool:
             idx = blocks.to(p.k.device)
-            p.k.view(-1, bs, *p.k.shape[1:])[idx] = 0
-            p.v.view(-1, bs, *p.v.shape[1:])[idx] = 0
+            for t in p.tensors:  # a quantized pool's scales and zeros too: a zero slot dequantizes to 0
+                t.view(-1, bs, *t.shape[1:])[idx] = 0
 
     @property
     def pool_bytes(self) -> int:
-        return sum(p.k.numel() * p.k.element_size() * 2 for p in self.pool)
+        return sum(t.numel() * t.element_size() for p in self.pool for t in p.tensors)
 
     # -- inputs ------------------------------------------------------------------------------
     def slots_of(self, table: list[int], start: int, end: int) -> torch.Tensor:

@@ -213,6 +213,13 @@ class PartialLoRA(nn.Module):
         return y.index_put((image_mask,), delta.to(y.dtype), accumulate=True)
 
 
+def packable(*linears) -> bool:
+    """True when every map is a plain float `nn.Linear` (exactly that class): quantized projections
+    (bitsandbytes' `Linear8bitLt` / `Linear4bit` subclass `nn.Linear`; GPTQ / AWQ modules) keep
+    one module per upstream projection and are never packed by `fuse_projections`."""
+    return all(type(m) is nn.Linear and m.weight.is_floating_point() for m in linears)
+
+
 def _lora(module: nn.Module, name: str, y: torch.Tensor, x: torch.Tensor, image_mask) -> torch.Tensor:
     lora = getattr(module, name, None)
     return y if lora is None else lora.add(y, x, image_mask)
@@ -235,7 +242,7 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def fuse(self, transpose: bool) -> None:
-        if self.qkv_proj is None:
+        if self.qkv_proj is None and packable(self.q_proj, self.k_proj, self.v_proj):
             parts = {"q_proj": self.q_proj, "k_proj": self.k_proj, "v_proj": self.v_proj}
             self.q_proj = self.k_proj = self.v_proj = None
             self.qkv_proj = PackedLinear(parts, transposed=transpose)
@@ -290,7 +297,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def fuse(self, transpose: bool) -> None:
-        if self.gate_up_proj is None:
+        if self.gate_up_proj is None and packable(self.gate_proj, self.up_proj):
             parts = {"gate_proj": self.gate_proj, "up_proj": self.up_proj}
             self.gate_proj = self.up_proj = None
             self.gate_up_proj = PackedLinear(parts, transposed=transpose)
@@ -453,7 +460,7 @@ class InternLMForCausalLM(nn.Module):
             layer.self_attn.fuse(transpose)
             layer.mlp.fuse(transpose)
         head = self.lm_head
-        if transpose and not self.config.tie_word_embeddings and isinstance(head, nn.Linear):
+        if transpose and not self.config.tie_word_embeddings and packable(head):
             self.lm_head = PackedLinear({"lm_head": head}, transposed=True)
         self.fused = {"transpose": transpose}
         return self

@@ -103,6 +103,10 @@ def use_cuda_graphs(model: nn.Module, enabled: bool = True, *, compile: bool = F
         raise TypeError(f"use_cuda_graphs expects an InternLMForCausalLM or an XComposer, got {type(model).__name__}")
     if not isinstance(bucket, int) or bucket < 1:
         raise ValueError(f"bucket={bucket!r} must be a positive number of tokens")
+    if enabled and graph and getattr(getattr(llm, "quantization", None), "method", None) in ("int8", "nf4", "fp4"):
+        raise ValueError("CUDA graphs are not used with bitsandbytes' 8-bit / 4-bit projections (LLM.int8() picks "
+                         "its outlier columns anew every step, so no fixed graph can replay it): run without "
+                         "--cuda-graphs, or load in 16-bit")
     settings = StaticDecode(graph=graph, compile=compile, bucket=bucket) if enabled else None
     llm.static_decode = settings
     llm._decode_step = None

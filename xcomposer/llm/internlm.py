@@ -19,8 +19,10 @@ from .chat import (INTERNLM2_META_INSTRUCTION, Turn, build_chat_ids, build_chatm
                    chatml_stop_ids, check_history, check_template)
 from .checkpoint import CheckpointError, checkpoint_folder, load_checkpoint_into
 from .config import InternLMConfig, config_from_json
-from .decoder import InternLMForCausalLM, kv_cache_bytes, num_parameters
+from .decoder import InternLMForCausalLM, kv_cache_bytes
 from .internlm2 import apply_overrides, checkpoint_options
+from .quant import (QuantizationError, model_weight_bytes, quantize_model_, quantized_target,
+                    resolve_quantization)
 from .generation import GenerationConfig, generate, stream_generate
 from .tokenizer import IncrementalDecoder, InternLMTokenizer, load_tokenizer
 
@@ -68,14 +70,14 @@ def _gib(n: int) -> str:
 
 
 def check_fits_device(model, dtype: torch.dtype, free_bytes: int, device: str = "the device",
-                      kv_split: int = 1) -> None:
+                      kv_split: int = 1, quantization: Any = None) -> None:
     """Refuse (before any weight is read) a model, built on the meta device, whose weights plus the
     KV cache of one session of `model.context_window` tokens plus a reserve exceed `free_bytes`.
     `kv_split` ranks share the cache (tensor parallelism after loading: each rank first loads every
-    weight, then keeps 1/W of them and of the kv heads)."""
+    weight, then keeps 1/W of them and of the kv heads). `quantization` (bitsandbytes' or a GPTQ /
+    AWQ spec) counts the projections at their quantized bytes."""
     cfg = model.config
-    elem = torch.empty(0, dtype=dtype).element_size()
-    weights = num_parameters(model) * elem
+    weights = model_weight_bytes(model, dtype, quantization)
     window = model.context_window
     per_token = kv_cache_bytes(cfg, 1, 1, dtype) // kv_split
     need = weights + per_token * window + RESERVE_BYTES
@@ -84,7 +86,8 @@ def check_fits_device(model, dtype: torch.dtype, free_bytes: int, device: str = 
     room = (free_bytes - weights - RESERVE_BYTES) // per_token
     fix = (f"load with max_context={int(room)} or less (the most that fits), " if room >= 2 else "")
     raise InsufficientMemoryError(
-        f"the model does not fit {device}: {str(dtype).replace('torch.', '')} weights {_gib(weights)} + KV cache "
+        f"the model does not fit {device}: {str(dtype).replace('torch.', '')} weights"
+        f"{f' ({quantization.describe()})' if quantization is not None else ''} {_gib(weights)} + KV cache "
         f"for one {window}-token session {_gib(per_token * window)} ({per_token // 1024} KiB per token"
         f"{f' on each of {kv_split} tensor-parallel ranks' if kv_split > 1 else ''}) + "
         f"{_gib(RESERVE_BYTES)} reserve = {_gib(need)}, but {device} has {_gib(free_bytes)} free. To fix: {fix}"
@@ -103,7 +106,11 @@ class InternLM(InternLMForCausalLM):
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype | str | None = None, fuse: bool = True, rope_scaling: Any = "config",
                         rope_scaling_factor: float | None = None, max_context: int | None = None,
-                        template: str | None = None, before_load=None) -> "InternLM":
+                        template: str | None = None, before_load=None, load_in_8bit: bool = False,
+                        load_in_4bit: bool = False, quantization: Any = None, quantization_config: Any = None,
+                        bnb_4bit_quant_type: str | None = None, bnb_4bit_compute_dtype: Any = None,
+                        bnb_4bit_use_double_quant: bool | None = None,
+                        llm_int8_threshold: float | None = None) -> "InternLM":
         """Load a local folder or hub id of either family, strictly: InternLM v1 (internlm-chat-7b
         layout) or InternLM2 / InternLM2.5 (`model_type` "internlm2" in config.json).
 
@@ -120,6 +127,10 @@ class InternLM(InternLMForCausalLM):
         `before_load(model)` runs on the meta-device model before any weight is read and may return
         a `select(name, tensor)` for the loader (`parallel.tensor_parallel.sharded_loading(group)`:
         each tensor-parallel rank splits the model first and reads only its own slices).
+        `load_in_8bit` / `load_in_4bit` (and `quantization="int8" | "nf4" | "fp4"`, a transformers
+        `BitsAndBytesConfig` as `quantization_config`, or its `bnb_4bit_*` / `llm_int8_threshold`
+        words) quantize the decoder's projections with bitsandbytes as transformers does
+        (xcomposer.llm.quant; docs/quantization.md); the memory check counts the quantized bytes.
         """
         if template is not None:
             check_template(template)
@@ -129,6 +140,14 @@ class InternLM(InternLMForCausalLM):
         if cfg.family == "internlm2" and template is not None:
             raise ValueError(f"template={template!r} applies to InternLM v1 (internlm-chat-7b); InternLM2 checkpoints "
                              f"use the chatml template")
+        quant = resolve_quantization(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, quantization=quantization,
+                                     quantization_config=quantization_config, bnb_4bit_quant_type=bnb_4bit_quant_type,
+                                     bnb_4bit_compute_dtype=bnb_4bit_compute_dtype,
+                                     bnb_4bit_use_double_quant=bnb_4bit_use_double_quant,
+                                     llm_int8_threshold=llm_int8_threshold)
+        if quant is not None and before_load is not None:
+            raise QuantizationError("8-bit / 4-bit weights are not combined with tensor parallelism yet: serve the "
+                                    "quantized model with --tp 1 (a 4-bit 7B model fits one 8 GB GPU)")
         device = torch.device(device)
         check_device(device)
         dtype = resolve_dtype(dtype, device, cfg.torch_dtype)
@@ -141,8 +160,12 @@ class InternLM(InternLMForCausalLM):
             ranks = torch.distributed.get_world_size() if torch.distributed.is_available() \
                 and torch.distributed.is_initialized() else 1
             # a model split before loading (before_load) counts only its own share of the weights
-            check_fits_device(model, dtype, int(torch.cuda.mem_get_info(device)[0]), str(device), kv_split=ranks)
-        load_checkpoint_into(model, folder, device=device, dtype=dtype, select=select, **checkpoint_options(cfg))
+            check_fits_device(model, dtype, int(torch.cuda.mem_get_info(device)[0]), str(device), kv_split=ranks,
+                              quantization=quant)
+        # quantized: the projections are read onto the CPU and quantized as they move to the device
+        load_checkpoint_into(model, folder, device=quantized_target(device, quant), dtype=dtype, select=select, **checkpoint_options(cfg))
+        if quant is not None:
+            quantize_model_(model, quant, device)
         model.setup_rope(cfg.max_position_embeddings)
         if fuse:
             model.fuse_projections()
@@ -157,6 +180,8 @@ class InternLM(InternLMForCausalLM):
         else:
             model.chat_template, why = chat_template_of(folder)
         model.load_notes = [f"chat template {model.chat_template} ({why})"]
+        if quant is not None:
+            model.load_notes.append(quant.describe())
         print(f"InternLM {folder.name}: " + "; ".join(model.load_notes), file=sys.stderr)
         return model
 

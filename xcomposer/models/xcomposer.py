@@ -36,6 +36,7 @@ from ..llm.config import InternLMConfig
 from ..llm.decoder import InternLMForCausalLM
 from ..llm.generation import GenerationConfig, GenerationOutput, PromptTooLongError, generate, stream_generate
 from ..llm.internlm import check_device, resolve_dtype
+from ..llm.quant import QuantizationError, quantize_model_, quantized_target, resolve_quantization
 from ..llm.tokenizer import InternLMTokenizer, load_tokenizer
 from .vl_prompt import (IMAGE_PLACEHOLDER, ChatStream, ImageSlot, bot_turn, check_history, prompt_segments,
                         segments_length, text_until_stop, user_turn)
@@ -233,7 +234,7 @@ class XComposer(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype | str | None = None, num_gpus: int = 1,
-                        fuse: bool = True, variant: str | None = None) -> "XComposer":
+                        fuse: bool = True, variant: str | None = None, **quantization: Any) -> "XComposer":
         """Load an internlm-xcomposer-7b / -vl-7b folder or hub id strictly, shard by shard.
 
         Every checkpoint key must map onto the model and every model tensor must be provided;
@@ -246,7 +247,14 @@ class XComposer(nn.Module):
         and gate/up projections once loaded (`InternLMForCausalLM.fuse_projections`).
         `variant` ("7b" or "vl-7b") overrides what the folder's remote code says (`variant_of`);
         the deciding reason is printed and kept in `model.load_notes`.
+        `load_in_8bit` / `load_in_4bit` / `quantization` / `quantization_config` and the `bnb_4bit_*`
+        words quantize the decoder's projections with bitsandbytes as `InternLM.from_pretrained`
+        does; `quantize_vision=True` quantizes the vision tower's linears too (xcomposer.llm.quant).
         """
+        quant = resolve_quantization(**quantization)
+        if quant is not None and num_gpus != 1:
+            raise QuantizationError("8-bit / 4-bit weights load on one device: drop num_gpus (a 4-bit model needs "
+                                    "about a quarter of the 16-bit memory)")
         if variant is not None:
             check_variant(variant)
         if num_gpus != 1:
@@ -263,7 +271,7 @@ class XComposer(nn.Module):
             if num_gpus != 1 or variant is not None:
                 raise ValueError("num_gpus > 1 and variant= apply to XComposer 1.0 checkpoints; this folder is "
                                  "an InternLM-XComposer2 checkpoint (load it on one device)")
-            return XComposer2.from_pretrained(folder, device=device, dtype=dtype, fuse=fuse)
+            return XComposer2.from_pretrained(folder, device=device, dtype=dtype, fuse=fuse, quantization=quant)
         cfg = XComposerConfig.from_json(cfg_file)
         if not (folder / "tokenizer.model").is_file():
             raise CheckpointError(f"{folder / 'tokenizer.model'} not found: the checkpoint folder must hold the "
@@ -278,16 +286,20 @@ class XComposer(nn.Module):
         elif device.type == "cuda":  # one GPU: weights plus one row of a full-context cache must fit
             from ..parallel import sharding
             index = device.index if device.index is not None else torch.cuda.current_device()
-            report = sharding.memory_report(cfg, 1, dtype, batch=1, budgets=[int(torch.cuda.mem_get_info(index)[0])])
+            report = sharding.memory_report(cfg, 1, dtype, batch=1, budgets=[int(torch.cuda.mem_get_info(index)[0])],
+                                            quantization=quant)
         if report is not None:
             print(report, file=sys.stderr)
             sharding.check_fits(report, cfg)
         with torch.device("meta"):
             model = cls(cfg)
         lora = LoRAMerge(cfg.lora_scale) if cfg.lora else None
-        target = device if plan is None else (lambda name: f"cuda:{sharding.device_of(name, plan.device_map)}")
+        target = quantized_target(device, quant) if plan is None else \
+            (lambda name: f"cuda:{sharding.device_of(name, plan.device_map)}")
         load_checkpoint_into(model, folder, device=target, dtype=dtype, key_map=checkpoint_key_map,
                              skip=_skip_derived, lora=lora, checkpoint_name=checkpoint_name)
+        if quant is not None:
+            quantize_model_(model, quant, device)
         model.finish_loading(device)
         if fuse:
             model.llm.fuse_projections()

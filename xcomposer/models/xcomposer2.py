@@ -37,6 +37,7 @@ from ..llm.config import InternLM2Config
 from ..llm.decoder import InternLMForCausalLM
 from ..llm.generation import GenerationConfig, PromptTooLongError, generate, stream_generate
 from ..llm.internlm import check_device, resolve_dtype
+from ..llm.quant import quantize_model_, quantized_target, resolve_quantization
 from ..llm.internlm2 import checkpoint_key_map as internlm2_key_map, upstream_name as internlm2_upstream_name
 from ..llm.tokenizer import InternLMTokenizer, check_text, load_tokenizer
 from .vl_prompt import IMAGE_PLACEHOLDER, ChatStream, text_until_stop
@@ -244,8 +245,15 @@ class XComposer2(nn.Module):
     # -- loading -----------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | str | None = None, fuse: bool = True) -> "XComposer2":
-        """Load an internlm-xcomposer2-vl-7b / -7b folder (or hub id) strictly, shard by shard."""
+                        dtype: torch.dtype | str | None = None, fuse: bool = True,
+                        **quantization: Any) -> "XComposer2":
+        """Load an internlm-xcomposer2-vl-7b / -7b folder (or hub id) strictly, shard by shard.
+
+        `load_in_8bit` / `load_in_4bit` / `quantization` / `quantization_config` and the `bnb_4bit_*`
+        words quantize the decoder's projections with bitsandbytes as `InternLM.from_pretrained`
+        does; `quantize_vision=True` quantizes the vision tower's linears too (xcomposer.llm.quant).
+        """
+        quant = resolve_quantization(**quantization)
         folder, cfg_file = checkpoint_folder(path_or_hub_id, "XComposer2")
         cfg = XComposer2Config.from_json(cfg_file)
         if not (folder / "tokenizer.model").is_file():
@@ -259,13 +267,15 @@ class XComposer2(nn.Module):
             from ..parallel import sharding
             index = device.index if device.index is not None else torch.cuda.current_device()
             report = sharding.memory_report(cfg, 1, dtype, batch=1, cache_len=cfg.max_length,
-                                            budgets=[int(torch.cuda.mem_get_info(index)[0])])
+                                            budgets=[int(torch.cuda.mem_get_info(index)[0])], quantization=quant)
             print(report, file=sys.stderr)
             sharding.check_fits(report, cfg)
         with torch.device("meta"):
             model = cls(cfg)
-        load_checkpoint_into(model, folder, device=device, dtype=dtype, key_map=model.key_map,
-                             checkpoint_name=model.checkpoint_name)
+        load_checkpoint_into(model, folder, device=quantized_target(device, quant), dtype=dtype,
+                             key_map=model.key_map, checkpoint_name=model.checkpoint_name)
+        if quant is not None:
+            quantize_model_(model, quant, device)
         model._finish_loading(device)
         if fuse:
             model.llm.fuse_projections()

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..llm.config import InternLMConfig
 from ..llm.decoder import InternLMForCausalLM
+from ..llm.quant import describe_quantization, is_projection_weight, linear_weight_bytes, vision_linears
 
 GiB = 1 << 30
 # held back on every device for what weights and caches do not count: the CUDA context and its
@@ -65,6 +66,10 @@ class _Part:
     name: str  # module path in the model, as accelerate's device_map expects it
     params: int  # parameter elements
     buffer_bytes_fp32: tuple[tuple[int, int, bool], ...]  # (numel, element size, floating) per buffer
+    # (in, out) of the decoder projections in this part (what 8/4-bit loading quantizes), and of the
+    # vision tower's linears that quantize_vision=True quantizes
+    projections: tuple[tuple[int, int], ...] = ()
+    vision_linears: tuple[tuple[int, int], ...] = ()
 
 
 def _build_meta(config: AnyConfig) -> tuple[nn.Module, str, list[str]]:
@@ -89,11 +94,17 @@ def _parts(config: AnyConfig) -> tuple[list[_Part], list[_Part], list[_Part]]:
     if key not in _SIZES:
         model, p, first = _build_meta(config)
 
+        vision = {id(lin) for _, _, lin in vision_linears(model)} if p else set()
+
         def part(name: str) -> _Part:
             mod = model.get_submodule(name)
             params = sum(t.numel() for t in mod.parameters())
             bufs = tuple((b.numel(), b.element_size(), b.is_floating_point()) for b in mod.buffers())
-            return _Part(name, params, bufs)
+            lins = [(n, m) for n, m in mod.named_modules() if isinstance(m, nn.Linear)]
+            proj = tuple((m.in_features, m.out_features) for n, m in lins
+                         if is_projection_weight(f"{name}.{n}.weight"))
+            vis = tuple((m.in_features, m.out_features) for _, m in lins if id(m) in vision)
+            return _Part(name, params, bufs, proj, vis)
 
         llm = model if not p else model.llm
         head = [part(name) for name in first] + [part(f"{p}model.embed_tokens")]
@@ -112,8 +123,15 @@ def _elem(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
-def _param_bytes(part: _Part, dtype: torch.dtype) -> int:
-    return part.params * _elem(dtype)
+def _param_bytes(part: _Part, dtype: torch.dtype, quantization=None) -> int:
+    """Parameter bytes in `dtype`; with `quantization` (bitsandbytes' `BnbQuantization` or a GPTQ /
+    AWQ spec: anything with `weight_bytes(in, out)`) the decoder projections (and, when it says
+    `quantize_vision`, the tower's linears) count at their stored quantized bytes."""
+    total = part.params * _elem(dtype)
+    if quantization is None:
+        return total
+    lins = part.projections + (part.vision_linears if getattr(quantization, "quantize_vision", False) else ())
+    return total + sum(linear_weight_bytes(i, o, dtype, quantization) - i * o * _elem(dtype) for i, o in lins)
 
 
 def _buffer_bytes(part: _Part, dtype: torch.dtype) -> int:
@@ -125,11 +143,50 @@ def _llm_config(config: AnyConfig) -> InternLMConfig:
     return config if isinstance(config, InternLMConfig) else config.llm
 
 
-def kv_bytes_per_layer(config: AnyConfig, batch: int, cache_len: int, dtype: torch.dtype) -> int:
+# LMDeploy's `quant_policy` values for the KV cache: 0 keeps K/V in the model's dtype, 8 stores
+# them as int8 and 4 as int4 (two per byte), each with a scale and a zero point per (token, kv head)
+KV_QUANT_POLICIES = (0, 8, 4)
+
+
+def check_quant_policy(value) -> int:
+    """`value` if it is one of KV_QUANT_POLICIES, else a ValueError naming the allowed values."""
+    if isinstance(value, bool) or not isinstance(value, int) or value not in KV_QUANT_POLICIES:
+        raise ValueError(f"quant_policy={value!r} is not a KV cache setting: use 0 (K/V in the model's dtype), "
+                         f"8 (int8) or 4 (int4), LMDeploy's values")
+    return value
+
+
+def kv_scale_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a quantized cache's scales and zero points: float16 for a float16 model (as
+    LMDeploy keeps them in the model's dtype), float32 otherwise (bfloat16's 8-bit mantissa would
+    round a scale by up to half a quantization step, and float16 cannot hold bfloat16's range)."""
+    return torch.float16 if dtype == torch.float16 else torch.float32
+
+
+def kv_head_bytes(head_dim: int, dtype: torch.dtype, quant_policy: int = 0) -> int:
+    """Bytes of one token's key (or value) in one kv head: `head_dim` elements of the model's dtype,
+    or of `quant_policy` bits plus a scale and a zero point."""
+    if check_quant_policy(quant_policy) == 0:
+        return head_dim * _elem(dtype)
+    if quant_policy == 4 and head_dim % 2:
+        raise ValueError(f"quant_policy=4 packs two elements per byte: head_dim {head_dim} must be even")
+    return head_dim * quant_policy // 8 + 2 * _elem(kv_scale_dtype(dtype))
+
+
+def kv_cache_dtype_name(dtype: torch.dtype, quant_policy: int = 0) -> str:
+    """How the KV cache stores K/V, for printed plans: "float16", "int8 + float16 scale/zero"."""
+    if check_quant_policy(quant_policy) == 0:
+        return str(dtype).replace("torch.", "")
+    return f"int{quant_policy} + {str(kv_scale_dtype(dtype)).replace('torch.', '')} scale/zero per token and head"
+
+
+def kv_bytes_per_layer(config: AnyConfig, batch: int, cache_len: int, dtype: torch.dtype,
+                       quant_policy: int = 0) -> int:
     """Keys + values of one decoder layer for `batch` rows of `cache_len` tokens (the kv heads only:
-    with grouped-query attention, InternLM2's 8 of 32)."""
+    with grouped-query attention, InternLM2's 8 of 32); `quant_policy` 8 / 4: int8 / int4 elements
+    plus a scale and a zero point per (token, kv head) (`kv_head_bytes`)."""
     c = _llm_config(config)
-    return 2 * batch * cache_len * c.kv_heads * c.head_dim * _elem(dtype)
+    return 2 * batch * cache_len * c.kv_heads * kv_head_bytes(c.head_dim, dtype, quant_policy)
 
 
 # -- the serving engine's KV block pool -----------------------------------------------------------
@@ -150,6 +207,8 @@ class KVPoolPlan:
     bytes_per_block: int
     session_len: int
     source: str  # how the budget was chosen, for the printed plan
+    kv_dtype: str = ""  # how K/V are stored ("float16", "int8 + float16 scale/zero ..."), for the printed plan
+    quant_policy: int = 0
 
     @property
     def tokens(self) -> int:
@@ -165,7 +224,8 @@ class KVPoolPlan:
         return self.tokens // self.session_len
 
     def describe(self) -> str:
-        return (f"KV pool: {self.num_blocks - 1} blocks x {self.block_size} tokens = {self.tokens} tokens, "
+        kind = f" ({self.kv_dtype})" if self.kv_dtype else ""
+        return (f"KV pool{kind}: {self.num_blocks - 1} blocks x {self.block_size} tokens = {self.tokens} tokens, "
                 f"{_gib(self.bytes)} ({self.bytes_per_block // self.block_size // 1024} KiB per token; {self.source}); "
                 f"{self.full_sessions} full session(s) of {self.session_len} tokens fit at once")
 
@@ -177,18 +237,20 @@ class PoolTooSmallError(ShardingError):
 def kv_pool_plan(config: AnyConfig, *, session_len: int, dtype: torch.dtype = torch.float16,
                  block_size: int = DEFAULT_BLOCK_SIZE, free_bytes: int | None = None,
                  cache_max_entry_count: float = DEFAULT_CACHE_MAX_ENTRY_COUNT, kv_cache_gib: float | None = None,
-                 num_blocks: int | None = None, kv_split: int = 1, max_batch_size: int = 1) -> KVPoolPlan:
+                 num_blocks: int | None = None, kv_split: int = 1, max_batch_size: int = 1,
+                 quant_policy: int = 0) -> KVPoolPlan:
     """Size the serving engine's KV pool, by the first of: `num_blocks`; `kv_cache_gib` (an absolute
     budget); `cache_max_entry_count` x `free_bytes` (LMDeploy's rule: the fraction of the device
     memory still free once the weights are loaded); on a CPU (`free_bytes` None) the smaller of
     DEFAULT_CPU_KV_GIB and max(DEFAULT_CPU_SESSIONS, `max_batch_size`) full sessions. `kv_split` tensor-parallel ranks
-    share the kv heads. The pool does not depend on the batch size: sequences hold only the
-    blocks they have filled. Refuses (PoolTooSmallError, both numbers named) when one
-    `session_len` sequence does not fit."""
+    share the kv heads. `quant_policy` 8 / 4 (LMDeploy's): K/V stored as int8 / int4 plus a scale and
+    a zero point per (token, kv head), so the same budget holds about 2x / 4x the tokens. The pool
+    does not depend on the batch size: sequences hold only the blocks they have filled. Refuses
+    (PoolTooSmallError, both numbers named) when one `session_len` sequence does not fit."""
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size={block_size!r} must be a positive number of tokens")
     c = _llm_config(config)
-    per_token = kv_bytes_per_layer(config, 1, 1, dtype) * c.num_hidden_layers // kv_split
+    per_token = kv_bytes_per_layer(config, 1, 1, dtype, quant_policy) * c.num_hidden_layers // kv_split
     per_block = per_token * block_size
     need_blocks = -(-session_len // block_size) + 1  # + the reserved block
     if num_blocks is not None:
@@ -208,7 +270,8 @@ def kv_pool_plan(config: AnyConfig, *, session_len: int, dtype: torch.dtype = to
         sessions = max(DEFAULT_CPU_SESSIONS, max_batch_size)
         n = min(cap, sessions * (need_blocks - 1) + 1)
         source = f"CPU default: at most {DEFAULT_CPU_KV_GIB:g} GiB or {sessions} sessions"
-    plan = KVPoolPlan(max(n, 0), block_size, per_block, session_len, source)
+    plan = KVPoolPlan(max(n, 0), block_size, per_block, session_len, source,
+                      kv_cache_dtype_name(dtype, quant_policy), quant_policy)
     if plan.num_blocks < need_blocks:
         raise PoolTooSmallError(
             f"the KV pool ({source}) holds {max(plan.num_blocks - 1, 0) * block_size} tokens but one sequence of "
@@ -251,6 +314,7 @@ class MemoryReport:
     cache_len: int
     device_map: dict[str, int] = field(repr=False)
     kv_bytes_per_token: int = 0  # all layers, one row
+    quantization: object = None  # the weights' quantization (xcomposer.llm.quant), None for 16-bit
 
     @property
     def num_gpus(self) -> int:
@@ -274,7 +338,11 @@ class MemoryReport:
 
     def __str__(self) -> str:
         dt = str(self.dtype).replace("torch.", "")
-        lines = [f"memory plan: {self.num_gpus} device(s), {dt} weights, KV cache for {self.batch} row(s) x "
+        if self.quantization is not None:
+            dt += f" weights with projections in {describe_quantization(self.quantization)}"
+        else:
+            dt += " weights"
+        lines = [f"memory plan: {self.num_gpus} device(s), {dt}, KV cache for {self.batch} row(s) x "
                  f"{self.cache_len} tokens ({_size(self.kv_bytes_per_token * self.batch)} per token position)",
                  f"{'device':>6}  {'layers':>9}  {'params':>10}  {'buffers':>10}  {'KV cache':>10}  "
                  f"{'reserve':>10}  {'total':>10}  {'budget':>10}  holds"]
@@ -366,20 +434,21 @@ def _check_request(config: AnyConfig, num_gpus, batch, cache_len, budgets) -> li
 
 def memory_report(config: AnyConfig, num_gpus: int = 1, dtype: torch.dtype = torch.float16, batch: int = 1,
                   cache_len: int | None = None, budgets: Sequence[int] | None = None, *,
-                  reserve: int = DEFAULT_RESERVE) -> MemoryReport:
+                  reserve: int = DEFAULT_RESERVE, quantization=None) -> MemoryReport:
     """Parameter, buffer and KV-cache bytes per device for the balanced placement over `num_gpus`.
 
     `config` is an `XComposerConfig` (or an `InternLMConfig` for the decoder alone); `batch` is the
     number of cache rows (prompts x beams), `cache_len` the cache length in tokens (default: the
     context window; every image takes `tokens_per_image` of them); `budgets` the bytes available
     per device. `reserve` bytes are added on every device for activations and the CUDA context.
-    Never raises for lack of memory: `report.fits` says whether it fits (`placement` raises).
+    `quantization` (8/4-bit weights: `xcomposer.llm.quant.resolve_quantization(...)` or a GPTQ / AWQ
+    spec) counts the quantized projections at their stored bytes. Never raises for lack of memory: `report.fits` says whether it fits (`placement` raises).
     """
     cache_len = _llm_config(config).max_position_embeddings if cache_len is None else cache_len
     budgets = _check_request(config, num_gpus, batch, cache_len, budgets)
     head, layers, tail = _parts(config)
     kv = kv_bytes_per_layer(config, batch, cache_len, dtype)
-    w = lambda parts: sum(_param_bytes(p, dtype) + _buffer_bytes(p, dtype) for p in parts)  # noqa: E731
+    w = lambda parts: sum(_param_bytes(p, dtype, quantization) + _buffer_bytes(p, dtype) for p in parts)  # noqa: E731
     fixed = [reserve] * num_gpus
     fixed[0] += w(head)
     fixed[-1] += w(tail)
@@ -394,15 +463,16 @@ def memory_report(config: AnyConfig, num_gpus: int = 1, dtype: torch.dtype = tor
             device_map[p.name] = d
         devices.append(DeviceMemory(
             index=d, modules=[p.name for p in parts], layers=range(cuts[d], cuts[d + 1]),
-            param_bytes=sum(_param_bytes(p, dtype) for p in parts),
+            param_bytes=sum(_param_bytes(p, dtype, quantization) for p in parts),
             buffer_bytes=sum(_buffer_bytes(p, dtype) for p in parts),
             kv_bytes=kv * len(run), reserve_bytes=reserve, budget=budgets[d] if budgets else None))
     per_token = kv_bytes_per_layer(config, 1, 1, dtype) * len(layers)
-    return MemoryReport(devices, dtype, batch, cache_len, device_map, per_token)
+    return MemoryReport(devices, dtype, batch, cache_len, device_map, per_token, quantization)
 
 
 def gpus_needed(config: AnyConfig, gpu_bytes: int, *, dtype: torch.dtype = torch.float16, batch: int = 1,
-                cache_len: int | None = None, reserve: int = DEFAULT_RESERVE) -> tuple[int, MemoryReport]:
+                cache_len: int | None = None, reserve: int = DEFAULT_RESERVE,
+                quantization=None) -> tuple[int, MemoryReport]:
     """The fewest GPUs of `gpu_bytes` each that hold the model plus a `batch` x `cache_len` KV cache
     in the balanced placement, and that placement's report; `ShardingError` when even one GPU per
     decoder layer is not enough. E.g. a 1M-token session of internlm2_5-7b-chat-1m:
@@ -411,7 +481,8 @@ def gpus_needed(config: AnyConfig, gpu_bytes: int, *, dtype: torch.dtype = torch
         raise ShardingError(f"gpu_bytes={gpu_bytes!r} must be a positive byte count")
     layers = _llm_config(config).num_hidden_layers
     for n in range(1, layers + 1):
-        report = memory_report(config, n, dtype, batch, cache_len, [gpu_bytes] * n, reserve=reserve)
+        report = memory_report(config, n, dtype, batch, cache_len, [gpu_bytes] * n, reserve=reserve,
+                               quantization=quantization)
         if report.fits:
             return n, report
     raise ShardingError(f"even {layers} GPUs of {_gib(gpu_bytes)} (one decoder layer each) cannot hold the model "
@@ -420,11 +491,12 @@ def gpus_needed(config: AnyConfig, gpu_bytes: int, *, dtype: torch.dtype = torch
 
 def placement(config: AnyConfig, num_gpus: int = 1, *, dtype: torch.dtype = torch.float16, batch: int = 1,
               cache_len: int | None = None, budgets: Sequence[int] | None = None,
-              reserve: int = DEFAULT_RESERVE) -> dict[str, int]:
+              reserve: int = DEFAULT_RESERVE, quantization=None) -> dict[str, int]:
     """Module name -> device index for `accelerate.dispatch_model`; see `memory_report` for the
     arguments. Raises `ShardingError` (bytes needed vs available, and what to change) if the
     balanced placement exceeds a budget."""
-    report = memory_report(config, num_gpus, dtype, batch, cache_len, budgets, reserve=reserve)
+    report = memory_report(config, num_gpus, dtype, batch, cache_len, budgets, reserve=reserve,
+                           quantization=quantization)
     check_fits(report, config, reserve=reserve)
     return report.device_map
 
@@ -441,7 +513,8 @@ def check_fits(report: MemoryReport, config: AnyConfig, *, reserve: int = DEFAUL
     layers = _llm_config(config).num_hidden_layers
     per_device = min(budgets)
     for n in range(report.num_gpus + 1, min(layers, 16) + 1):
-        r = memory_report(config, n, report.dtype, report.batch, report.cache_len, [per_device] * n, reserve=reserve)
+        r = memory_report(config, n, report.dtype, report.batch, report.cache_len, [per_device] * n, reserve=reserve,
+                          quantization=report.quantization)
         if r.fits:
             fixes.append(f"use more GPUs (num_gpus={n} with {_gib(per_device)} each fits)")
             break
@@ -452,6 +525,8 @@ def check_fits(report: MemoryReport, config: AnyConfig, *, reserve: int = DEFAUL
                  f"fewer beams, a shorter context or fewer images, {_tokens_per_image(config)} tokens each)")
     if report.dtype == torch.float32:
         fixes.append("load in float16 or bfloat16 (half the bytes of float32)")
+    if report.quantization is None:
+        fixes.append("load the weights in 4-bit (load_in_4bit=True / --load-in-4bit) or 8-bit")
     raise ShardingError(
         f"the model does not fit: {dt} weights ({_gib(report.param_bytes)}) + KV cache ({_gib(report.kv_bytes)} for "
         f"{report.batch} x {report.cache_len} tokens) + {_gib(reserve)} reserve per device need "
@@ -505,5 +580,6 @@ def require_gpus(num_gpus: int) -> None:
 
 __all__ = ["ShardingError", "KVPoolPlan", "kv_pool_plan", "PoolTooSmallError", "DEFAULT_BLOCK_SIZE",
            "DEFAULT_CACHE_MAX_ENTRY_COUNT", "DeviceMemory", "MemoryReport", "memory_report", "placement", "check_fits", "gpus_needed",
-           "kv_bytes_per_layer", "dispatch", "device_of", "cuda_budgets", "require_gpus",
+           "kv_bytes_per_layer", "KV_QUANT_POLICIES", "check_quant_policy", "kv_scale_dtype", "kv_head_bytes",
+           "kv_cache_dtype_name", "dispatch", "device_of", "cuda_budgets", "require_gpus",
            "DEFAULT_RESERVE", "DEFAULT_KV_BATCH"]

@@ -35,7 +35,7 @@ from .protocol import (CHAT_FIELDS, COMPLETION_FIELDS, MAX_JSON_DEPTH, MAX_N, AP
                        _completion_prompts, bad, parse_messages, parse_sampling, parse_tools)
 from .responses import _Logprobs, _cancel, _collect, _event_error, _next, _stream
 
-from .options import DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT
+from .options import DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT, quantization_options
 
 
 # sent by current clients (the openai SDK, LangChain) and meaningless here: accepted and ignored
@@ -323,9 +323,10 @@ async def _run(request: Request, engine: Engine, served: ServedModel, prompts, c
 # -- running a server --------------------------------------------------------------------------
 
 def load_model(folder: str, device: str | None = None, dtype: str | None = None, before_load=None,
-               rope_scaling_factor: float | None = None, max_context: int | None = None):
+               rope_scaling_factor: float | None = None, max_context: int | None = None, **quantization):
     """An `XComposer` or an `InternLM`, by the checkpoint's config.json (`before_load`: InternLM's
-    loader hook, e.g. tensor-parallel sharded loading; XComposer loads whole)."""
+    loader hook, e.g. tensor-parallel sharded loading; XComposer loads whole). `quantization`:
+    `from_pretrained`'s 8/4-bit keywords (`options.quantization_options(args)`)."""
     import torch
 
     from ..llm.checkpoint import checkpoint_folder
@@ -336,8 +337,8 @@ def load_model(folder: str, device: str | None = None, dtype: str | None = None,
     if "xcomposer" in str(cfg.get("model_type", "")).lower() or any(
             "XComposer" in a for a in cfg.get("architectures", []) or []):
         from ..models.xcomposer import XComposer
-        return XComposer.from_pretrained(path, device=device, dtype=dtype)
-    extra = {}
+        return XComposer.from_pretrained(path, device=device, dtype=dtype, **quantization)
+    extra = dict(quantization)
     if rope_scaling_factor is not None:  # LMDeploy's --rope-scaling-factor (InternLM2's dynamic NTK)
         extra["rope_scaling_factor"] = rope_scaling_factor
     if max_context is not None:  # --session-len past max_position_embeddings (dynamic NTK to 1M tokens)
@@ -437,14 +438,16 @@ def loader_kwargs(folder: str, session_len: int | None, rope_scaling_factor: flo
 
 
 def _loader_kwargs(args) -> dict:
-    return loader_kwargs(str(args.folder), getattr(args, "session_len", None), getattr(args, "rope_scaling_factor", None))
+    return {**loader_kwargs(str(args.folder), getattr(args, "session_len", None),
+                            getattr(args, "rope_scaling_factor", None)), **quantization_options(args)}
 
 
 def _engine_kwargs(args) -> dict:
     return dict(max_batch_size=args.max_batch_size, max_queue=args.max_queue, session_len=args.session_len,
                 prefill_chunk=args.prefill_chunk, max_prefill_tokens=args.max_prefill_token_num,
                 block_size=args.block_size, cache_max_entry_count=args.cache_max_entry_count,
-                kv_cache_gib=args.kv_cache_gib, prefix_caching=not args.no_prefix_caching)
+                kv_cache_gib=args.kv_cache_gib, prefix_caching=not args.no_prefix_caching,
+                quant_policy=getattr(args, "quant_policy", 0))
 
 
 def serve(args) -> int:

@@ -37,6 +37,10 @@ def add_serve_arguments(p) -> None:
                         "name and meaning; default 0.8)")
     p.add_argument("--kv-cache-gib", type=float, default=None,
                    help="KV pool size in GiB instead (on a CPU the default is the smaller of 1 GiB and max(4, --max-batch-size) sessions)")
+    p.add_argument("--quant-policy", type=quant_policy_arg, default=0, metavar="{0,8}",
+                   help="KV cache: 0 keeps K/V in the model's dtype, 8 stores them as int8 with a scale and zero "
+                        "point per token and head (about 2x the tokens in the same memory; LMDeploy's flag; "
+                        "4, int4, is refused: docs/serving.md)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse the KV blocks of shared prefixes (on by default)")
     p.add_argument("--enable-prefix-caching", action="store_true",
@@ -54,6 +58,7 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     p.add_argument("--device", default=None, help="torch device (default cuda when available)")
     p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32")
+    add_quantization_arguments(p)
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks: rank 0 serves HTTP, all run each step (default 1; under torchrun "
                         "every rank runs this command)")
@@ -63,14 +68,71 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--log-level", default="info")
 
 
+QUANTIZATIONS = ("int8", "nf4", "fp4")
+
+
+def add_quantization_arguments(p) -> None:
+    """8-bit / 4-bit weights through bitsandbytes, in transformers' words (server, web demo, CLI)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--load-in-8bit", "--load_in_8bit", dest="load_in_8bit", action="store_true",
+                   help="quantize the decoder's projections to int8 (bitsandbytes LLM.int8(); about half the "
+                        "16-bit weight memory)")
+    g.add_argument("--load-in-4bit", "--load_in_4bit", dest="load_in_4bit", action="store_true",
+                   help="quantize them to 4 bits (transformers' meaning: fp4; --quantization nf4 for NF4 with "
+                        "double quantization, the QLoRA setting)")
+    g.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+                   help="int8, nf4 (with double quantization) or fp4, computing in the load dtype. GPTQ / AWQ "
+                        "checkpoints (the published -4bit folders) need no flag: they load as they are")
+    p.add_argument("--quantize-vision", action="store_true",
+                   help="with 8/4-bit: quantize the vision tower's linears too (default: 16-bit tower)")
+
+
+def quantization_options(args) -> dict:
+    """`from_pretrained` keywords for the quantization flags (empty for 16-bit weights)."""
+    out = {}
+    if getattr(args, "load_in_8bit", False):
+        out["load_in_8bit"] = True
+    elif getattr(args, "load_in_4bit", False):
+        out["load_in_4bit"] = True
+    elif getattr(args, "quantization", None):
+        out["quantization"] = args.quantization
+    if getattr(args, "quantize_vision", False):
+        if not out:
+            raise ValueError("--quantize-vision needs --load-in-8bit, --load-in-4bit or --quantization")
+        out["quantize_vision"] = True
+    return out
+
+
+def quant_policy_arg(text: str) -> int:
+    """--quant-policy: 0 or 8 (LMDeploy's numbers; its names none / int8 too). 4 (int4) is refused here
+    with the reason, as the engine refuses it (xcomposer.engine.engine.check_serving_quant_policy)."""
+    import argparse
+    value = {"none": 0, "int8": 8, "int4": 4}.get(text.strip().lower(), text.strip())
+    if value in ("0", "8", "4"):
+        value = int(value)
+    if value == 4:
+        raise argparse.ArgumentTypeError("4 (int4 K/V) is not served: its error on our test models was an order of "
+                                         "magnitude above int8's (docs/serving.md, \"KV cache quantization\"); "
+                                         "use 8 or 0")
+    if value not in (0, 8):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a KV cache setting: use 0 (K/V in the model's dtype) or "
+                                         f"8 (int8)")
+    return value
+
+
 def resolve_serve_arguments(args) -> None:
-    """The checkpoint is the positional PATH or --folder (exactly one); raises ValueError otherwise."""
+    """The checkpoint is the positional PATH or --folder (exactly one); the quantization flags agree
+    with each other and with --tp. Raises ValueError otherwise."""
     if (args.model_path is None) == (args.folder is None):
         raise ValueError("give the checkpoint once: `serve PATH` or `serve --folder PATH`")
     args.folder = args.folder or args.model_path
+    if quantization_options(args) and (getattr(args, "tp", 1) or 1) > 1:
+        raise ValueError("8-bit / 4-bit weights are not combined with --tp yet: serve the quantized model with "
+                         "--tp 1 (a 4-bit 7B model fits one 8 GB GPU), or drop the quantization flag")
     if isinstance(args.api_key, str):
         args.api_key = [args.api_key]
 
 
-__all__ = ["add_serve_arguments", "resolve_serve_arguments", "DEFAULT_PORT", "DEFAULT_MAX_BATCH", "DEFAULT_MAX_QUEUE", "DEFAULT_PREFILL_CHUNK",
+__all__ = ["add_serve_arguments", "resolve_serve_arguments", "quant_policy_arg", "add_quantization_arguments", "quantization_options",
+           "QUANTIZATIONS", "DEFAULT_PORT", "DEFAULT_MAX_BATCH", "DEFAULT_MAX_QUEUE", "DEFAULT_PREFILL_CHUNK",
            "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_IMAGE_BYTES"]

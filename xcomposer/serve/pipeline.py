@@ -23,6 +23,7 @@ import queue
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from ..engine.engine import check_serving_quant_policy
 from .engine import Engine, EngineError
 from .prompts import Message, ServedModel, layout_text
 
@@ -44,7 +45,8 @@ class Response:
 class EngineConfig:
     """The engine settings of LMDeploy's `TurbomindEngineConfig` / `PytorchEngineConfig`, under their
     names and meanings (both names are this class here). `tp` > 1 needs a server (`serve --tp N`);
-    `quant_policy` (KV cache quantization) is not implemented yet."""
+    `quant_policy` 8 stores the KV cache as int8 (LMDeploy's value; 4, int4, is refused: docs/serving.md,
+    "KV cache quantization")."""
 
     session_len: int | None = None
     max_batch_size: int = 8
@@ -60,12 +62,10 @@ class EngineConfig:
         if self.tp != 1:
             raise ValueError(f"tp={self.tp}: pipeline() runs in one process; for tensor parallelism run "
                              f"`python -m xcomposer serve PATH --tp {self.tp}` and send it requests")
-        if self.quant_policy:
-            raise ValueError(f"quant_policy={self.quant_policy}: a quantized KV cache is not implemented yet; "
-                             f"leave it 0")
         return dict(max_batch_size=self.max_batch_size, session_len=self.session_len,
                     cache_max_entry_count=self.cache_max_entry_count, block_size=self.cache_block_seq_len,
-                    max_prefill_tokens=self.max_prefill_token_num, prefix_caching=self.enable_prefix_caching)
+                    max_prefill_tokens=self.max_prefill_token_num, prefix_caching=self.enable_prefix_caching,
+                    quant_policy=check_serving_quant_policy(self.quant_policy))
 
 
 TurbomindEngineConfig = PytorchEngineConfig = EngineConfig
@@ -206,10 +206,13 @@ class Pipeline:
 
 
 def pipeline(model_or_path, backend_config: EngineConfig | None = None, *, device: str | None = None,
-             dtype: str | None = None, max_batch_size: int = 8, session_len: int | None = None) -> Pipeline:
+             dtype: str | None = None, max_batch_size: int = 8, session_len: int | None = None,
+             **quantization) -> Pipeline:
     """A `Pipeline` over a loaded model, or over the checkpoint at a folder / hub id. `backend_config`
     (LMDeploy's `TurbomindEngineConfig` / `PytorchEngineConfig` names) sets the engine; its
-    `rope_scaling_factor`, and a `session_len` past the checkpoint's window, apply when loading."""
+    `rope_scaling_factor`, and a `session_len` past the checkpoint's window, apply when loading.
+    `quantization`: `from_pretrained`'s 8/4-bit keywords (`load_in_4bit=True`, `quantization="nf4"`,
+    ...); a GPTQ / AWQ checkpoint needs none."""
     if isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__"):
         from pathlib import Path
 
@@ -218,9 +221,12 @@ def pipeline(model_or_path, backend_config: EngineConfig | None = None, *, devic
         cfg = backend_config
         extra = loader_kwargs(str(model_or_path), cfg.session_len if cfg else session_len,
                               cfg.rope_scaling_factor if cfg else None)
-        model_or_path = load_model(str(model_or_path), device, dtype, **extra)
+        model_or_path = load_model(str(model_or_path), device, dtype, **extra, **quantization)
     else:
         name = "model"
+        if quantization:
+            raise ValueError(f"{', '.join(quantization)} apply when pipeline() loads the checkpoint: pass its path, "
+                             f"or load the model with from_pretrained(..., load_in_4bit=True)")
         if backend_config is not None and backend_config.rope_scaling_factor is not None:
             raise ValueError("rope_scaling_factor applies when pipeline() loads the checkpoint: pass its path, or "
                              "load the model with InternLM.from_pretrained(..., rope_scaling_factor=...)")
