@@ -5,6 +5,8 @@ import os
 
 # nothing in the tests may try to leave the machine: gradio's analytics stay off in every process
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# ... nor the Hugging Face hub: bitsandbytes' CPU backend asks `kernels` for a hub kernel on import
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -326,6 +326,18 @@ def test_full_queue_answers_429_with_retry_after(small_server):
     assert waiting["r"].status_code == 200 and waiting["r"].json()["usage"]["completion_tokens"] == 3
 
 
+def wait_until_serving(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:
+    """Until `python -m xcomposer serve` (`proc`, stdout piped) answers /health with 200; its output
+    is the failure message when it exits first."""
+    def ready():
+        try:
+            return httpx.get(url + "/health").status_code == 200
+        except httpx.TransportError:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            return False
+    _wait(ready, timeout)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -674,13 +686,7 @@ def test_lmdeploys_api_server_line_means_the_same_here(tmp_path):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        def ready():
-            try:
-                return httpx.get(url + "/health").status_code == 200
-            except httpx.TransportError:
-                assert proc.poll() is None, proc.stdout.read().decode()
-                return False
-        _wait(ready, 120)
+        wait_until_serving(proc, url)
         client = openai.OpenAI(base_url=url + "/v1", api_key="k2", max_retries=0)
         assert client.models.list().data[0].id == "internlm2-chat"
         assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k2"}).json()["data"][0][

@@ -6,6 +6,11 @@ its own prefixes through `key_map`. Layouts understood (the ones upstream publis
 * `model.safetensors.index.json` + `model-0000K-of-0000N.safetensors`
 * `pytorch_model.bin.index.json` + `pytorch_model-0000K-of-0000N.bin`
 * a single `model.safetensors` or `pytorch_model.bin`
+* auto_gptq's single `gptq_model-{bits}bit-{group}g.safetensors` (the name quantize_config.json gives)
+
+GPTQ / AWQ folders (a `quantization_config` in config.json, or quantize_config.json) load into the
+same model: the linears whose `.qweight` the checkpoint stores become packed modules first
+(xcomposer.llm.packed_quant).
 
 Loading is strict: a key the model lacks, a model key the checkpoint lacks, a wrong shape or a
 key stored twice is a `CheckpointError`, because a silently half-loaded model produces fluent
@@ -156,10 +161,58 @@ def _read_index(folder: Path) -> tuple[list[Path], dict[str, str] | None, Path |
     for single in (SAFE_SINGLE, BIN_SINGLE):
         if (folder / single).is_file():
             return [folder / single], None, None
+    gptq = _gptq_single(folder)
+    if gptq is not None:
+        return [gptq], None, None
     present = sorted(p.name for p in folder.iterdir())
     raise CheckpointError(
         f"no weights in {folder}: looked for {', '.join(_LOOKED_FOR)}; the folder holds "
         f"{_listing(present) if present else 'nothing'}. Pass the folder that holds the checkpoint shards")
+
+
+def _gptq_single(folder: Path) -> Path | None:
+    """auto_gptq's single weights file: `{model_file_base_name}.safetensors` (or `.bin`) named in
+    quantize_config.json, by default `gptq_model-{bits}bit-{group_size}g.*` (auto_gptq `save_quantized`)."""
+    if not (folder / "quantize_config.json").is_file():
+        return None
+    try:
+        base = json.loads((folder / "quantize_config.json").read_text(encoding="utf-8")).get("model_file_base_name")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    for ext in (".safetensors", ".bin"):
+        if isinstance(base, str) and base and (folder / (base + ext)).is_file():
+            return folder / (base + ext)
+        found = sorted(folder.glob(f"gptq_model-*{ext}"))
+        if len(found) == 1:
+            return found[0]
+    return None
+
+
+def _shard_keys(path: Path) -> list[str]:
+    """The tensor names of one weights file (safetensors: from its header, nothing read)."""
+    if path.suffix == ".safetensors":
+        try:
+            with safetensors.safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        except Exception as e:
+            raise CheckpointError(f"cannot read shard {path} ({type(e).__name__}: {e}); the file is corrupted or "
+                                  f"truncated: re-download {path.name}") from e
+    return list(_load_shard(path))
+
+
+def _packed_plan(model: nn.Module, folder: Path, weight_map: dict[str, str] | None, key_map, checkpoint_name, select):
+    """A GPTQ / AWQ folder (xcomposer.llm.packed_quant): swap the model's quantized linears for
+    packed modules and return the routing plan; None for an unquantized folder."""
+    from .packed_quant import prepare_packed_loading, read_packed_quantization
+
+    spec = read_packed_quantization(folder)
+    if spec is None:
+        return None
+    if select is not None:
+        raise CheckpointError(f"{folder} holds {spec.describe()} weights, which are not split across tensor-parallel "
+                              f"ranks yet: load it on one GPU (--tp 1)")
+    keys = list(weight_map) if weight_map is not None else _shard_keys(_read_index(folder)[0][0])
+    return prepare_packed_loading(model, spec, keys, key_map=key_map, checkpoint_name=checkpoint_name)
 
 
 def list_shards(folder: Path) -> list[Path]:
@@ -375,10 +428,18 @@ def load_checkpoint_into(
     `select(name, tensor)` gives the part of each tensor this model keeps (a tensor-parallel rank's
     slice, `parallel.tensor_parallel.rank_slicer`): the shapes checked are the model's, and only
     that part is copied, so a rank never holds the whole model.
+    A GPTQ / AWQ folder (`packed_quant.read_packed_quantization`) first swaps each linear whose
+    `<stem>.qweight` is stored for a `GPTQLinear` / `AWQLinear` and routes `qweight/qzeros/scales/
+    g_idx` into it (split like `key_map` splits the stem's weight); those tensors keep their stored
+    dtypes, and `state_dict()` gives them back under the checkpoint's keys.
     """
     folder = Path(folder)
     key_map = key_map or (lambda k: k)
     skip = skip or _default_skip
+    # GPTQ / AWQ folders: the quantized linears become packed modules before the slots are listed
+    packed = _packed_plan(model, folder, _read_index(folder)[1], key_map, checkpoint_name, select)
+    if packed is not None:
+        key_map, checkpoint_name = packed.key_map, packed.checkpoint_name
     slots = _Slots(model)
 
     def target(key: str) -> str | None:
@@ -434,11 +495,18 @@ def load_checkpoint_into(
                 raise CheckpointError(f"key {name!r} is stored twice: as {first_key!r} in shard {first_shard} and "
                                       f"as {key!r} in shard {path.name}; the checkpoint folder mixes files "
                                       f"from different exports: re-download it")
+            owner, attr, _ = slots.where[name]
             if tensor.shape != slots.shape[name]:
+                if hasattr(owner, "shape_mismatch"):  # a GPTQ / AWQ tensor: say which config field is off
+                    raise CheckpointError(owner.shape_mismatch(attr, key, tuple(tensor.shape), f"shard {path.name}"))
                 raise CheckpointError(f"shape mismatch for {name!r} in shard {path}: checkpoint has "
                                       f"{tuple(tensor.shape)}, the model expects {tuple(slots.shape[name])}; "
                                       f"config.json does not describe these weights")
-            convert = dtype if dtype is not None and tensor.is_floating_point() else None
+            if hasattr(owner, "check_tensor"):
+                owner.check_tensor(attr, key, tensor, f"shard {path.name}")
+            # packed modules keep their stored dtypes (fp16 scales would round in bf16)
+            keep = getattr(owner, "keep_checkpoint_dtype", False)
+            convert = dtype if dtype is not None and tensor.is_floating_point() and not keep else None
             tensor = tensor.to(device=device(name) if callable(device) else device, dtype=convert)
             tied_done = [n for n in slots.group[name] if n in loaded]
             if tied_done:
@@ -457,6 +525,8 @@ def load_checkpoint_into(
     missing = [n for n in slots.where if n not in covered]
     if unexpected or missing:
         raise CheckpointError(_mismatch_message(folder, unexpected, missing, checkpoint_name))
+    if packed is not None:
+        packed.finish(model, device)
 
 
 # -- saving --------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ from .checkpoint import CheckpointError, checkpoint_folder, load_checkpoint_into
 from .config import InternLMConfig, config_from_json
 from .decoder import InternLMForCausalLM, kv_cache_bytes
 from .internlm2 import apply_overrides, checkpoint_options
-from .quant import (QuantizationError, model_weight_bytes, quantize_model_, quantized_target,
-                    resolve_quantization)
+from .quant import (QuantizationError, checkpoint_quantization, model_weight_bytes, planned_quantization,
+                    prepare_packed_kernels, quantize_model_, quantized_target, resolve_quantization)
 from .generation import GenerationConfig, generate, stream_generate
 from .tokenizer import IncrementalDecoder, InternLMTokenizer, load_tokenizer
 
@@ -148,6 +148,7 @@ class InternLM(InternLMForCausalLM):
         if quant is not None and before_load is not None:
             raise QuantizationError("8-bit / 4-bit weights are not combined with tensor parallelism yet: serve the "
                                     "quantized model with --tp 1 (a 4-bit 7B model fits one 8 GB GPU)")
+        packed = checkpoint_quantization(folder, quant)  # a GPTQ / AWQ folder: its own 4-bit tensors
         device = torch.device(device)
         check_device(device)
         dtype = resolve_dtype(dtype, device, cfg.torch_dtype)
@@ -161,11 +162,14 @@ class InternLM(InternLMForCausalLM):
                 and torch.distributed.is_initialized() else 1
             # a model split before loading (before_load) counts only its own share of the weights
             check_fits_device(model, dtype, int(torch.cuda.mem_get_info(device)[0]), str(device), kv_split=ranks,
-                              quantization=quant)
+                              quantization=planned_quantization(quant, packed, device))
         # quantized: the projections are read onto the CPU and quantized as they move to the device
         load_checkpoint_into(model, folder, device=quantized_target(device, quant), dtype=dtype, select=select, **checkpoint_options(cfg))
         if quant is not None:
             quantize_model_(model, quant, device)
+        if packed is not None:
+            prepare_packed_kernels(model)
+            model.quantization = packed
         model.setup_rope(cfg.max_position_embeddings)
         if fuse:
             model.fuse_projections()
@@ -180,8 +184,8 @@ class InternLM(InternLMForCausalLM):
         else:
             model.chat_template, why = chat_template_of(folder)
         model.load_notes = [f"chat template {model.chat_template} ({why})"]
-        if quant is not None:
-            model.load_notes.append(quant.describe())
+        if quant is not None or packed is not None:
+            model.load_notes.append((quant or packed).describe())
         print(f"InternLM {folder.name}: " + "; ".join(model.load_notes), file=sys.stderr)
         return model
 

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 __all__ = ["BnbQuantization", "QuantizationError", "resolve_quantization", "quantize_model_",
-           "linear_weight_bytes", "model_weight_bytes", "is_projection_weight", "quantized_target", "vision_linears", "quantized_linears",
+           "linear_weight_bytes", "model_weight_bytes", "is_projection_weight", "quantized_target", "vision_linears",
+           "checkpoint_quantization", "planned_quantization", "prepare_packed_kernels", "OnDevice", "quantized_linears",
            "describe_quantization"]
 
 
@@ -199,6 +200,53 @@ def resolve_quantization(*, load_in_8bit: bool = False, load_in_4bit: bool = Fal
     if compute is None and not ours:
         compute = torch.float32  # transformers' BitsAndBytesConfig default
     return BnbQuantization(kind, compute_dtype=compute, double_quant=bool(double), quantize_vision=quantize_vision)
+
+
+@dataclass(frozen=True)
+class OnDevice:
+    """A GPTQ / AWQ spec as the planner should count it on `device`: the bytes a layer holds there
+    while running (`PackedSpec.runtime_bytes`: the CUDA int4 kernel keeps its own copy and sends the
+    stored tensors to host memory)."""
+
+    spec: Any
+    device: str
+    quantize_vision = False
+
+    def weight_bytes(self, in_features: int, out_features: int) -> int:
+        return int(self.spec.runtime_bytes(in_features, out_features, self.device))
+
+    def describe(self) -> str:
+        return self.spec.describe()
+
+
+def checkpoint_quantization(folder, q: "BnbQuantization | None"):
+    """The folder's own GPTQ / AWQ spec (None for a 16-bit checkpoint), refusing bitsandbytes
+    options on a folder that is quantized already."""
+    from .packed_quant import read_packed_quantization
+    packed = read_packed_quantization(folder)
+    if packed is not None and q is not None:
+        raise QuantizationError(f"this checkpoint is quantized already ({packed.describe()}): load it without "
+                                f"load_in_8bit / load_in_4bit / quantization (and without --load-in-4bit, "
+                                f"--quantization), or quantize the 16-bit checkpoint instead")
+    return packed
+
+
+def planned_quantization(q: Any, packed: Any, device: torch.device) -> Any:
+    """What memory checks count for a load: bitsandbytes' setting, or the packed spec as it runs on
+    `device`."""
+    if packed is not None:
+        return OnDevice(packed, str(device))
+    return q
+
+
+@torch.no_grad()
+def prepare_packed_kernels(model: nn.Module) -> None:
+    """Choose every GPTQ / AWQ linear's kernel now, on its device (the CUDA int4 kernel builds its
+    copy and the stored tensors go to host memory), so memory is settled before a KV pool is sized
+    from what is free and before any CUDA graph capture."""
+    from .packed_quant import packed_linears
+    for m in packed_linears(model):
+        m.prepare()
 
 
 def describe_quantization(q: Any) -> str:

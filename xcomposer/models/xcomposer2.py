@@ -37,7 +37,8 @@ from ..llm.config import InternLM2Config
 from ..llm.decoder import InternLMForCausalLM
 from ..llm.generation import GenerationConfig, PromptTooLongError, generate, stream_generate
 from ..llm.internlm import check_device, resolve_dtype
-from ..llm.quant import quantize_model_, quantized_target, resolve_quantization
+from ..llm.quant import (checkpoint_quantization, planned_quantization, prepare_packed_kernels, quantize_model_,
+                         quantized_target, resolve_quantization)
 from ..llm.internlm2 import checkpoint_key_map as internlm2_key_map, upstream_name as internlm2_upstream_name
 from ..llm.tokenizer import InternLMTokenizer, check_text, load_tokenizer
 from .vl_prompt import IMAGE_PLACEHOLDER, ChatStream, text_until_stop
@@ -252,9 +253,11 @@ class XComposer2(nn.Module):
         `load_in_8bit` / `load_in_4bit` / `quantization` / `quantization_config` and the `bnb_4bit_*`
         words quantize the decoder's projections with bitsandbytes as `InternLM.from_pretrained`
         does; `quantize_vision=True` quantizes the vision tower's linears too (xcomposer.llm.quant).
+        A GPTQ / AWQ folder (upstream's -4bit exports) loads as it is (xcomposer.llm.packed_quant).
         """
         quant = resolve_quantization(**quantization)
         folder, cfg_file = checkpoint_folder(path_or_hub_id, "XComposer2")
+        packed = checkpoint_quantization(folder, quant)  # a GPTQ / AWQ folder: its own 4-bit tensors
         cfg = XComposer2Config.from_json(cfg_file)
         if not (folder / "tokenizer.model").is_file():
             raise CheckpointError(f"{folder / 'tokenizer.model'} not found: the checkpoint folder must hold the "
@@ -267,7 +270,8 @@ class XComposer2(nn.Module):
             from ..parallel import sharding
             index = device.index if device.index is not None else torch.cuda.current_device()
             report = sharding.memory_report(cfg, 1, dtype, batch=1, cache_len=cfg.max_length,
-                                            budgets=[int(torch.cuda.mem_get_info(index)[0])], quantization=quant)
+                                            budgets=[int(torch.cuda.mem_get_info(index)[0])],
+                                            quantization=planned_quantization(quant, packed, device))
             print(report, file=sys.stderr)
             sharding.check_fits(report, cfg)
         with torch.device("meta"):
@@ -276,6 +280,9 @@ class XComposer2(nn.Module):
                              key_map=model.key_map, checkpoint_name=model.checkpoint_name)
         if quant is not None:
             quantize_model_(model, quant, device)
+        if packed is not None:
+            prepare_packed_kernels(model)
+            model.quantization = model.llm.quantization = packed
         model._finish_loading(device)
         if fuse:
             model.llm.fuse_projections()

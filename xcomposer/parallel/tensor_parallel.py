@@ -105,6 +105,10 @@ def shard_decoder(model: InternLMForCausalLM, group=None) -> InternLMForCausalLM
                            "torch.distributed.init_process_group(...) on every rank first (e.g. under torchrun)")
     if getattr(model, "tp_world_size", 1) != 1:
         raise RuntimeError("this decoder is already split for tensor parallelism")
+    quant = getattr(model, "quantization", None)
+    if quant is not None:
+        raise ValueError(f"tensor parallelism does not split quantized projections ({quant.describe()}) yet: serve "
+                         f"the model with --tp 1 (a 4-bit 7B model fits one 8 GB GPU), or load it in 16-bit")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     check_shardable(model.config, world)
     model.clear_caches()  # caches sized for all heads
