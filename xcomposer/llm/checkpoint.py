@@ -29,6 +29,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from .keys import CheckpointError, SplitKey  # defined apart so packed_quant can use them without a cycle
+
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -38,10 +40,6 @@ _LOOKED_FOR = (SAFE_INDEX, BIN_INDEX, SAFE_SINGLE, BIN_SINGLE)
 # "owner/name" with hub-legal characters; anything else is treated as a local path
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$")
 _MAX_LISTED = 10
-
-
-class CheckpointError(Exception):
-    """A checkpoint folder, file or key that cannot be used; the message names it and the fix."""
 
 
 def _listing(items: list[str], limit: int = _MAX_LISTED) -> str:
@@ -258,17 +256,6 @@ def iter_shards(folder: Path) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
 
 
 # -- loading into a model ------------------------------------------------------------------
-
-class SplitKey:
-    """What a `key_map` returns for a checkpoint tensor that fills several model tensors (InternLM2's
-    packed `wqkv` fills q/k/v): their `names`, and `split(tensor)` giving one tensor per name."""
-
-    def __init__(self, names: tuple[str, ...], split: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]):
-        self.names, self.split = tuple(names), split
-
-    def __repr__(self) -> str:
-        return f"SplitKey({self.names})"
-
 
 def _default_skip(key: str) -> bool:
     # upstream shards carry the rotary inverse frequencies, which the model derives itself
@@ -633,5 +620,5 @@ def save_checkpoint(
     return [folder / name for name in names]
 
 
-__all__ = ["CheckpointError", "LoRAMerge", "checkpoint_folder", "resolve_checkpoint", "list_shards", "iter_shards",
+__all__ = ["CheckpointError", "SplitKey", "LoRAMerge", "checkpoint_folder", "resolve_checkpoint", "list_shards", "iter_shards",
            "load_checkpoint_into", "save_checkpoint"]

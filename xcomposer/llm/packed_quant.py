@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, SplitKey
+from .keys import CheckpointError, SplitKey
 
 QUANT_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 GPTQ_FORMATS = ("gptq", "gptq_v2")
