@@ -32,6 +32,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 steps=${STEPS:-"tests engine bench"}
 rc=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+# the device has no network: wheels it lacks travel in gpu_wheels/ (git-ignored; the device tool's
+# `carry`), e.g. pip download bitsandbytes==0.50.2 --no-deps -d gpu_wheels
+if compgen -G "gpu_wheels/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-deps gpu_wheels/*.whl 2>&1 | tail -2 | tee -a "$out/gpu.txt"
+fi
 python3 -c "import torch, transformers, timm; print('torch', torch.__version__, 'transformers', transformers.__version__, 'timm', timm.__version__)" | tee -a "$out/gpu.txt"
 if [[ " $steps " == *" tests "* ]]; then
     python3 -m pytest -q -p no:cacheprovider -rs tests/test_fast_decode.py tests/test_sharding.py tests/test_decoder.py \
