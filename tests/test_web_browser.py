@@ -333,6 +333,15 @@ def test_the_gallery_click_is_not_an_api_endpoint(api):
         api.predict(api_name="/on_select")
 
 
+def test_run_compose_keeps_its_earlier_eight_parameter_form(api):
+    """`refs_in`, `meta_box` and `seed_value` came with XComposer2: a client written against the
+    eight earlier parameters still composes (gradio offers the later ones with defaults)."""
+    params = {p["parameter_name"]: p for p in _endpoints(api)["/run_compose"]["parameters"]}
+    assert all(params[n]["parameter_has_default"] for n in ("refs_in", "meta_box", "seed_value"))
+    out = api.predict("A walk by the lake", 1, False, 20, 1, 1.0, False, "en", api_name="/run_compose")
+    assert "A walk by the lake" in out[0] and out[1].startswith("Done:")
+
+
 def _raw_call(url: str, api_name: str, data: list, session: str) -> list:
     """One event through gradio's queue over plain HTTP, the JSON written with escapes as a browser's
     JSON.stringify writes a lone surrogate ("\\ud800"); httpx (under gradio_client) cannot send one."""

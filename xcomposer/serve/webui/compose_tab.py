@@ -111,8 +111,10 @@ def compose_tab(app: DemoApp, model_job: dict) -> None:
 
     compose_outputs = [compose_state, article_view, status, download, slot_pick, gallery, caption, para_pick]
 
-    def run_compose(title_text, n_images, decides, length, n_beams, pen, do_sample, language, refs_in, meta_box,
-                    seed_value, state, request: gr.Request):
+    # refs_in, meta_box and seed_value came later (XComposer2): defaults keep an API client written
+    # against the eight earlier parameters of /run_compose working (gradio offers them as optional)
+    def run_compose(title_text, n_images, decides, length, n_beams, pen, do_sample, language, refs_in=None,
+                    meta_box=False, seed_value=None, state=None, request: gr.Request = None):
         try:
             what = "the instruction" if v2 else "the title"
             limit = MAX_INSTRUCTION_CHARS if v2 else MAX_TITLE_CHARS
