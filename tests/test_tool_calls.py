@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import jsonschema
 import openai
 import pytest
 import torch
@@ -145,6 +146,18 @@ def test_openai_client_weather_round_trip(taught):
                                           tool_choice={"type": "function", "function": {"name": "get_time"}})
         prefix = tok.encode('<|action_start|><|plugin|>\n{"name": "get_time", "parameters": ', add_bos=False)
         assert fed.prompt(named.usage.prompt_tokens)[-len(prefix):] == prefix
+        # ... and constrained decoding makes it a whole call whose arguments follow the function's schema
+        assert named.choices[0].finish_reason == "tool_calls"
+        forced = named.choices[0].message.tool_calls[0]
+        assert forced.function.name == "get_time"
+        jsonschema.validate(json.loads(forced.function.arguments), TIME["parameters"])
+        for seed in range(3):  # required with two tools: a call of one of them, whatever the sample
+            r = c.chat.completions.create(model="tiny-lm2", messages=[{"role": "user", "content": "hm"}], tools=tools,
+                                          tool_choice="required", temperature=1.0, seed=seed, max_tokens=48)
+            assert r.choices[0].finish_reason == "tool_calls", r.choices[0].message
+            call = r.choices[0].message.tool_calls[0]
+            spec = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]
+            jsonschema.validate(json.loads(call.function.arguments), spec["parameters"])
         # bad input: the envelope, and the server goes on
         for kw, param in ((dict(tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
                           (dict(tools=[{"type": "function", "function": {"description": "no name"}}]), "tools[0]")):

@@ -37,6 +37,7 @@ from ..parallel.sharding import (DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_MAX_ENTRY_COU
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
 from .request import EngineClosedError, EngineError, Event, Prompt, PromptTooLong, QueueFullError, Request
+from .grammar import apply_masks
 from .sampler import SampleRow, sample
 from .scheduler import Scheduler, Sequence, embedding_keys
 
@@ -127,6 +128,7 @@ class Engine:
         self.model = model
         self.llm = decoder_of(model)
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        self._grammars = None
         if self.tokenizer is None:
             raise ValueError("the engine needs the model's tokenizer: load the model with from_pretrained or pass "
                              "tokenizer=load_tokenizer(folder)")
@@ -193,13 +195,25 @@ class Engine:
             self._thread.start()
 
     # -- the public side -------------------------------------------------------------------
+    @property
+    def grammars(self):
+        """The grammar compiler for this model's tokenizer and logits (`engine.grammar.Grammars`),
+        made on first use: `engine.submit(..., grammar=engine.grammars.json_schema(schema))`."""
+        if self._grammars is None:
+            from .grammar import Grammars
+            eos = self.llm.config.eos_token_id
+            stops = [eos] if isinstance(eos, int) else list(eos or [])
+            self._grammars = Grammars(self.tokenizer, self.llm.config.vocab_size, stops)
+        return self._grammars
+
     def submit(self, prompt: Prompt, config: GenerationConfig, sink: Callable[[Event], None],
                stop: Seq[str] = (), *, logprobs: int | None = None, prompt_logprobs: int | None = None,
-               prompt_only: bool = False) -> Request:
+               prompt_only: bool = False, grammar=None) -> Request:
         """Queue a request; raises QueueFullError, EngineClosedError or PromptTooLong (ValueError for
         bad logprob options). `logprobs` / `prompt_logprobs`: report log-probabilities of the
         generated / prompt tokens with that many top alternatives (0-20); `prompt_only`: stop after
-        the prompt (no token generated)."""
+        the prompt (no token generated); `grammar` (`Engine.grammars.json_schema(...)` or
+        `.json_object()`): the reply is constrained to it, token by token (structured output)."""
         config.validate()
         for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
             if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOP_LOGPROBS):
@@ -208,7 +222,7 @@ class Engine:
             raise ValueError("prompt logprobs and prompt-only requests take token-id prompts")
         self._check_length(prompt)
         req = Request(prompt, config, sink, stop, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                      prompt_only=prompt_only)
+                      prompt_only=prompt_only, grammar=grammar)
         with self._lock:
             if self._closing or self._stopped:
                 raise EngineClosedError("the engine is shutting down and takes no new requests")
@@ -474,6 +488,8 @@ class Engine:
         want = [i for i, s in enumerate(seqs) if s.req.logprobs is not None]
         # OpenAI's logprobs: the model's log-softmax, before any penalty or warp the sampler applies
         logp = torch.log_softmax(picked[want], dim=-1) if want else None
+        constrained = [(i, self._matcher(s)) for i, s in enumerate(seqs) if s.req.grammar is not None]
+        apply_masks(picked, constrained, picked.shape[1])  # structured output: what the grammar allows next
         rows = [SampleRow(s.cfg, len(s.tokens), s.history(self.device), s.generator, s.tokens) for s in seqs]
         tokens = sample(picked, rows)
         entries: dict[int, tuple] = {}
@@ -488,7 +504,19 @@ class Engine:
                 alts = list(zip(top_i[j][:kk], top_v[j][:kk])) if kk else []
                 entries[i] = (tokens[i], chosen[j], alts)
         for i, (seq, tok) in enumerate(zip(seqs, tokens)):
+            if seq.matcher is not None and not seq.matcher.accept(tok):
+                # nothing the grammar allows was left (e.g. min_new_tokens held back the stop tokens)
+                self._finish(seq, "stop", flush=True)
+                continue
             self._push(seq, tok, entries.get(i))
+            if seq.matcher is not None and seq.matcher.terminated and not seq.finished:
+                self._finish(seq, "stop", flush=True)  # the grammar ended on a stop token the request ignores
+
+    @staticmethod
+    def _matcher(seq: Sequence):
+        if seq.matcher is None:
+            seq.matcher = seq.req.grammar.matcher(seq.stop_ids)
+        return seq.matcher
 
     def _record_prompt_logprobs(self, seq: Sequence, w, rows: torch.Tensor) -> None:
         """Row j of a prompt chunk predicts the token at position start + j + 1."""

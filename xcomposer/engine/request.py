@@ -90,13 +90,14 @@ class Request:
 
     def __init__(self, prompt: Prompt, config: GenerationConfig, sink: Callable[[Event], None],
                  stop: Sequence[str] = (), *, logprobs: int | None = None, prompt_logprobs: int | None = None,
-                 prompt_only: bool = False):
+                 prompt_only: bool = False, grammar=None):
         self.id = next(self._ids)
         # log-softmax of the model's logits (before any penalty or warp) of each generated token, with
         # the `logprobs` most likely alternatives; the same for every prompt token after the first
         # (`prompt_logprobs`: needs the whole prompt computed, so no prefix-cache hits); `prompt_only`
         # ends after the prompt (OpenAI's echo with max_tokens 0)
         self.logprobs, self.prompt_logprobs, self.prompt_only = logprobs, prompt_logprobs, prompt_only
+        self.grammar = grammar  # engine.grammar.Grammar: the reply is constrained to it (structured output)
         self.prompt = prompt
         self.config = config
         self.stop = [s for s in stop if s]

@@ -55,6 +55,7 @@ class Sequence:
         self.logprobs: list = []  # (id, logprob, top) of each generated token, when asked
         self.lp_sent = 0  # how many of them went out with text events
         self.prompt_logprobs: dict[int, tuple] = {}  # position -> (id, logprob, top), when asked
+        self.matcher = None  # engine.grammar.Matcher of a constrained request, made when first sampled
 
     def history(self, device) -> torch.Tensor | None:
         """(1, n) ids the repetition penalty sees (the prompt's penalty ids, then the reply), kept on

@@ -27,12 +27,13 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..llm.generation import GenerationConfig
+from ..engine.grammar import GrammarError
 from .engine import Engine, EngineClosedError, Event, Prompt, PromptTooLong, QueueFullError, decoder_of
 from .media import MediaPolicy
 from .metrics import Metrics
 from .prompts import PromptError, ServedModel
 from .protocol import (CHAT_FIELDS, COMPLETION_FIELDS, MAX_JSON_DEPTH, MAX_N, APIError, Sampling, Tools, _json_depth,
-                       _completion_prompts, bad, parse_messages, parse_sampling, parse_tools)
+                       _completion_prompts, bad, parse_messages, parse_response_format, parse_sampling, parse_tools)
 from .responses import _Logprobs, _cancel, _collect, _event_error, _next, _stream
 
 from .options import DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT, quantization_options
@@ -200,9 +201,10 @@ def create_app(state: ServerState) -> FastAPI:
         body = await _body(request)
         _check(body, CHAT_FIELDS, served)
         tools = parse_tools(body)
-        rf = body.get("response_format")
-        if rf is not None and rf != {"type": "text"}:
-            raise bad("only response_format {\"type\": \"text\"} is supported", "response_format")
+        rf = parse_response_format(body)
+        if rf.type != "text" and tools.active:
+            raise bad(f"response_format {rf.type} and tools together: a reply is either a tool call or JSON of "
+                      f"your schema; send one of them (or tool_choice 'none')", "response_format")
         sampling = parse_sampling(body)
         cfg = _config(served, sampling)
 
@@ -211,6 +213,25 @@ def create_app(state: ServerState) -> FastAPI:
             if tools.active:
                 return [served.tool_prompt(messages, tools.functions, tools.reply_prefix)] * len(_per_choice(cfg, sampling))
             return [served.chat_prompt(messages, c) for c in _per_choice(cfg, sampling)]
+
+        def grammar():  # compiling a schema takes milliseconds to seconds: off the event loop too
+            if tools.active and tools.choice != "auto" and served.tool_format:
+                # a forced call (required / a named function): its arguments follow the function's
+                # schema and <|action_end|> ends it, by constrained decoding
+                named = tools.choice if tools.choice != "required" else (
+                    tools.functions[0]["name"] if len(tools.functions) == 1 else None)
+                return engine.grammars.tool_call(tools.functions, named,
+                                                 served.tokenizer.chat_token_id("<|action_end|>"))
+            if rf.type == "json_object":
+                return engine.grammars.json_object()
+            if rf.type == "json_schema":
+                return engine.grammars.json_schema(rf.schema, strict=rf.strict, name=rf.name)
+            return None
+        try:
+            compiled = await asyncio.to_thread(grammar)
+        except GrammarError as e:
+            raise bad(str(e), "tools" if tools.active else "response_format.json_schema.schema"
+                      if rf.type == "json_schema" else "response_format") from e
         try:
             prompts = await asyncio.to_thread(build)
         except PromptError as e:
@@ -218,7 +239,7 @@ def create_app(state: ServerState) -> FastAPI:
         except ValueError as e:  # the model's own checks (history shape, too long ...)
             raise bad(str(e), "messages") from e
         return await _run(request, engine, served, prompts, _per_choice(cfg, sampling), sampling, chat=True,
-                          tools=tools)
+                          tools=tools, grammar=compiled)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -276,7 +297,7 @@ def _per_choice(cfg: GenerationConfig, sampling: Sampling) -> list[GenerationCon
 
 
 async def _run(request: Request, engine: Engine, served: ServedModel, prompts, cfgs, sampling: Sampling,
-               chat: bool, echoed: list[str] | None = None, tools: "Tools | None" = None):
+               chat: bool, echoed: list[str] | None = None, tools: "Tools | None" = None, grammar=None):
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     reqs = []
@@ -290,7 +311,7 @@ async def _run(request: Request, engine: Engine, served: ServedModel, prompts, c
         for i, (prompt, cfg) in enumerate(zip(prompts, cfgs)):
             reqs.append(engine.submit(prompt, cfg, sink_for(i), sampling.stop, logprobs=sampling.logprobs,
                                       prompt_logprobs=sampling.logprobs if sampling.echo else None,
-                                      prompt_only=sampling.prompt_only))
+                                      prompt_only=sampling.prompt_only, grammar=grammar))
     except QueueFullError as e:
         _cancel(reqs)
         raise APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from e

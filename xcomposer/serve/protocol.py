@@ -240,6 +240,43 @@ class Tools:
         return f"{ACTION_START}{PLUGIN}\n" if self.choice == "required" else ""
 
 
+@dataclass(frozen=True)
+class ResponseFormat:
+    """OpenAI's `response_format`: "text" (no constraint), "json_object", or "json_schema" with its
+    schema, name and strictness."""
+
+    type: str = "text"
+    schema: dict | None = None
+    name: str = ""
+    strict: bool = False
+
+
+def parse_response_format(body: dict[str, Any]) -> ResponseFormat:
+    rf = body.get("response_format")
+    if rf is None:
+        return ResponseFormat()
+    if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+        raise bad("response_format must be {type: 'text'}, {type: 'json_object'} or {type: 'json_schema', "
+                  "json_schema: {name, schema, strict}}", "response_format")
+    if rf["type"] != "json_schema":
+        return ResponseFormat(rf["type"])
+    js = rf.get("json_schema")
+    if not isinstance(js, dict):
+        raise bad("response_format json_schema needs json_schema: {name, schema, strict}", "response_format.json_schema")
+    name = js.get("name", "")
+    if not isinstance(name, str) or len(name) > 64:
+        raise bad("response_format.json_schema.name must be a string of at most 64 characters",
+                  "response_format.json_schema.name")
+    schema = js.get("schema", {})
+    if not isinstance(schema, dict):
+        raise bad("response_format.json_schema.schema must be a JSON schema object",
+                  "response_format.json_schema.schema")
+    strict = js.get("strict", False)
+    if not isinstance(strict, bool) and strict is not None:
+        raise bad("response_format.json_schema.strict must be true or false", "response_format.json_schema.strict")
+    return ResponseFormat("json_schema", schema, name, bool(strict))
+
+
 def parse_tools(body: dict[str, Any]) -> Tools:
     tools = body.get("tools")
     functions: list[dict[str, Any]] = []
