@@ -66,3 +66,45 @@ def test_lmdeploys_pipeline_lines_run_as_written(tmp_path):
     import pytest
     with pytest.raises(ValueError, match="serve PATH --tp 2"):
         pipeline(str(folder), backend_config=TurbomindEngineConfig(tp=2))
+
+
+def test_lmdeploys_chat_sessions_ppl_and_model_format(tmp_path):
+    """LMDeploy's `pipe.chat(prompt, session)` (the second turn equals the whole conversation sent at
+    once, and `model.chat` with that history), `stream_response`, `pipe.infer`; `get_ppl` equals the
+    mean negative log-likelihood of one full forward (no exponential, as LMDeploy returns it);
+    `model_format` checked against the folder."""
+    import pytest
+
+    from xcomposer import TurbomindEngineConfig, pipeline
+    from xcomposer.tiny import write_tiny_internlm2
+    folder = write_tiny_internlm2(tmp_path / "lm2")
+    model = InternLM.from_pretrained(folder)
+    opts = dict(do_sample=False, max_new_tokens=6)
+    with pipeline(model, max_batch_size=2) as pipe:
+        sess = pipe.chat("Hi there", **opts)
+        assert sess.history == [("Hi there", sess.response.text)]
+        sess = pipe.chat("And then?", session=sess, **opts)
+        whole = pipe([{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": sess.history[0][1]},
+                      {"role": "user", "content": "And then?"}], **opts)
+        assert sess.response.text == whole.text and len(sess.history) == 2
+        ref, _ = model.chat(model.tokenizer, "And then?", history=[sess.history[0]], **opts)
+        assert sess.response.text == ref
+        streamed = pipe.session()
+        text = "".join(r.text for r in pipe.chat("Hi there", session=streamed, stream_response=True, **opts))
+        assert text == streamed.response.text == sess.history[0][1]
+        assert pipe.infer("Shanghai is", **opts).text == pipe("Shanghai is", **opts).text
+        ids = [[1, 50, 60, 70, 80, 90], [1, 5, 6]]
+        ppl = pipe.get_ppl(ids)
+        for seq, got in zip(ids, ppl):
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([seq]))[0].float(), dim=-1)
+            nll = -logp[torch.arange(len(seq) - 1), torch.tensor(seq[1:])].mean().item()
+            assert abs(got - nll) < 1e-4
+        assert pipe.get_ppl(ids[0]) == pytest.approx(ppl[:1], abs=1e-5)  # batched with another or alone
+        with pytest.raises(ValueError, match="at least two"):
+            pipe.get_ppl([[1]])
+    with pytest.raises(ValueError, match="model_format='awq' but the checkpoint is not quantized"):
+        pipeline(model, backend_config=TurbomindEngineConfig(model_format="awq"))
+    with pytest.raises(ValueError, match="use 'hf', 'awq' or 'gptq'"):
+        pipeline(model, backend_config=TurbomindEngineConfig(model_format="int4"))
+    pipeline(model, backend_config=TurbomindEngineConfig(model_format="hf")).close()

@@ -20,7 +20,7 @@ models with them):
 from __future__ import annotations
 
 import queue
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..engine.engine import check_serving_quant_policy
@@ -57,6 +57,25 @@ class EngineConfig:
     max_prefill_token_num: int | None = None
     enable_prefix_caching: bool = True
     quant_policy: int = 0
+    # LMDeploy's "hf" | "awq" | "gptq": a GPTQ / AWQ folder is recognised from its own config, so
+    # this only checks that the folder is what the caller says (None: any)
+    model_format: str | None = None
+
+    def check_model_format(self, model) -> None:
+        if self.model_format in (None, "hf"):
+            packed = getattr(model, "quantization", None)
+            if self.model_format == "hf" and getattr(packed, "method", None) in ("gptq", "awq"):
+                raise ValueError(f"model_format='hf' but the checkpoint is {packed.describe()}: pass "
+                                 f"model_format='{packed.method}' or leave it unset")
+            return
+        if self.model_format not in ("awq", "gptq"):
+            raise ValueError(f"model_format={self.model_format!r}: use 'hf', 'awq' or 'gptq' (LMDeploy's words) or "
+                             f"leave it unset")
+        method = getattr(getattr(model, "quantization", None), "method", None)
+        if method != self.model_format:
+            raise ValueError(f"model_format={self.model_format!r} but the checkpoint is "
+                             f"{'not quantized' if method is None else method.upper()}: its config.json says "
+                             f"what it is; pass the matching model_format or leave it unset")
 
     def engine_kwargs(self) -> dict[str, Any]:
         if self.tp != 1:
@@ -103,6 +122,27 @@ def _gen_options(gen_config) -> tuple[dict[str, Any], list[str]]:
     return options, stop
 
 
+@dataclass
+class Session:
+    """One `Pipeline.chat` conversation: (prompt, reply) pairs in `history`, the last `response`."""
+
+    history: list = field(default_factory=list)
+    response: "Response | None" = None
+    prompt: Any = None
+
+
+def _user_message(prompt) -> dict:
+    """A chat prompt (a string, or XComposer's (text, image or images) pair) as an OpenAI message."""
+    if isinstance(prompt, str):
+        return {"role": "user", "content": prompt}
+    if isinstance(prompt, tuple) and len(prompt) == 2:
+        text, images = prompt
+        images = [images] if not isinstance(images, (list, tuple)) else list(images)
+        return {"role": "user", "content": [{"type": "image_url", "image_url": i} for i in images]
+                + [{"type": "text", "text": text}]}
+    raise TypeError(f"a chat prompt is a string or a (text, image) pair, got {type(prompt).__name__}")
+
+
 def _is_conversation(item) -> bool:
     return isinstance(item, list) and bool(item) and all(isinstance(m, dict) for m in item)
 
@@ -110,6 +150,8 @@ def _is_conversation(item) -> bool:
 class Pipeline:
     def __init__(self, model, *, max_batch_size: int = 8, session_len: int | None = None, name: str = "model",
                  backend_config: EngineConfig | None = None):
+        if backend_config is not None:
+            backend_config.check_model_format(model)
         self.served = ServedModel(model, name)
         kw = backend_config.engine_kwargs() if backend_config is not None else dict(
             max_batch_size=max_batch_size, session_len=session_len)
@@ -195,6 +237,80 @@ class Pipeline:
                 left -= 1
                 yield Response("", ev.completion_tokens, ev.prompt_tokens, ev.finish_reason, ev.tokens, i)
 
+    # LMDeploy's other pipeline words
+    def infer(self, prompts, gen_config=None, **options: Any):
+        """LMDeploy's `Pipeline.infer`: the same as calling the pipeline."""
+        return self(prompts, gen_config, **options)
+
+    batch_infer = infer  # LMDeploy's older name
+
+    def session(self) -> "Session":
+        """A new conversation for `chat` (LMDeploy's `pipe.session()`)."""
+        return Session()
+
+    def chat(self, prompt, session: "Session | None" = None, gen_config=None, stream_response: bool = False,
+             **options: Any):
+        """LMDeploy's `Pipeline.chat`: one turn of a multi-turn conversation. `prompt` is a string or,
+        for XComposer, a (text, image or images) pair; `session` (from `session()` or an earlier call)
+        carries the history as (prompt, reply) pairs. Returns the session with `.response` set and the
+        turn appended to `.history`; with `stream_response` an iterator of Responses, the session
+        updated when it ends."""
+        session = session if session is not None else Session()
+        if not isinstance(session, Session):
+            raise TypeError(f"session must be a Session from pipe.session() or an earlier chat(), got "
+                            f"{type(session).__name__}")
+        conversation = []
+        for past, reply in session.history:
+            conversation += [_user_message(past), {"role": "assistant", "content": reply}]
+        conversation.append(_user_message(prompt))
+        session.prompt, session.response = prompt, None
+
+        def finish(response: Response) -> None:
+            session.response = response
+            session.history.append((prompt, response.text))
+
+        if not stream_response:
+            finish(self(conversation, gen_config, **options))
+            return session
+
+        def pieces():
+            text, last = [], None
+            for r in self.stream_infer(conversation, gen_config, **options):
+                text.append(r.text)
+                last = r
+                yield r
+            finish(Response("".join(text), last.generate_token_len, last.input_token_len, last.finish_reason,
+                            last.token_ids, 0))
+        return pieces()
+
+    def get_ppl(self, input_ids) -> list[float]:
+        """LMDeploy's `get_ppl`: for each token-id sequence (a list of ids, or a list of such lists),
+        the mean cross-entropy of tokens 2..n given those before them, without the exponential (as
+        LMDeploy returns it). The model's own log-softmax, through the engine's prompt logprobs."""
+        if not isinstance(input_ids, (list, tuple)) or not input_ids:
+            raise ValueError("get_ppl takes a list of token ids or a list of such lists")
+        batch = [list(input_ids)] if all(isinstance(t, int) for t in input_ids) else [list(x) for x in input_ids]
+        from ..engine.request import Prompt
+        queues = []
+        for ids in batch:
+            if len(ids) < 2 or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ValueError("each sequence for get_ppl needs at least two integer token ids")
+            q: "queue.Queue" = queue.Queue()
+            cfg = self.served.config({"max_new_tokens": 1})
+            self.engine.submit(Prompt(ids=ids), cfg, q.put, prompt_logprobs=0, prompt_only=True)
+            queues.append(q)
+        out = []
+        for q in queues:
+            while True:
+                ev = q.get()
+                if ev.kind == "error":
+                    raise EngineError(ev.text)
+                if ev.kind == "done":
+                    scores = [lp for _, lp, _ in ev.prompt_logprobs]
+                    out.append(-sum(scores) / len(scores))
+                    break
+        return out
+
     def close(self) -> None:
         self.engine.close()
 
@@ -234,4 +350,4 @@ def pipeline(model_or_path, backend_config: EngineConfig | None = None, *, devic
                     backend_config=backend_config)
 
 
-__all__ = ["pipeline", "Pipeline", "Response", "EngineConfig", "TurbomindEngineConfig", "PytorchEngineConfig"]
+__all__ = ["pipeline", "Pipeline", "Response", "Session", "EngineConfig", "TurbomindEngineConfig", "PytorchEngineConfig"]
