@@ -34,7 +34,7 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["city", 
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    return InternLM.from_pretrained(write_tiny_internlm2(tmp_path_factory.mktemp("so") / "m"))
+    return InternLM.from_pretrained(write_tiny_internlm2(tmp_path_factory.mktemp("so") / "m", max_position_embeddings=2048))
 
 
 def _stops(lm):
@@ -134,7 +134,7 @@ class Weather(pydantic.BaseModel):
 
 @pytest.fixture(scope="module")
 def server(lm):
-    s = _serve(lm, "tiny-so", max_batch_size=4, session_len=512)
+    s = _serve(lm, "tiny-so", max_batch_size=4, session_len=1536)
     yield s
     s.close()
 
@@ -173,3 +173,27 @@ def test_bad_response_formats_are_400s_and_the_server_keeps_answering(server):
         c.chat.completions.create(model="tiny-so", messages=msgs, tools=tools, response_format={"type": "json_object"})
     assert c.chat.completions.create(model="tiny-so", messages=msgs, max_tokens=3).choices[0].message.content \
         is not None
+
+
+def test_langchain_with_structured_output_all_three_methods(server):
+    """LangChain's `with_structured_output`: json_schema (response_format), function_calling (a forced
+    tool call, now constrained to the schema) and json_mode (json_object) all return parsed output."""
+    pytest.importorskip("langchain_openai", reason="pip install -e '.[test]' installs langchain-openai")
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=server.url + "/v1", api_key="unused", model="tiny-so", temperature=0, max_tokens=80,
+                     max_retries=0)
+    for method in ("json_schema", "function_calling"):
+        out = llm.with_structured_output(Weather, method=method).invoke("Weather in Kyoto?")
+        assert isinstance(out, Weather), method
+    # json_mode: any object; a random tiny model may ramble past max_tokens (LangChain then raises),
+    # but every reply that ends is one JSON object
+    outs = []
+    for seed in range(6):
+        seeded = ChatOpenAI(base_url=server.url + "/v1", api_key="unused", model="tiny-so", temperature=1.0,
+                            max_tokens=120, max_retries=0, seed=seed)
+        try:
+            outs.append(seeded.with_structured_output(None, method="json_mode").invoke("Answer in JSON."))
+        except openai.LengthFinishReasonError:
+            continue
+    assert outs and all(isinstance(o, dict) for o in outs)
