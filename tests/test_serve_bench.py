@@ -39,7 +39,7 @@ def _check_memory(r, batches=(1, 16)):
     assert [row["batch"] for row in r["rows"]] == list(batches)
     for row in r["rows"]:
         assert row["rss_ready"] >= row["rss_model"] > 0 and row["rss_peak"] >= row["rss_ready"]
-        assert row["plan"].startswith("KV pool:")
+        assert row["plan"].startswith("KV pool (")  # "KV pool (float32): N blocks x ..."
         assert row["per_row_cache_bytes"] == row["batch"] * r["session_len"] * row["kv_bytes_per_token"]
     # the paged pool does not grow with the batch
     # the pool does not grow with the batch once its budget binds (1 GiB on a CPU, as at 32k sessions);
