@@ -41,6 +41,7 @@ def _build_parser() -> argparse.ArgumentParser:
     add_library_commands(groups)
     add_compose_commands(groups)
     add_serve_commands(groups)
+    add_quantize_commands(groups)
     return parser
 
 
@@ -66,6 +67,48 @@ def _serve(args: argparse.Namespace) -> int:
     from .serve.api import serve
 
     return serve(args)
+
+
+# --- quantize -----------------------------------------------------------------------------------
+
+def add_quantize_commands(groups: argparse._SubParsersAction) -> None:
+    q = groups.add_parser("quantize", help="write a 4-bit / 8-bit GPTQ checkpoint of a 16-bit folder",
+                          description="GPTQ (gptqmodel's algorithm and packer, run layer by layer on this decoder) "
+                                      "into the published auto_gptq / gptqmodel layout under the checkpoint's own "
+                                      "keys: InternLM v1, InternLM2 / 2.5, InternLM-XComposer2 "
+                                      "(docs/quantization-formats.md, 'Quantizing your own checkpoint'). Needs "
+                                      "`pip install --no-deps -r requirements-quantize.txt`.")
+    q.add_argument("--folder", required=True, metavar="MODEL", help="the 16-bit checkpoint folder")
+    q.add_argument("--out", required=True, metavar="DIR", help="folder to write (must not exist or be empty)")
+    q.add_argument("--method", default="gptq", choices=["gptq", "awq"], help="gptq (default); awq is refused with "
+                   "the reason")
+    q.add_argument("--bits", type=int, default=4, help="4 (default) or 8")
+    q.add_argument("--group-size", type=int, default=128,
+                   help="inputs per quantization group, -1 for one group (default 128, as upstream's exports)")
+    q.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=False,
+                   help="act-order: quantize inputs by decreasing Hessian diagonal (default off)")
+    q.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True,
+                   help="symmetric zero points (default on, as auto_gptq); --no-sym writes checkpoint_format gptq_v2")
+    q.add_argument("--calib", default=None, metavar="FILE",
+                   help="calibration text file (paragraphs) or JSONL of {\"text\"} / {\"messages\"} records "
+                        "(default: the built-in set, xcomposer/data/calibration.jsonl)")
+    q.add_argument("--calib-samples", type=int, default=128, help="records used (default 128)")
+    q.add_argument("--calib-seq-len", type=int, default=512, help="tokens kept of each record (default 512)")
+    q.add_argument("--damp-percent", type=float, default=None, help="Hessian dampening (default gptqmodel's, 0.05)")
+    q.add_argument("--device", default=None, help="device running the layers and GPTQ (default cuda when available)")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new folder is complete")
+    q.set_defaults(func=_quantize)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from .quantize import quantize_checkpoint
+
+    report = quantize_checkpoint(args.folder, args.out, method=args.method, bits=args.bits, group_size=args.group_size,
+                                 desc_act=args.desc_act, sym=args.sym, calib=args.calib,
+                                 calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+                                 device=args.device, damp_percent=args.damp_percent, overwrite=args.overwrite)
+    print(report.out)
+    return 0
 
 
 # --- library ------------------------------------------------------------------------------------
