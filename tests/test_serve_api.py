@@ -702,3 +702,23 @@ def test_lmdeploys_api_server_line_means_the_same_here(tmp_path):
     both = subprocess.run([sys.executable, "-m", "xcomposer", "serve", str(folder), "--folder", str(folder)],
                           env=env, capture_output=True, text=True, timeout=60)
     assert both.returncode == 2 and "give the checkpoint once" in both.stderr
+
+
+def test_schema_errors_name_nested_fields(lm_server):
+    """Request bodies are pydantic models: an error deep in a body names its location as `param`."""
+    url = lm_server.url
+    for body, param, words in (
+            (_ok_chat(stream=True, stream_options={"include_usage": True, "x": 1}), "stream_options.x", "unknown field"),
+            (_ok_chat(tools=[{"type": "function", "function": {"name": "f", "parameters": 3}}]), "tools[0].function",
+             "JSON schema object"),
+            (_ok_chat(response_format={"type": "json_schema", "json_schema": {"schema": []}}),
+             "response_format.json_schema.schema", "JSON schema object"),
+            ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{x"}}]},
+                {"role": "tool", "tool_call_id": "1", "content": "r"}]},
+             "messages[1].tool_calls[0].function.arguments", "not JSON")):
+        r = httpx.post(url + "/v1/chat/completions", json=body)
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == param and words in err["message"], err
+    r = httpx.post(url + "/v1/completions", json={"prompt": "a", "max_tokens": 0})
+    assert r.status_code == 400 and "echo" in r.json()["error"]["message"]

@@ -3,7 +3,7 @@
     python -m xcomposer serve --folder PATH [--host 127.0.0.1] [--port 23333]
 
 Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`, `GET /health`,
-`GET /metrics`. Request bodies are checked field by field (`protocol.py`), so every bad input gets
+`GET /metrics`. Request bodies are validated as pydantic models (`schemas.py`, `protocol.py`), so every bad input gets
 OpenAI's error envelope with a 4xx status that names the field (docs/serving.md lists them); only a
 bug answers 500. Responses and streams are shaped in `responses.py`; this file holds the app and
 running a server (draining, tensor-parallel ranks).
@@ -32,8 +32,8 @@ from .engine import Engine, EngineClosedError, Event, Prompt, PromptTooLong, Que
 from .media import MediaPolicy
 from .metrics import Metrics
 from .prompts import PromptError, ServedModel
-from .protocol import (CHAT_FIELDS, COMPLETION_FIELDS, MAX_JSON_DEPTH, MAX_N, APIError, Sampling, Tools, _json_depth,
-                       _completion_prompts, bad, parse_messages, parse_response_format, parse_sampling, parse_tools)
+from .protocol import (MAX_JSON_DEPTH, MAX_N, APIError, Sampling, Tools, _json_depth, _completion_prompts, bad,
+                       parse_messages, parse_response_format, parse_sampling, parse_tools, validate_request)
 from .responses import _Logprobs, _cancel, _collect, _event_error, _next, _stream
 
 from .options import DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT, quantization_options
@@ -156,16 +156,13 @@ def create_app(state: ServerState) -> FastAPI:
             raise bad(f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)")
         return body
 
-    def _check(body: dict[str, Any], known: set[str], served: ServedModel) -> None:
-        unknown = sorted(set(body) - known)
-        if unknown:
-            raise bad(f"unknown field(s) {unknown}", unknown[0])
-        model = body.get("model")
-        if model is not None and not isinstance(model, str):
-            raise bad("model must be a string", "model")
+    def _check(body: dict[str, Any], chat: bool, served: ServedModel):
+        req = validate_request(body, chat)  # the schema: unknown fields, types, ranges, shapes
+        model = req.model
         if model not in (None, served.name):
             raise APIError(404, f"the model {model!r} does not exist: this server serves {served.name!r} "
                                 f"(GET /v1/models)", param="model", code="model_not_found")
+        return req
 
     @app.get("/health")
     async def health():
@@ -199,17 +196,17 @@ def create_app(state: ServerState) -> FastAPI:
         _auth(request)
         served, engine = state.ready()
         body = await _body(request)
-        _check(body, CHAT_FIELDS, served)
-        tools = parse_tools(body)
-        rf = parse_response_format(body)
+        req = _check(body, True, served)
+        tools = parse_tools(req)
+        rf = parse_response_format(req)
         if rf.type != "text" and tools.active:
             raise bad(f"response_format {rf.type} and tools together: a reply is either a tool call or JSON of "
                       f"your schema; send one of them (or tool_choice 'none')", "response_format")
-        sampling = parse_sampling(body)
+        sampling = parse_sampling(req)
         cfg = _config(served, sampling)
 
         def build():  # image fetching and decoding, tokenization: in a worker thread, off the event loop
-            messages = parse_messages(body, state.media)
+            messages = parse_messages(req, state.media)
             if tools.active:
                 return [served.tool_prompt(messages, tools.functions, tools.reply_prefix)] * len(_per_choice(cfg, sampling))
             return [served.chat_prompt(messages, c) for c in _per_choice(cfg, sampling)]
@@ -246,11 +243,9 @@ def create_app(state: ServerState) -> FastAPI:
         _auth(request)
         served, engine = state.ready()
         body = await _body(request)
-        _check(body, COMPLETION_FIELDS, served)
-        if body.get("suffix") is not None:
-            raise bad("suffix is not supported by these models", "suffix")
-        texts = _completion_prompts(body.get("prompt"), served)
-        sampling = parse_sampling(body, chat=False)
+        req = _check(body, False, served)
+        texts = _completion_prompts(req, served)
+        sampling = parse_sampling(req)
         if len(texts) * sampling.n > MAX_N:
             raise bad(f"{len(texts)} prompts x n={sampling.n} is over {MAX_N} choices per request", "n")
         cfg = _config(served, sampling, completion=True)

@@ -1,44 +1,26 @@
-"""The OpenAI protocol as this server reads it: request fields checked one by one into generation
-options, messages (text, image parts, tool calls and results), tools and completion prompts, and
-OpenAI's error envelope for every refusal (`APIError`, `bad`), whose `param` names the field."""
+"""The OpenAI protocol as this server reads it: request bodies validated by the pydantic models of
+`schemas.py` (a `ValidationError` becomes OpenAI's error envelope, `param` from the field's location)
+and read into generation options (`Sampling`), messages (text, image parts, tool calls and results),
+`Tools`, `ResponseFormat` and completion prompts; `APIError`/`bad` for every refusal."""
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
-from ..engine.engine import MAX_TOP_LOGPROBS
 from .media import MediaError, MediaPolicy
 from .prompts import Message, ServedModel, layout_text
+from .schemas import (IGNORED_FIELDS, MAX_N, MAX_STOP, ChatCompletionRequest, CompletionRequest,  # noqa: F401
+                      NamedToolChoice, explain)
 
 
-MAX_N = 16
+CHAT_FIELDS = set(ChatCompletionRequest.model_fields)
 
 
-MAX_STOP = 16
-
-
-_SAMPLING = {"max_tokens", "max_completion_tokens", "n", "stop", "seed", "temperature", "top_p", "top_k",
-             "repetition_penalty", "min_tokens", "ignore_eos", "stream", "stream_options", "user",
-             "presence_penalty", "frequency_penalty", "logprobs", "logit_bias", "use_beam_search", "best_of",
-             "num_beams", "length_penalty", "early_stopping"}
-
-
-IGNORED_FIELDS = {"store", "metadata", "service_tier", "reasoning_effort", "prompt_cache_key", "safety_identifier",
-                  "modalities", "verbosity", "web_search_options", "prediction"}
-
-
-CHAT_FIELDS = {"model", "messages", "top_logprobs", "response_format", "tools", "tool_choice",
-               "parallel_tool_calls"} | _SAMPLING | IGNORED_FIELDS
-
-
-COMPLETION_FIELDS = {"model", "prompt", "echo", "suffix"} | _SAMPLING | IGNORED_FIELDS
-
-
-_MESSAGE_NULL_FIELDS = {"refusal", "annotations", "audio", "function_call", "tool_calls"}
+COMPLETION_FIELDS = set(CompletionRequest.model_fields)
 
 
 class APIError(Exception):
@@ -61,46 +43,6 @@ class APIError(Exception):
 
 def bad(message: str, param: str | None = None, status: int = 400) -> APIError:
     return APIError(status, message, param=param)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
-
-
-def _int(body, name, lo=None, hi=None):
-    v = body.get(name)
-    if v is None:
-        return None
-    if not _is_int(v):
-        raise bad(f"{name} must be an integer, got {json.dumps(v)[:50]}", name)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise bad(f"{name}={v} is out of range: it must be in [{lo}, {hi if hi is not None else 'inf'}]", name)
-    return v
-
-
-def _num(body, name, lo=None, hi=None, lo_open=False):
-    v = body.get(name)
-    if v is None:
-        return None
-    if not _is_num(v):
-        raise bad(f"{name} must be a finite number, got {json.dumps(v)[:50]}", name)
-    if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
-        left = "(" if lo_open else "["
-        raise bad(f"{name}={v} is out of range: it must be in {left}{lo}, {hi if hi is not None else 'inf'}]", name)
-    return float(v)
-
-
-def _bool(body, name):
-    v = body.get(name)
-    if v is None:
-        return None
-    if not isinstance(v, bool):
-        raise bad(f"{name} must be true or false, got {json.dumps(v)[:50]}", name)
-    return v
 
 
 MAX_JSON_DEPTH = 64
@@ -134,88 +76,56 @@ class Sampling:
     prompt_only: bool = False  # echo with max_tokens 0: the prompt's logprobs, nothing generated
 
 
-def parse_sampling(body: dict[str, Any], chat: bool = True) -> Sampling:
+def validate_request(body: dict[str, Any], chat: bool = True) -> ChatCompletionRequest | CompletionRequest:
+    """The body as a request model, or a 400 in OpenAI's envelope naming the first problem."""
+    try:
+        return (ChatCompletionRequest if chat else CompletionRequest).model_validate(body)
+    except ValidationError as e:
+        message, param = explain(e)
+        raise bad(message, param) from None
+
+
+def _request(req, chat: bool):
+    return req if isinstance(req, (ChatCompletionRequest, CompletionRequest)) else validate_request(req, chat)
+
+
+def parse_sampling(req: ChatCompletionRequest | CompletionRequest | dict[str, Any], chat: bool = True) -> Sampling:
     """OpenAI's options (plus vLLM/LMDeploy's extensions) as GenerationConfig options."""
-    if _bool(body, "use_beam_search") or (_int(body, "best_of", 1) or 1) > 1 or (_int(body, "num_beams", 1) or 1) > 1:
-        param = "use_beam_search" if body.get("use_beam_search") is True else \
-            next(p for p in ("best_of", "num_beams") if (body.get(p) or 1) > 1)
-        raise bad("beam search is not supported by the batching server (its beams cannot share the batch): "
-                  "sample or decode greedily, or use the Python API (model.chat(..., num_beams=5))", param)
-    for name in ("length_penalty", "early_stopping"):
-        if body.get(name) is not None:
-            raise bad(f"{name} applies to beam search, which the batching server does not run", name)
-    penalties = {name: _num(body, name, -2.0, 2.0) for name in ("presence_penalty", "frequency_penalty")}
+    req = _request(req, chat)
+    chat = req.chat
     if chat:  # logprobs: true/false, top_logprobs: 0-20 alternatives (needs logprobs)
-        want = _bool(body, "logprobs")
-        top = _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
-        if top is not None and not want:
-            raise bad("top_logprobs needs logprobs: true", "top_logprobs")
-        logprobs = (top or 0) if want else None
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
     else:  # completions: logprobs is the number of alternatives (0-20)
-        logprobs = _int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
-    echo = not chat and bool(_bool(body, "echo"))
-    if body.get("logit_bias") not in (None, {}):
-        raise bad("logit_bias is not supported", "logit_bias")
-    if body.get("user") is not None and not isinstance(body["user"], str):
-        raise bad("user must be a string", "user")
+        logprobs = req.logprobs
+    echo = req.echo_prompt
     opts: dict[str, Any] = {}
-    max_tokens = _int(body, "max_completion_tokens", 1)
-    if max_tokens is None:
-        max_tokens = _int(body, "max_tokens", 0 if echo else 1)
+    max_tokens = req.max_new_tokens
     prompt_only = max_tokens == 0  # echo with max_tokens 0: score the prompt, generate nothing
     if max_tokens is not None and not prompt_only:
         opts["max_new_tokens"] = max_tokens
-    min_tokens = _int(body, "min_tokens", 0)
-    if min_tokens is not None:
-        opts["min_new_tokens"] = min_tokens
-    if max_tokens is not None and min_tokens is not None and min_tokens > max_tokens:
-        raise bad(f"min_tokens={min_tokens} is larger than max_tokens={max_tokens}", "min_tokens")
-    temperature = _num(body, "temperature", 0.0, 2.0)
-    if temperature is not None:
-        opts["do_sample"] = temperature > 0
-        if temperature > 0:
-            opts["temperature"] = temperature
-    top_p = _num(body, "top_p", 0.0, 1.0, lo_open=True)
-    if top_p is not None:
-        opts["top_p"] = top_p
-    top_k = _int(body, "top_k", -1)
-    if top_k is not None:
-        opts["top_k"] = max(top_k, 0)  # -1 (vLLM) and 0 both switch it off
-    rep = _num(body, "repetition_penalty", 0.0, lo_open=True)
-    if rep is not None:
-        opts["repetition_penalty"] = rep
-    for name, value in penalties.items():  # OpenAI's formulas over the reply so far (the batched sampler)
-        if value:
-            opts[name] = value
-    seed = _int(body, "seed", 0, 2 ** 63 - 1)
-    if seed is not None:
-        opts["seed"] = seed
-    if _bool(body, "ignore_eos"):
+    if req.min_tokens is not None:
+        opts["min_new_tokens"] = req.min_tokens
+    if req.temperature is not None:
+        opts["do_sample"] = req.temperature > 0
+        if req.temperature > 0:
+            opts["temperature"] = req.temperature
+    if req.top_p is not None:
+        opts["top_p"] = req.top_p
+    if req.top_k is not None:
+        opts["top_k"] = max(req.top_k, 0)  # -1 (vLLM) and 0 both switch it off
+    if req.repetition_penalty is not None:
+        opts["repetition_penalty"] = req.repetition_penalty
+    for name in ("presence_penalty", "frequency_penalty"):  # OpenAI's formulas over the reply so far
+        if getattr(req, name):
+            opts[name] = getattr(req, name)
+    if req.seed is not None:
+        opts["seed"] = req.seed
+    if req.ignore_eos:
         opts["ignore_eos"] = True
-    stop = body.get("stop")
-    if stop is None:
-        stops = []
-    elif isinstance(stop, str):
-        stops = [stop]
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        stops = stop
-    else:
-        raise bad("stop must be a string or a list of strings", "stop")
-    if len(stops) > MAX_STOP:
-        raise bad(f"stop has {len(stops)} strings; at most {MAX_STOP} are allowed", "stop")
-    if any(not s for s in stops):
-        raise bad("stop strings must not be empty", "stop")
-    n = _int(body, "n", 1, MAX_N) or 1
-    stream = bool(_bool(body, "stream"))
-    so = body.get("stream_options")
-    include_usage = False
-    if so is not None:
-        if not isinstance(so, dict) or set(so) - {"include_usage", "continuous_usage_stats"}:
-            raise bad("stream_options must be an object like {\"include_usage\": true}", "stream_options")
-        if not stream:
-            raise bad("stream_options is only allowed with stream=true", "stream_options")
-        include_usage = bool(_bool(so, "include_usage"))
-    return Sampling(opts, stops, n, stream, include_usage, seed, logprobs, echo, prompt_only)
+    stream = bool(req.stream)
+    include_usage = bool(req.stream_options is not None and req.stream_options.include_usage)
+    return Sampling(opts, list(req.stop or []), req.n or 1, stream, include_usage, req.seed, logprobs, echo,
+                    prompt_only)
 
 
 @dataclass
@@ -251,152 +161,51 @@ class ResponseFormat:
     strict: bool = False
 
 
-def parse_response_format(body: dict[str, Any]) -> ResponseFormat:
-    rf = body.get("response_format")
+def parse_response_format(req: ChatCompletionRequest | dict[str, Any]) -> ResponseFormat:
+    rf = _request(req, True).response_format
     if rf is None:
         return ResponseFormat()
-    if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
-        raise bad("response_format must be {type: 'text'}, {type: 'json_object'} or {type: 'json_schema', "
-                  "json_schema: {name, schema, strict}}", "response_format")
-    if rf["type"] != "json_schema":
-        return ResponseFormat(rf["type"])
-    js = rf.get("json_schema")
-    if not isinstance(js, dict):
-        raise bad("response_format json_schema needs json_schema: {name, schema, strict}", "response_format.json_schema")
-    name = js.get("name", "")
-    if not isinstance(name, str) or len(name) > 64:
-        raise bad("response_format.json_schema.name must be a string of at most 64 characters",
-                  "response_format.json_schema.name")
-    schema = js.get("schema", {})
-    if not isinstance(schema, dict):
-        raise bad("response_format.json_schema.schema must be a JSON schema object",
-                  "response_format.json_schema.schema")
-    strict = js.get("strict", False)
-    if not isinstance(strict, bool) and strict is not None:
-        raise bad("response_format.json_schema.strict must be true or false", "response_format.json_schema.strict")
-    return ResponseFormat("json_schema", schema, name, bool(strict))
+    if rf.type != "json_schema":
+        return ResponseFormat(rf.type)
+    js = rf.json_schema
+    return ResponseFormat("json_schema", js.schema_, js.name, bool(js.strict))
 
 
-def parse_tools(body: dict[str, Any]) -> Tools:
-    tools = body.get("tools")
-    functions: list[dict[str, Any]] = []
-    if tools is not None:
-        if not isinstance(tools, list):
-            raise bad("tools must be a list of {type: 'function', function: {name, description, parameters}}", "tools")
-        for i, t in enumerate(tools):
-            f = t.get("function") if isinstance(t, dict) else None
-            if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(f, dict) \
-                    or not isinstance(f.get("name"), str) or not f["name"]:
-                raise bad(f"tools[{i}] must be {{type: 'function', function: {{name: str, ...}}}}", f"tools[{i}]")
-            if f.get("parameters") is not None and not isinstance(f["parameters"], dict):
-                raise bad(f"tools[{i}].function.parameters must be a JSON schema object", f"tools[{i}].function")
-            functions.append({k: f[k] for k in ("name", "description", "parameters") if f.get(k) is not None})
-    names = [f["name"] for f in functions]
-    if len(set(names)) != len(names):
-        raise bad("tools name the same function twice", "tools")
-    choice = body.get("tool_choice")
+def parse_tools(req: ChatCompletionRequest | dict[str, Any]) -> Tools:
+    req = _request(req, True)
+    functions = [{k: v for k, v in t.function.model_dump(include={"name", "description", "parameters"}).items()
+                  if v is not None} for t in req.tools or []]
+    choice = req.tool_choice
     if choice is None:
         choice = "auto" if functions else "none"
-    elif isinstance(choice, dict):
-        f = choice.get("function")
-        if choice.get("type") != "function" or not isinstance(f, dict) or not isinstance(f.get("name"), str):
-            raise bad("tool_choice must be 'none', 'auto', 'required' or {type: 'function', function: {name}}",
-                      "tool_choice")
-        if f["name"] not in names:
-            raise bad(f"tool_choice names {f['name']!r}, which is not among the tools {names}", "tool_choice")
-        choice = f["name"]
-    elif choice not in ("none", "auto", "required"):
-        raise bad("tool_choice must be 'none', 'auto', 'required' or {type: 'function', function: {name}}",
-                  "tool_choice")
-    if choice != "none" and not functions:
-        raise bad(f"tool_choice {choice!r} needs tools", "tool_choice")
-    parallel = _bool(body, "parallel_tool_calls")
-    return Tools(functions, choice, True if parallel is None else parallel)
+    elif isinstance(choice, NamedToolChoice):
+        choice = choice.function.name
+    return Tools(functions, choice, True if req.parallel_tool_calls is None else req.parallel_tool_calls)
 
 
-def _tool_calls(calls, where: str) -> list[tuple[str, dict]]:
-    """An assistant message's OpenAI `tool_calls` as (name, parameters)."""
-    if not isinstance(calls, list):
-        raise bad(f"{where} must be a list of tool calls", where)
-    out = []
-    for j, c in enumerate(calls):
-        f = c.get("function") if isinstance(c, dict) else None
-        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
-            raise bad(f"{where}[{j}] must be {{id, type: 'function', function: {{name, arguments}}}}", f"{where}[{j}]")
-        args = f.get("arguments", "{}")
-        try:
-            params = json.loads(args) if isinstance(args, str) else args
-        except ValueError as e:
-            raise bad(f"{where}[{j}].function.arguments is not JSON: {e}", f"{where}[{j}].function.arguments") from e
-        if not isinstance(params, dict):
-            raise bad(f"{where}[{j}].function.arguments must be a JSON object", f"{where}[{j}].function.arguments")
-        out.append((f["name"], params))
-    return out
-
-
-def _content_parts(content, where: str, media: MediaPolicy, allow_images: bool) -> list[tuple[str, str]]:
-    if isinstance(content, str):
-        return [("text", content)]
-    if not isinstance(content, list) or not content:
-        raise bad(f"{where} must be a string or a non-empty list of content parts", where)
-    parts = []
-    for j, part in enumerate(content):
-        p = f"{where}[{j}]"
-        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-            raise bad(f"{p} must be an object with a type ('text' or 'image_url')", p)
-        kind = part["type"]
-        if kind == "text":
-            if not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
-                raise bad(f"{p} must be {{'type': 'text', 'text': str}}", p)
-            parts.append(("text", part["text"]))
-        elif kind == "image_url":
-            if not allow_images:
-                raise bad(f"{p}: only user messages carry images", p)
-            iu = part.get("image_url")
-            if isinstance(iu, str):
-                url = iu
-            elif isinstance(iu, dict) and isinstance(iu.get("url"), str) and not set(iu) - {"url", "detail"}:
-                url = iu["url"]
-            else:
-                raise bad(f"{p}.image_url must be {{'url': str}}", f"{p}.image_url")
+def parse_messages(req: ChatCompletionRequest | dict[str, Any], media: MediaPolicy) -> list[Message]:
+    """The validated messages with their images fetched and decoded (`media`), in an order the
+    prompt builders accept: system messages first, user and assistant alternating, tool results
+    after a call, a user message (or a tool result) last."""
+    req = _request(req, True)
+    out: list[Message] = []
+    for i, m in enumerate(req.messages):
+        calls = [(c.function.name, c.function.arguments) for c in m.tool_calls] if m.tool_calls else None
+        if m.content is None:  # an assistant's calls without text
+            out.append(Message(m.role, "", tool_calls=calls))
+            continue
+        parts = []
+        for j, part in enumerate(m.content):
+            if part.type == "text":
+                parts.append(("text", part.text))
+                continue
+            p = f"messages[{i}].content[{j}]"
             try:
-                parts.append(("image", media.resolve(url)))
+                parts.append(("image", media.resolve(part.image_url.url)))
             except MediaError as e:
                 raise bad(f"{p}.image_url: {e}", f"{p}.image_url", status=e.status) from e
-        else:
-            raise bad(f"{p}.type {kind!r} is not supported: use 'text' or 'image_url'", f"{p}.type")
-    return parts
-
-
-def parse_messages(body: dict[str, Any], media: MediaPolicy) -> list[Message]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise bad("messages must be a non-empty list of {role, content} objects", "messages")
-    out: list[Message] = []
-    for i, m in enumerate(msgs):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise bad(f"{where} must be an object with role and content", where)
-        role = m.get("role")
-        allowed = {"role", "content", "name"} | ({"tool_calls"} if role == "assistant" else set()) | (
-            {"tool_call_id"} if role == "tool" else set())
-        extra = set(m) - allowed - {k for k in _MESSAGE_NULL_FIELDS if m.get(k) in (None, [])}
-        if extra:
-            raise bad(f"{where} has unknown field(s) {sorted(extra)}", f"{where}.{sorted(extra)[0]}")
-        if role == "developer":  # OpenAI's newer name for the system role (the SDK and LangChain send it)
-            role = "system"
-        if role not in ("system", "user", "assistant", "tool"):
-            raise bad(f"{where}.role must be 'system' (or 'developer'), 'user', 'assistant' or 'tool', got "
-                      f"{json.dumps(role)[:40]}", f"{where}.role")
-        calls = _tool_calls(m["tool_calls"], f"{where}.tool_calls") if m.get("tool_calls") else None
-        if m.get("content") is None and calls:
-            out.append(Message(role, "", tool_calls=calls))
-            continue
-        if "content" not in m or m["content"] is None:
-            raise bad(f"{where}.content is missing", f"{where}.content")
-        parts = _content_parts(m["content"], f"{where}.content", media, allow_images=(role == "user"))
         text, layout = layout_text(parts)
-        out.append(Message(role, text, [v for k, v in parts if k == "image"], layout, tool_calls=calls))
+        out.append(Message(m.role, text, [v for k, v in parts if k == "image"], layout, tool_calls=calls))
     turns = [m for m in out if m.role != "system"]
     first_turn = next(i for i, m in enumerate(out) if m.role != "system") if turns else len(out)
     for i, m in enumerate(out):
@@ -418,20 +227,12 @@ def parse_messages(body: dict[str, Any], media: MediaPolicy) -> list[Message]:
     return out
 
 
-def _completion_prompts(p, served: ServedModel) -> list:
-    """`prompt`: a string, a list of strings, a list of token ids, or a list of such lists."""
-    if isinstance(p, str):
-        p = [p]
-    elif isinstance(p, list) and p and all(_is_int(t) for t in p):
-        p = [p]
-    if not isinstance(p, list) or not p or not all(
-            isinstance(t, str) or (isinstance(t, list) and all(_is_int(i) for i in t)) for t in p):
-        raise bad("prompt must be a string, a list of strings, a list of token ids or a list of such lists",
-                  "prompt")
+def _completion_prompts(req: CompletionRequest | Any, served: ServedModel) -> list:
+    """`prompt` (validated: a list of strings and token-id lists), its token ids checked against
+    this model's vocabulary."""
+    p = req.prompt if isinstance(req, CompletionRequest) else validate_request({"prompt": req}, chat=False).prompt
     vocab = served.tokenizer.vocab_size
     for k, t in enumerate(p):
-        if not t:
-            raise bad("prompt must not be empty", "prompt")
         if isinstance(t, list) and not all(0 <= i < vocab for i in t):
             bad_id = next(i for i in t if not 0 <= i < vocab)
             raise bad(f"prompt[{k}] holds token id {bad_id}, outside this model's vocabulary [0, {vocab})", "prompt")
