@@ -42,6 +42,7 @@ def _build_parser() -> argparse.ArgumentParser:
     add_compose_commands(groups)
     add_serve_commands(groups)
     add_quantize_commands(groups)
+    add_finetune_commands(groups)
     return parser
 
 
@@ -108,6 +109,56 @@ def _quantize(args: argparse.Namespace) -> int:
                                  calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                                  device=args.device, damp_percent=args.damp_percent, overwrite=args.overwrite)
     print(report.out)
+    return 0
+
+
+# --- finetune -----------------------------------------------------------------------------------
+
+def add_finetune_commands(groups: argparse._SubParsersAction) -> None:
+    f = groups.add_parser("finetune", help="train a LoRA adapter (peft) on chat data",
+                          description="LoRA fine-tuning of an InternLM2 / 2.5 or InternLM v1 chat checkpoint on "
+                                      "OpenAI-style chat JSONL or upstream XComposer's JSON (text records); the "
+                                      "adapter is written in peft's format with upstream's module names "
+                                      "(docs/finetune.md). Defaults are upstream finetune.py / finetune_lora.sh's.")
+    f.add_argument("--folder", required=True, metavar="MODEL", help="the base checkpoint folder")
+    f.add_argument("--data", required=True, metavar="FILE", help=".jsonl ({\"messages\": [...]} or XComposer "
+                   "records, one a line) or a .json list of records")
+    f.add_argument("--out", required=True, metavar="DIR", help="adapter folder to write")
+    f.add_argument("--lora-r", type=int, default=64, help="LoRA rank (default 64)")
+    f.add_argument("--lora-alpha", type=float, default=64, help="LoRA alpha (default 64)")
+    f.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
+    f.add_argument("--target-modules", nargs="+", default=None, metavar="NAME",
+                   help="upstream module names (default: attention.wqkv attention.wo feed_forward.w1 "
+                        "feed_forward.w2 feed_forward.w3 for InternLM2; q/k/v/o/gate/up/down_proj for v1)")
+    f.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default 5e-5)")
+    f.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
+    f.add_argument("--warmup-ratio", type=float, default=0.01, help="share of steps warming up (default 0.01)")
+    f.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
+    f.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    f.add_argument("--batch-size", type=int, default=1, help="records per micro-batch (default 1)")
+    f.add_argument("--grad-accum", type=int, default=8, help="micro-batches per optimizer step (default 8)")
+    f.add_argument("--max-length", type=int, default=4096, help="longer records are reported and skipped")
+    f.add_argument("--eval-fraction", type=float, default=0.0, help="held-out share for evaluation loss")
+    f.add_argument("--eval-every", type=int, default=0, help="optimizer steps between evaluations (0: at the end)")
+    f.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in the backward pass")
+    f.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    f.add_argument("--dtype", default=None, help="base weights: float32 (CPU default) or bfloat16 (GPU default)")
+    f.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on for CUDA)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--strict", action="store_true", help="refuse the data file on any bad record")
+    f.add_argument("--log-every", type=int, default=1, help="optimizer steps between progress lines")
+    f.set_defaults(func=_finetune)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .train import FinetuneConfig, finetune
+
+    names = ("folder", "data", "out", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr", "weight_decay",
+             "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum", "max_length", "eval_fraction",
+             "eval_every", "gradient_checkpointing", "device", "dtype", "bf16", "seed", "strict", "log_every")
+    result = finetune(FinetuneConfig(**{n: getattr(args, n) for n in names}))
+    print(result.out)
     return 0
 
 

@@ -110,7 +110,7 @@ class InternLM(InternLMForCausalLM):
                         load_in_4bit: bool = False, quantization: Any = None, quantization_config: Any = None,
                         bnb_4bit_quant_type: str | None = None, bnb_4bit_compute_dtype: Any = None,
                         bnb_4bit_use_double_quant: bool | None = None,
-                        llm_int8_threshold: float | None = None) -> "InternLM":
+                        llm_int8_threshold: float | None = None, adapter: str | os.PathLike | None = None) -> "InternLM":
         """Load a local folder or hub id of either family, strictly: InternLM v1 (internlm-chat-7b
         layout) or InternLM2 / InternLM2.5 (`model_type` "internlm2" in config.json).
 
@@ -131,6 +131,8 @@ class InternLM(InternLMForCausalLM):
         `BitsAndBytesConfig` as `quantization_config`, or its `bnb_4bit_*` / `llm_int8_threshold`
         words) quantize the decoder's projections with bitsandbytes as transformers does
         (xcomposer.llm.quant; docs/quantization.md); the memory check counts the quantized bytes.
+        `adapter` (a peft LoRA folder, upstream's module names; docs/finetune.md) is merged into the
+        weights once they are read, before fusing or quantizing (xcomposer.llm.adapter).
         """
         if template is not None:
             check_template(template)
@@ -163,8 +165,16 @@ class InternLM(InternLMForCausalLM):
             # a model split before loading (before_load) counts only its own share of the weights
             check_fits_device(model, dtype, int(torch.cuda.mem_get_info(device)[0]), str(device), kv_split=ranks,
                               quantization=planned_quantization(quant, packed, device))
+        if adapter is not None and (packed is not None or select is not None):
+            raise ValueError("adapter= merges into float weights: not with a GPTQ / AWQ folder or tensor "
+                             "parallelism yet (merge the adapter into a 16-bit checkpoint first)")
         # quantized: the projections are read onto the CPU and quantized as they move to the device
-        load_checkpoint_into(model, folder, device=quantized_target(device, quant), dtype=dtype, select=select, **checkpoint_options(cfg))
+        load_checkpoint_into(model, folder, device=quantized_target(device, quant), dtype=dtype, select=select,
+                             **checkpoint_options(cfg))
+        adapter_note = None
+        if adapter is not None:  # merged into the float weights: the decoder stays plain
+            from .adapter import merge_adapter_
+            adapter_note = merge_adapter_(model, adapter)
         if quant is not None:
             quantize_model_(model, quant, device)
         if packed is not None:
@@ -183,7 +193,7 @@ class InternLM(InternLMForCausalLM):
             model.chat_template, why = template, "template= given"
         else:
             model.chat_template, why = chat_template_of(folder)
-        model.load_notes = [f"chat template {model.chat_template} ({why})"]
+        model.load_notes = [f"chat template {model.chat_template} ({why})"] + ([adapter_note] if adapter_note else [])
         if quant is not None or packed is not None:
             model.load_notes.append((quant or packed).describe())
         print(f"InternLM {folder.name}: " + "; ".join(model.load_notes), file=sys.stderr)

@@ -1,0 +1,215 @@
+"""Fine-tuning data: records in, (input ids, labels) out, with the chat format inference uses.
+
+Two record shapes, one per line of a `.jsonl` file or as items of a `.json` list:
+
+* OpenAI chat: `{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}`;
+* upstream XComposer's finetune data: `{"id": ..., "conversations": [{"from": "human"|"bot", "value": "..."}]}`
+  (text only for now: records with "image" are refused).
+
+A conversation is (system or None, [(user, assistant), ...]). Its ids are the prompt of each turn
+exactly as `InternLM.chat` builds it (xcomposer.llm.chat: `format_chatml_prompt` for InternLM2,
+`format_prompt` / `format_turn` for InternLM v1), each reply's tokens and the reply's end token
+(`<|im_end|>` / `<eoa>`). Labels are -100 everywhere except on the reply tokens and their end token.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from ..llm.chat import (IM_END, INTERNLM2_META_INSTRUCTION, check_meta_instruction, format_chatml_prompt,
+                        format_prompt, format_turn)
+
+IGNORE = -100
+Conversation = tuple[str | None, list[tuple[str, str]]]
+
+
+class DataError(ValueError):
+    """A data file that cannot be trained on; the message names the bad records."""
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    where: str  # "train.jsonl line 3": for messages about it
+
+
+@dataclass
+class DataReport:
+    examples: list[Example] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # "line 3: why"
+
+
+def _text(value, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # OpenAI content parts: text only
+        parts = []
+        for p in value:
+            if not (isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)):
+                kind = p.get("type") if isinstance(p, dict) else type(p).__name__
+                raise ValueError(f"{where}: content part of type {kind!r}: only text parts are trained on for now")
+            parts.append(p["text"])
+        return "".join(parts)
+    raise ValueError(f"{where}: content must be a string, got {type(value).__name__}")
+
+
+def parse_record(record) -> Conversation:
+    """One record -> (system, turns); ValueError with the reason for a bad one."""
+    if not isinstance(record, dict):
+        raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
+    if "image" in record or "images" in record:
+        raise ValueError("has an image: image records (XComposer's vision data) are not trained yet, only text")
+    if "messages" in record:
+        msgs = record["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError("'messages' must be a non-empty list")
+        system = None
+        roles = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"messages[{i}] needs 'role' and 'content'")
+            if m.get("tool_calls") or m["role"] == "tool":
+                raise ValueError(f"messages[{i}]: tool calls are not trained yet")
+            roles.append((m["role"], _text(m["content"], f"messages[{i}]")))
+        if roles[0][0] == "system":
+            system = roles.pop(0)[1]
+        return system, _pairs(roles, "user", "assistant", "messages")
+    if "conversations" in record:
+        conv = record["conversations"]
+        if not isinstance(conv, list) or not conv:
+            raise ValueError("'conversations' must be a non-empty list")
+        roles = []
+        for i, m in enumerate(conv):
+            if not isinstance(m, dict) or "from" not in m or "value" not in m:
+                raise ValueError(f"conversations[{i}] needs 'from' and 'value'")
+            value = _text(m["value"], f"conversations[{i}]")
+            if "<ImageHere>" in value:
+                raise ValueError(f"conversations[{i}] holds <ImageHere>: image records are not trained yet")
+            roles.append((m["from"], value))
+        return None, _pairs(roles, "human", "bot", "conversations")
+    raise ValueError("has neither 'messages' (OpenAI chat) nor 'conversations' (XComposer) ")
+
+
+def _pairs(roles: list[tuple[str, str]], user: str, bot: str, field_name: str) -> list[tuple[str, str]]:
+    if len(roles) % 2:
+        raise ValueError(f"{field_name} must alternate {user}/{bot} and end with {bot}; got {len(roles)} turns")
+    turns = []
+    for i in range(0, len(roles), 2):
+        (r1, q), (r2, a) = roles[i], roles[i + 1]
+        if r1 != user or r2 != bot:
+            raise ValueError(f"{field_name}[{i}], [{i + 1}] have roles {r1!r}, {r2!r}: expected {user!r} then {bot!r}")
+        turns.append((q, a))
+    return turns
+
+
+def chat_segments(tokenizer, family: str, template: str, system: str | None,
+                  turns: Sequence[tuple[str, str]]) -> list[tuple[str, bool]]:
+    """The conversation as (text, is_reply) pieces whose concatenation is what inference's format
+    functions write for the whole conversation (checked): prompt pieces, then each reply with its
+    end token. `system` None means inference's default system text."""
+    pieces: list[tuple[str, bool]] = []
+    if family == "internlm2":
+        meta = INTERNLM2_META_INSTRUCTION if system is None else check_meta_instruction(system)
+        for i, (q, a) in enumerate(turns):
+            pieces.append((format_chatml_prompt(q, (), meta if i == 0 else ""), False))
+            pieces += [(a + IM_END, True), ("\n", False)]
+        whole = format_chatml_prompt(turns[-1][0], turns[:-1], meta) + turns[-1][1] + IM_END + "\n"
+    else:
+        eoa = tokenizer.eoa
+        for i, (q, a) in enumerate(turns):
+            prompt = format_prompt(tokenizer, q, (), template, system) if i == 0 else format_turn(tokenizer, q, None,
+                                                                                                 template)
+            pieces += [(prompt, False), (a + eoa, True), ("\n", False)]
+        whole = format_prompt(tokenizer, turns[-1][0], turns[:-1], template, system) + turns[-1][1] + eoa + "\n"
+    if "".join(p for p, _ in pieces) != whole:  # train and serve prompts must not drift
+        raise AssertionError("training pieces differ from the inference chat format")
+    return pieces[:-1]  # the last turn's trailing newline is never generated
+
+
+def encode_conversation(tokenizer, family: str, template: str, system: str | None,
+                        turns: Sequence[tuple[str, str]]) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): each piece encoded on its own (a prompt exactly as inference encodes it,
+    a reply as the tokens the model must generate after it), labels only on the reply pieces."""
+    ids: list[int] = []
+    labels: list[int] = []
+    # a piece after the first continues the text: encoded after a special token (which ends the
+    # tokenizer's start-of-text state, so no dummy-prefix space is added), that token dropped
+    end = IM_END if family == "internlm2" else tokenizer.eoa
+    for i, (text, reply) in enumerate(_merge_prompts(chat_segments(tokenizer, family, template, system, turns))):
+        piece = tokenizer.encode(text, add_bos=True) if i == 0 else tokenizer.encode(end + text, add_bos=False)[1:]
+        ids += piece
+        labels += piece if reply else [IGNORE] * len(piece)
+    return ids, labels
+
+
+def _merge_prompts(pieces):
+    """The newline after a reply belongs to the next prompt's text (one encode call, as in history)."""
+    out: list[tuple[str, bool]] = []
+    for text, reply in pieces:
+        if out and not reply and not out[-1][1]:
+            out[-1] = (out[-1][0] + text, False)
+        else:
+            out.append((text, reply))
+    return out
+
+
+def read_records(path: str | Path) -> list[tuple[str, object]]:
+    """(where, record or a JSON error) for each record of a .jsonl (by line) or .json list (by item)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" or text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path.name}: not valid JSON ({e}); give a JSON list of records or a .jsonl file")
+        if not isinstance(items, list):
+            items = [items]
+        return [(f"{path.name} item {i}", r) for i, r in enumerate(items)]
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"{path.name} line {n}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            out.append((f"{path.name} line {n}", ValueError(f"not valid JSON ({e.msg})")))
+    return out
+
+
+def load_examples(path: str | Path, tokenizer, family: str, template: str, max_length: int,
+                  strict: bool = False, log=None) -> DataReport:
+    """Tokenized examples of a data file. Bad records (bad JSON, missing fields, wrong roles, images,
+    longer than `max_length` tokens) are reported by line and skipped, or refused with `strict`."""
+    report = DataReport()
+    log = log or sys.stderr
+    for where, record in read_records(path):
+        try:
+            if isinstance(record, Exception):
+                raise record
+            system, turns = parse_record(record)
+            ids, labels = encode_conversation(tokenizer, family, template, system, turns)
+            if len(ids) > max_length:
+                raise ValueError(f"{len(ids)} tokens, over max_length {max_length} (not truncated: shorten it or "
+                                 f"raise --max-length)")
+        except ValueError as e:
+            report.skipped.append(f"{where}: {e}")
+            continue
+        report.examples.append(Example(ids, labels, where))
+    if report.skipped:
+        if strict:
+            raise DataError(f"{len(report.skipped)} bad record(s) (--strict):\n  " + "\n  ".join(report.skipped))
+        for s in report.skipped:
+            print(f"data: skipped {s}", file=log)
+    if not report.examples:
+        raise DataError(f"{Path(path).name}: no usable records ({len(report.skipped)} skipped)")
+    return report
+
+
+__all__ = ["IGNORE", "DataError", "Example", "DataReport", "parse_record", "chat_segments", "encode_conversation",
+           "read_records", "load_examples"]

@@ -1,0 +1,239 @@
+"""The LoRA fine-tuning loop: `finetune(FinetuneConfig(folder=..., data=..., out=...))`.
+
+Plain PyTorch, top to bottom: load the model unfused (`InternLM.from_pretrained(fuse=False)`), wrap
+it with peft's LoRA (train/lora.py), tokenize the data with inference's chat format (train/data.py),
+batch examples of similar length (right padding, labels -100 on padding), AdamW with a linear
+warmup and cosine decay, gradient accumulation, optional gradient checkpointing and bf16 autocast
+on GPUs, a progress line, evaluation loss on a held-out split, and the adapter saved in peft's
+format with upstream's names. Defaults are upstream XComposer's (docs/finetune.md lists sources).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..llm.internlm import InternLM
+from .data import IGNORE, Example, load_examples
+from .lora import default_targets, lora_model, save_adapter
+
+
+@dataclass
+class FinetuneConfig:
+    folder: str                      # the base checkpoint (InternLM2 / 2.5 or InternLM v1 chat)
+    data: str                        # .jsonl (OpenAI messages or XComposer records) or .json list
+    out: str                         # adapter folder to write
+    # LoRA: upstream finetune.py's LoraArguments
+    lora_r: int = 64
+    lora_alpha: float = 64
+    lora_dropout: float = 0.05
+    target_modules: list[str] | None = None  # upstream names; None: upstream's defaults for the family
+    # optimisation: upstream finetune_lora.sh
+    lr: float = 5e-5
+    weight_decay: float = 0.1
+    adam_beta2: float = 0.95
+    warmup_ratio: float = 0.01
+    epochs: float = 1.0
+    max_steps: int | None = None     # optimizer steps; overrides epochs
+    batch_size: int = 1
+    grad_accum: int = 8
+    max_length: int = 4096           # longer records are reported and skipped
+    eval_fraction: float = 0.0       # held-out share of the records for evaluation loss
+    eval_every: int = 0              # optimizer steps between evaluations (0: at the end only)
+    gradient_checkpointing: bool = False
+    device: str = "cpu"
+    dtype: str | None = None         # base weights; default float32 on CPU, bfloat16 on GPU
+    bf16: bool | None = None         # autocast; default on for CUDA
+    seed: int = 0
+    strict: bool = False             # refuse the data file on any bad record
+    log_every: int = 1
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class FinetuneResult:
+    out: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)  # train loss per optimizer step
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+    tokens_per_s: float = 0.0
+    trainable: int = 0
+    examples: int = 0
+    skipped: int = 0
+    model: object = field(default=None, repr=False)  # the in-memory peft model, in eval mode
+
+
+def _batches(examples: list[Example], batch_size: int, rng: random.Random) -> list[list[Example]]:
+    """Shuffle, then sort within windows of 64 batches by length so a batch pads little."""
+    order = examples[:]
+    rng.shuffle(order)
+    window = batch_size * 64
+    batches = []
+    for i in range(0, len(order), window):
+        chunk = sorted(order[i:i + window], key=lambda e: len(e.input_ids))
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(batch: list[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right padding: (input_ids, attention_mask, labels) of (B, longest)."""
+    T = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), T), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), T), dtype=torch.bool)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = True
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def loss_sum(model, ids, mask, labels, autocast: bool) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the labelled positions, and their count."""
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=ids, attention_mask=mask)
+    target = labels[:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss, int((target != IGNORE).sum())
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    """Multiplier of the peak rate: linear warmup, then cosine decay to 0 (transformers' 'cosine')."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer in the backward pass instead of keeping its activations."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.model.layers:
+        forward = layer.forward
+        layer.forward = lambda *a, _f=forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, device, autocast: bool) -> float:
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        ids, mask, labels = collate(examples[i:i + batch_size], pad_id, device)
+        s, n = loss_sum(model, ids, mask, labels, autocast)
+        total, count = total + float(s), count + n
+    model.train(was)
+    return total / max(1, count)
+
+
+def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
+    """Train a LoRA adapter on `config.data` over `config.folder` and write it to `config.out`."""
+    c = config
+    log = log or sys.stderr
+    for name in ("lora_r", "batch_size", "grad_accum"):
+        if int(getattr(c, name)) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(c, name)}")
+    if c.max_steps is not None and c.max_steps < 1:
+        raise ValueError(f"max_steps must be at least 1, got {c.max_steps}")
+    if not 0.0 <= c.eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {c.eval_fraction}")
+    device = torch.device(c.device)
+    random.seed(c.seed)
+    torch.manual_seed(c.seed)
+    dtype = c.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    autocast = (device.type == "cuda") if c.bf16 is None else c.bf16
+    model = InternLM.from_pretrained(c.folder, device=device, dtype=dtype, fuse=False)
+    tok = model.tokenizer
+    if tok is None:
+        raise FileNotFoundError(f"{c.folder} has no tokenizer.model: fine-tuning needs the checkpoint's tokenizer")
+    family = model.config.family
+    report = load_examples(c.data, tok, family, model.chat_template, c.max_length, c.strict, log=log)
+    examples = report.examples
+    rng = random.Random(c.seed)
+    held = int(len(examples) * c.eval_fraction)
+    if c.eval_fraction and held == 0:
+        print(f"finetune: {len(examples)} records are too few to hold out {c.eval_fraction:.0%}: no evaluation",
+              file=log)
+    if held:
+        order = examples[:]
+        rng.shuffle(order)
+        eval_set, examples = order[:held], order[held:]
+    else:
+        eval_set = []
+
+    targets = c.target_modules or default_targets(family)
+    peft_model = lora_model(model, targets, c.lora_r, c.lora_alpha, c.lora_dropout)
+    if c.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    total_params = sum(p.numel() for p in peft_model.parameters())
+    print(f"finetune: {len(examples)} training / {len(eval_set)} eval records ({len(report.skipped)} skipped); "
+          f"LoRA r {c.lora_r} alpha {c.lora_alpha} on {', '.join(targets)}: {trainable:,} trainable of "
+          f"{total_params:,} parameters", file=log)
+    optimizer = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, c.adam_beta2), weight_decay=c.weight_decay)
+
+    per_epoch = math.ceil(math.ceil(len(examples) / c.batch_size) / c.grad_accum)
+    total_steps = c.max_steps if c.max_steps is not None else max(1, math.ceil(per_epoch * c.epochs))
+    warmup = math.ceil(total_steps * c.warmup_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total_steps, warmup))
+    pad_id = tok.pad_token_id
+    result = FinetuneResult(out=Path(c.out), steps=0, trainable=trainable, examples=len(examples),
+                            skipped=len(report.skipped))
+
+    def micro_batches():
+        while True:  # epochs, reshuffled each time
+            yield from _batches(examples, c.batch_size, rng)
+
+    stream = micro_batches()
+    peft_model.train()
+    start, tokens = time.perf_counter(), 0
+    for step in range(total_steps):
+        group = [next(stream) for _ in range(c.grad_accum)]
+        # mean over every labelled token of the optimizer step, whatever the micro-batch split
+        n_labels = sum(sum(1 for e in b for x in e.labels[1:] if x != IGNORE) for b in group)
+        step_loss = 0.0
+        for batch in group:
+            ids, mask, labels = collate(batch, pad_id, device)
+            s, _ = loss_sum(peft_model, ids, mask, labels, autocast)
+            (s / max(1, n_labels)).backward()
+            step_loss += float(s.detach())
+            tokens += int(mask.sum())
+        if c.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        result.losses.append(step_loss / max(1, n_labels))
+        result.steps = step + 1
+        elapsed = time.perf_counter() - start
+        result.tokens_per_s = tokens / max(elapsed, 1e-9)
+        if c.log_every and (step + 1) % c.log_every == 0 or step + 1 == total_steps:
+            print(f"step {step + 1}/{total_steps} loss {result.losses[-1]:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
+                  f"{result.tokens_per_s:,.0f} tok/s", file=log)
+        if eval_set and ((c.eval_every and (step + 1) % c.eval_every == 0) or step + 1 == total_steps):
+            loss = evaluate(peft_model, eval_set, c.batch_size, pad_id, device, autocast)
+            result.eval_losses.append((step + 1, loss))
+            print(f"step {step + 1}/{total_steps} eval loss {loss:.4f}", file=log)
+    peft_model.eval()
+    save_adapter(peft_model, c.out, base_name=str(c.folder))
+    (Path(c.out) / "finetune_config.json").write_text(
+        json.dumps(dataclasses.asdict(c), indent=2), encoding="utf-8")
+    print(f"finetune: adapter written to {c.out}", file=log)
+    result.model = peft_model
+    return result
+
+
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "cosine_lr", "collate", "loss_sum"]
