@@ -253,3 +253,35 @@ def test_an_adapter_is_merged_before_8bit_quantization(tuned):
         a, b, c = q(ids), tuned_fp(ids), base(ids)
     assert (a - b).abs().max() < 0.25 * (b - c).abs().max()  # int8 error far below the adapter's effect
     assert _ask(q, TASK[0][0]) == _ask(tuned_fp, TASK[0][0])
+
+
+def test_merge_writes_an_upstream_checkpoint_equal_to_the_adapter_model(tuned, tmp_path):
+    """`python -m xcomposer merge`: the merged folder has the base's keys, shapes and dtype, loads as
+    an ordinary checkpoint and answers as the base with the adapter does; a quantized source and an
+    --out inside the source are refused."""
+    from xcomposer.llm.checkpoint import iter_shards
+
+    folder, adapter, _ = tuned
+    out = tmp_path / "merged"
+    r = subprocess.run([sys.executable, "-m", "xcomposer", "merge", "--folder", str(folder), "--adapter", str(adapter),
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    base = {k: v for _, sd in iter_shards(folder) for k, v in sd.items()}
+    merged = {k: v for _, sd in iter_shards(out) for k, v in sd.items()}
+    assert {k: (v.shape, v.dtype) for k, v in merged.items()} == {k: (v.shape, v.dtype) for k, v in base.items()}
+    assert not torch.equal(merged["model.layers.0.attention.wqkv.weight"], base["model.layers.0.attention.wqkv.weight"])
+    assert torch.equal(merged["model.tok_embeddings.weight"], base["model.tok_embeddings.weight"])  # not adapted
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith((".safetensors", ".json"))) == \
+        sorted(p.name for p in folder.iterdir() if not p.name.endswith((".safetensors", ".json")))  # tokenizer too
+    m = InternLM.from_pretrained(out)
+    a = InternLM.from_pretrained(folder, adapter=adapter)
+    ids = torch.tensor([a.tokenizer.encode(TASK[0][0])])
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids), a(ids), rtol=1e-5, atol=1e-5)
+    assert _ask(m, TASK[1][0]) == _ask(a, TASK[1][0])
+    again = subprocess.run([sys.executable, "-m", "xcomposer", "merge", "--folder", str(folder), "--adapter",
+                            str(adapter), "--out", str(folder / "inside")], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "lies in the source folder" in again.stderr
+    from xcomposer.train import merge_checkpoint
+    with pytest.raises(FileExistsError, match="not empty"):
+        merge_checkpoint(folder, adapter, out)

@@ -350,23 +350,23 @@ def test_missing_gptqmodel_names_the_install_command(src2, tmp_path, monkeypatch
 
 
 def test_a_failed_write_leaves_nothing_and_overwrite_replaces(src2, tmp_path, monkeypatch):
-    import xcomposer.quantize as quantize
+    import xcomposer.llm.checkpoint as checkpoint  # the folder writer shared with `merge`
 
     out = tmp_path / "q"
     out.mkdir()
     (out / "old.txt").write_text("previous export")
-    real = quantize.save_checkpoint
+    real = checkpoint.save_checkpoint
 
-    def failing(sd, folder, **kw):
+    def failing(sd, folder, **kw):  # a test double for a full disk
         real(sd, folder, **kw)  # the shards are written ...
         raise OSError("disk full")  # ... and then the write fails
 
-    monkeypatch.setattr(quantize, "save_checkpoint", failing)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", failing)
     with pytest.raises(OSError, match="disk full"):
         quantize_checkpoint(src2, out, overwrite=True, log=_quiet, **FAST)
     assert sorted(p.name for p in out.iterdir()) == ["old.txt"]  # the previous folder is untouched
     assert [p.name for p in tmp_path.iterdir()] == ["q"]  # no temporary folder left behind
-    monkeypatch.setattr(quantize, "save_checkpoint", real)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real)
     quantize_checkpoint(src2, out, overwrite=True, log=_quiet, **FAST)
     assert not (out / "old.txt").exists() and read_packed_quantization(out).bits == 4
     assert [p.name for p in tmp_path.iterdir()] == ["q"]

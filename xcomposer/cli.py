@@ -43,6 +43,7 @@ def _build_parser() -> argparse.ArgumentParser:
     add_serve_commands(groups)
     add_quantize_commands(groups)
     add_finetune_commands(groups)
+    add_merge_commands(groups)
     return parser
 
 
@@ -159,6 +160,26 @@ def _finetune(args: argparse.Namespace) -> int:
              "eval_every", "gradient_checkpointing", "device", "dtype", "bf16", "seed", "strict", "log_every")
     result = finetune(FinetuneConfig(**{n: getattr(args, n) for n in names}))
     print(result.out)
+    return 0
+
+
+def add_merge_commands(groups: argparse._SubParsersAction) -> None:
+    m = groups.add_parser("merge", help="merge a LoRA adapter into its base checkpoint (a new folder)",
+                          description="W + (alpha/r) B A into the base's weights, written in the upstream layout "
+                                      "and the dtype of its config.json, tokenizer and other files copied "
+                                      "(docs/finetune.md). Quantize the result with `xcomposer quantize`.")
+    m.add_argument("--folder", required=True, metavar="MODEL", help="the base checkpoint folder (16-bit)")
+    m.add_argument("--adapter", required=True, metavar="DIR", help="the peft adapter folder (from `finetune`)")
+    m.add_argument("--out", required=True, metavar="DIR", help="folder to write (must not exist or be empty)")
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new folder is complete")
+    m.set_defaults(func=_merge)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .train import merge_checkpoint
+
+    report = merge_checkpoint(args.folder, args.adapter, args.out, overwrite=args.overwrite)
+    print(f"{report.out} ({report.tensors} tensors, {report.dtype}; {report.note})")
     return 0
 
 

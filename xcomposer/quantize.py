@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .llm.checkpoint import iter_shards, save_checkpoint
+from .llm.checkpoint import check_output_folder, iter_shards, write_derived_folder
 
 INSTALL = "pip install --no-deps -r requirements-quantize.txt"
 GPTQMODEL_VERSION = "7.7.0"
@@ -47,7 +46,6 @@ DEFAULT_SAMPLES = 128
 DEFAULT_SEQ_LEN = 512
 # files that hold weights (never copied: the quantized shards replace them, and a stale 16-bit index
 # beside the new shards would shadow them in any loader)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _SKIPPED_FILES = ("quantize_config.json", "quant_config.json")
 
 
@@ -264,21 +262,6 @@ def _check_shapes(llm_cfg, bits: int, group_size: int) -> None:
             raise QuantizeError(f"{name} = {n} is not a multiple of {pf}: GPTQ packs {pf} zero points per int32 word")
 
 
-def _check_out(folder: Path, out: Path, overwrite: bool) -> None:
-    try:
-        same = out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents
-    except OSError:
-        same = False
-    if same:
-        raise QuantizeError(f"--out {out} lies in the source folder {folder}: write the quantized checkpoint to a "
-                            f"folder of its own")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} exists and is not a folder: choose another path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"--out {out} exists and is not empty: choose another folder, or pass --overwrite "
-                              f"(overwrite=True) to replace it once the new checkpoint is complete")
-
-
 def _gptqmodel():
     """gptqmodel's GPTQ task, its config, its CPU packer and its v2 -> v1 conversion."""
     try:
@@ -417,7 +400,7 @@ def quantize_checkpoint(folder: str | os.PathLike, out: str | os.PathLike, *, me
     llm_cfg = config_from_dict({k: v for k, v in d.items() if k not in ("vision_config", "plora_rank", "img_size",
                                                                           "max_length")})
     _check_shapes(llm_cfg, bits, group_size)
-    _check_out(folder, out, overwrite)
+    check_output_folder(folder, out, overwrite, "quantized checkpoint")
     version, GPTQ, QuantizeConfig, TorchLinear, to_v1 = _gptqmodel()
     records = read_calibration(calib if calib is not None else builtin_calibration())
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -494,7 +477,9 @@ def quantize_checkpoint(folder: str | os.PathLike, out: str | os.PathLike, *, me
              "meta": {"quantizer": ["xcomposer quantize", f"gptqmodel:{version}"],
                       "act_group_aware": bool(getattr(qcfg, "act_group_aware", False)),
                       "calibration": {"samples": len(samples), "tokens": tokens}}}
-    _write(folder, out, packed, d, qconf, family, overwrite, max_shard_bytes)
+    write_derived_folder(folder, out, _output_state(folder, packed, family), config={**d, "quantization_config": qconf},
+                         extra_files={"quantize_config.json": json.dumps(qconf, indent=2, ensure_ascii=False) + "\n"},
+                         skip_files=_SKIPPED_FILES, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
     seconds = time.perf_counter() - t0
     log(f"quantize: wrote {out} ({len(packed)} quantized linears, {seconds:.1f} s)")
     return QuantizeReport(out=out, family=family, quantization_config=qconf, samples=len(samples), tokens=tokens,
@@ -553,47 +538,6 @@ def _output_state(folder: Path, packed: dict[str, dict], family: str) -> dict[st
     if missing:  # every stem quantized came from a stored weight; this would be a key-map bug
         raise QuantizeError(f"quantized linears with no stored weight in {folder}: {missing[:4]}")
     return sd
-
-
-def _copy_other_files(folder: Path, dst: Path) -> None:
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or p.name in _SKIPPED_FILES or p.name == "config.json":
-            continue
-        if p.is_file() and (p.name.endswith(_WEIGHT_SUFFIXES) or p.name.endswith(".index.json")):
-            continue
-        if p.is_dir():
-            shutil.copytree(p, dst / p.name)
-        elif p.is_file():
-            shutil.copy2(p, dst / p.name)
-
-
-def _write(folder: Path, out: Path, packed: dict, cfg: dict, qconf: dict, family: str, overwrite: bool,
-           max_shard_bytes: int) -> None:
-    """Write into a temporary folder beside `out`, then rename it into place (an existing `out` is
-    moved aside first and deleted last), so a failure leaves no half-written checkpoint."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        _copy_other_files(folder, tmp)
-        save_checkpoint(_output_state(folder, packed, family), tmp, fmt="safetensors", max_shard_bytes=max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps({**cfg, "quantization_config": qconf}, indent=2,
-                                                    ensure_ascii=False) + "\n", encoding="utf-8")
-        (tmp / "quantize_config.json").write_text(json.dumps(qconf, indent=2, ensure_ascii=False) + "\n",
-                                                  encoding="utf-8")
-        if out.exists():
-            if any(out.iterdir()) and not overwrite:  # appeared while quantizing
-                raise FileExistsError(f"--out {out} is not empty any more: pass --overwrite or choose another folder")
-            os.replace(out, old) if any(out.iterdir()) else out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            os.replace(old, out)  # put the previous folder back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = ["quantize_checkpoint", "QuantizeReport", "QuantizeError", "read_calibration", "calibration_ids",
