@@ -350,7 +350,7 @@ def test_missing_gptqmodel_names_the_install_command(src2, tmp_path, monkeypatch
 
 
 def test_a_failed_write_leaves_nothing_and_overwrite_replaces(src2, tmp_path, monkeypatch):
-    import xcomposer.llm.checkpoint as checkpoint  # the folder writer shared with `merge`
+    import xcomposer.llm.checkpoint as checkpoint  # what the shared folder writer (llm/derived.py) saves with
 
     out = tmp_path / "q"
     out.mkdir()

@@ -36,7 +36,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .llm.checkpoint import check_output_folder, iter_shards, write_derived_folder
+from .llm.checkpoint import iter_shards
+from .llm.derived import check_output_folder, write_derived_folder
 
 INSTALL = "pip install --no-deps -r requirements-quantize.txt"
 GPTQMODEL_VERSION = "7.7.0"

@@ -201,7 +201,8 @@ def _shard_keys(path: Path) -> list[str]:
 def _packed_plan(model: nn.Module, folder: Path, weight_map: dict[str, str] | None, key_map, checkpoint_name, select):
     """A GPTQ / AWQ folder (xcomposer.llm.packed_quant): swap the model's quantized linears for
     packed modules and return the routing plan; None for an unquantized folder."""
-    from .packed_quant import prepare_packed_loading, read_packed_quantization
+    from .packed_loading import prepare_packed_loading
+    from .packed_quant import read_packed_quantization
 
     spec = read_packed_quantization(folder)
     if spec is None:
@@ -620,70 +621,5 @@ def save_checkpoint(
     return [folder / name for name in names]
 
 
-# -- a new checkpoint folder derived from another (quantize, merge) ------------------------------
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
-
-
-def check_output_folder(source: Path, out: Path, overwrite: bool, what: str = "checkpoint") -> None:
-    """Refuse an `--out` inside `source`, a file in its place, or a non-empty folder without
-    `overwrite` (each error names the fix)."""
-    source, out = Path(source), Path(out)
-    try:
-        inside = out.resolve() == source.resolve() or source.resolve() in out.resolve().parents
-    except OSError:
-        inside = False
-    if inside:
-        raise ValueError(f"--out {out} lies in the source folder {source}: write the {what} to a folder of its own")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} exists and is not a folder: choose another path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"--out {out} exists and is not empty: choose another folder, or pass --overwrite "
-                              f"(overwrite=True) to replace it once the new {what} is complete")
-
-
-def write_derived_folder(source: Path, out: Path, state_dict: dict[str, torch.Tensor], *, config: dict,
-                         extra_files: dict[str, str] | None = None, skip_files: tuple[str, ...] = (),
-                         overwrite: bool = False, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write a checkpoint folder made from `source`: its other files (tokenizer, generation config,
-    remote code; not its weights, not `skip_files`) copied, `state_dict` as safetensors shards,
-    `config` as config.json and `extra_files` (name -> text). Everything goes into a temporary folder
-    beside `out` that is renamed into place at the end (an existing `out` is moved aside first and
-    deleted last), so a failure leaves no half-written checkpoint and the old folder as it was."""
-    import shutil
-
-    source, out = Path(source), Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        for p in sorted(source.iterdir()):
-            if p.name.startswith(".") or p.name in skip_files or p.name == "config.json":
-                continue
-            if p.is_file() and (p.name.endswith(WEIGHT_SUFFIXES) or p.name.endswith(".index.json")):
-                continue
-            if p.is_dir():
-                shutil.copytree(p, tmp / p.name)
-            elif p.is_file():
-                shutil.copy2(p, tmp / p.name)
-        save_checkpoint(state_dict, tmp, fmt="safetensors", max_shard_bytes=max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        if out.exists():
-            if any(out.iterdir()) and not overwrite:  # appeared meanwhile
-                raise FileExistsError(f"--out {out} is not empty any more: pass --overwrite or choose another folder")
-            os.replace(out, old) if any(out.iterdir()) else out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            os.replace(old, out)  # put the previous folder back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return out
-
-
 __all__ = ["CheckpointError", "SplitKey", "LoRAMerge", "checkpoint_folder", "resolve_checkpoint", "list_shards", "iter_shards",
-           "load_checkpoint_into", "save_checkpoint", "check_output_folder", "write_derived_folder", "WEIGHT_SUFFIXES"]
+           "load_checkpoint_into", "save_checkpoint"]

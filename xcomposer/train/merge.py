@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..llm.checkpoint import check_output_folder, checkpoint_folder, write_derived_folder
+from ..llm.checkpoint import checkpoint_folder
+from ..llm.derived import check_output_folder, write_derived_folder
 from ..llm.internlm import InternLM
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
