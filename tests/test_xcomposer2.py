@@ -6,12 +6,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from vl_util import Capture, picture
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from vision.image import preprocess
+from vision.image import preprocess, to_data_uri
 from xcomposer.llm.checkpoint import CheckpointError, save_checkpoint
 from xcomposer.models.xcomposer2 import XComposer2, is_xcomposer2_config
 from xcomposer.tiny import TINY_CLIP, write_tiny_xcomposer2
@@ -44,24 +44,7 @@ def _raw(folder: Path) -> dict:
 
 
 def _picture(seed=0, size=(40, 30)):
-    g = torch.Generator().manual_seed(seed)
-    arr = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
-    return Image.fromarray(arr)
-
-
-class Capture:
-    """A forward pre-hook on the decoder: what each call receives."""
-
-    def __init__(self, decoder):
-        self.calls = []
-        self._h = decoder.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module, args, kwargs):
-        self.calls.append({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
-                           for k, v in kwargs.items() if k in ("inputs_embeds", "image_mask", "input_ids")})
-
-    def close(self):
-        self._h.remove()
+    return picture(seed, size)
 
 
 def _reference_image_tokens(raw: dict, picture) -> torch.Tensor:
@@ -156,7 +139,7 @@ def test_turn_one_and_two_decoder_inputs(ckpt, model):
     torch.testing.assert_close(first["inputs_embeds"][0], x, rtol=1e-5, atol=1e-5)
     assert torch.equal(first["image_mask"][0], m)
     assert m.sum() == 4 and bool(m[len(ids[0]):len(ids[0]) + 4].all())
-    assert history == [("<ImageHere>Describe it", reply)]
+    assert history == [("<ImageHere>Describe it", reply, [to_data_uri(pic)])]  # the image kept, as a PNG
     x2, m2, _ = _expected_inputs(model, raw, [head, pic, f"Describe it{E}\n{S}assistant\n{reply}{E}\n"
                                                          f"{S}user\nWhat color?{E}\n{S}assistant\n"])
     torch.testing.assert_close(second["inputs_embeds"][0], x2, rtol=1e-5, atol=1e-5)
@@ -164,6 +147,20 @@ def test_turn_one_and_two_decoder_inputs(ckpt, model):
     assert all("image_mask" not in c for c in steps)  # decode steps: text tokens, no LoRA
     assert history2 == history + [("What color?", reply2)]
     json.loads(json.dumps(history2))  # JSON-able
+    # the returned history holds the image: the next turn needs none passed again, and gets the same inputs
+    cap = Capture(model.llm)
+    try:
+        again, _ = model.chat("What color?", history=json.loads(json.dumps(history)), do_sample=False,
+                              max_new_tokens=4)
+        third = cap.calls[0]
+    finally:
+        cap.close()
+    assert again == reply2
+    torch.testing.assert_close(third["inputs_embeds"][0], x2, rtol=1e-5, atol=1e-5)
+    # upstream's way still works: (query, response) pairs and every image passed again
+    upstream_way, _ = model.chat("What color?", image=[pic], history=[("<ImageHere>Describe it", reply)],
+                                 do_sample=False, max_new_tokens=4)
+    assert upstream_way == reply2
 
 
 def test_images_without_placeholder_go_first_and_text_only_prompt(model, ckpt):

@@ -35,9 +35,9 @@ def test_two_turns_equal_model_chat(model, tmp_path, batch):
         msgs, s1 = list(app.chat_turn("What is it?", refs, shown, ChatSession(), opts))[-1]
         want1, hist = model.chat("<ImageHere>What is it?", image=refs, max_new_tokens=12, do_sample=False)
         assert msgs[-1]["content"] == want1 or (not want1.strip() and "empty" in msgs[-1]["content"])
-        assert s1.history == [["<ImageHere>What is it?", want1]] and s1.images == refs
+        assert s1.history == [["<ImageHere>What is it?", want1, refs]] and s1.images == refs
         msgs2, s2 = list(app.chat_turn("And more?", [], [], s1, opts))[-1]
-        want2, _ = model.chat("And more?", image=refs, history=hist, max_new_tokens=12, do_sample=False)
+        want2, _ = model.chat("And more?", history=hist, max_new_tokens=12, do_sample=False)  # hist keeps refs
         assert s2.history[-1] == ["And more?", want2] and len(s2.messages) == 4
     finally:
         app.close()

@@ -147,6 +147,13 @@ def to_data_uri(image: ImageSource, *, max_side: int | None = None, max_pixels: 
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def unnormalize(pixels: torch.Tensor) -> torch.Tensor:
+    """Normalized (3, H, W) CLIP pixels back to a [0, 1] image tensor (what `to_data_uri` takes)."""
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(CLIP_STD, dtype=torch.float32)[:, None, None]
+    return (pixels.detach().float().cpu() * std + mean).clamp(0, 1)
+
+
 # --- sources ---------------------------------------------------------------------------------
 
 def _as_list(srcs: Any) -> list:
@@ -159,30 +166,38 @@ def _as_list(srcs: Any) -> list:
         return [srcs]  # load_image says what it accepts
 
 
-def _from_path(src: str | os.PathLike, max_pixels: int) -> Image.Image:
-    path = os.fsdecode(os.fspath(src))
+def open_user_file(path: str, kind: str = "image", error=None) -> IO[bytes]:
+    """Open a file a user named, for reading its bytes: URLs, missing files, directories, FIFOs and
+    devices, empty files and unreadable ones are refused with `error(reason, source=path)` (ImageError
+    by default), each message naming the fix. `kind` words the messages ("image", "video")."""
+    error = error or ImageError
+    a = "an" if kind[:1] in "aeiou" else "a"
     scheme = path.split("://", 1)[0]
     if "://" in path and len(scheme) > 1 and scheme.isalpha():  # not a Windows drive letter
-        raise ImageError(f"{scheme} URLs are not fetched; download the image and pass its bytes or path", source=path)
+        raise error(f"{scheme} URLs are not fetched; download the {kind} and pass its bytes or path", source=path)
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise ImageError(f"no such file; check the path (relative paths start at {os.getcwd()})", source=path) from None
+        raise error(f"no such file; check the path (relative paths start at {os.getcwd()})", source=path) from None
     except OSError as e:
-        raise ImageError(f"cannot access the file ({e.strerror}); check the path and its permissions",
-                         source=path) from None
+        raise error(f"cannot access the file ({e.strerror}); check the path and its permissions",
+                    source=path) from None
     if stat.S_ISDIR(st.st_mode):
-        raise ImageError("is a directory, not an image file; pass the path of an image file", source=path)
+        raise error(f"is a directory, not {a} {kind} file; pass the path of {a} {kind} file", source=path)
     if not stat.S_ISREG(st.st_mode):  # a FIFO or device could block or never end
-        raise ImageError("is not a regular file; pass the path of an image file", source=path)
+        raise error(f"is not a regular file; pass the path of {a} {kind} file", source=path)
     if st.st_size == 0:
-        raise ImageError("the file is empty (0 bytes); the upload or save did not finish, send the image again",
-                         source=path)
+        raise error(f"the file is empty (0 bytes); the upload or save did not finish, send the {kind} again",
+                    source=path)
     try:
-        f = open(path, "rb")
+        return open(path, "rb")
     except OSError as e:
-        raise ImageError(f"cannot open the file ({e.strerror}); check its permissions", source=path) from None
-    with f:
+        raise error(f"cannot open the file ({e.strerror}); check its permissions", source=path) from None
+
+
+def _from_path(src: str | os.PathLike, max_pixels: int) -> Image.Image:
+    path = os.fsdecode(os.fspath(src))
+    with open_user_file(path) as f:
         return _decode(f, path, max_pixels)
 
 

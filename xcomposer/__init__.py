@@ -10,7 +10,7 @@ from .llm.internlm import InternLM
 from .llm.tokenizer import InternLMTokenizer, load_tokenizer
 
 __all__ = ["InternLMConfig", "InternLMForCausalLM", "InternLM", "InternLMTokenizer", "load_tokenizer",
-           "GenerationConfig", "generate", "stream_generate", "XComposer", "XComposerConfig", "XComposer2", "pipeline",
+           "GenerationConfig", "generate", "stream_generate", "XComposer", "XComposerConfig", "XComposer2", "XComposer2d5", "pipeline",
            "TurbomindEngineConfig", "PytorchEngineConfig", "EngineConfig"]
 
 
@@ -22,6 +22,9 @@ def __getattr__(name: str):
     if name == "XComposer2":
         from .models.xcomposer2 import XComposer2
         return XComposer2
+    if name == "XComposer2d5":
+        from .models.xcomposer2d5 import XComposer2d5
+        return XComposer2d5
     if name in ("pipeline", "TurbomindEngineConfig", "PytorchEngineConfig", "EngineConfig"):
         # offline batches through the serving engine (xcomposer.serve.pipeline), LMDeploy's words too
         from .serve import pipeline as p

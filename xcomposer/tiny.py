@@ -364,6 +364,29 @@ def write_xcomposer2_tokenizer(folder: str | Path, vocab_size: int = 1000) -> Pa
     return folder
 
 
+def _random_fill(model, seed: int, std: float):
+    """Seeded random weights: norms near 1, everything else normal(0, std)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def _xcomposer2_config_dict(tok, max_length: int, **overrides) -> dict:
+    """config.json of a tiny XComposer2 / 2.5: InternLM2 fields, upstream's architectures and auto_map."""
+    d = upstream_internlm2_config_dict(tiny_internlm2_config(tok.vocab_size, **overrides))
+    d.update({"architectures": ["InternLMXComposer2ForCausalLM"], "model_type": "internlmxcomposer2",
+              "auto_map": {"AutoConfig": "configuration_internlm_xcomposer2.InternLMXcomposer2Config",
+                           "AutoModel": "modeling_internlm_xcomposer2.InternLMXComposer2ForCausalLM",
+                           "AutoModelForCausalLM": "modeling_internlm_xcomposer2.InternLMXComposer2ForCausalLM"},
+              "max_length": max_length, "vision_config": dict(TINY_CLIP)})
+    return d
+
+
 def write_tiny_xcomposer2(folder: str | Path, *, fmt: str = "safetensors", max_shard_bytes: int = 200_000,
                           seed: int = 0, std: float = 0.2, vocab_size: int = 1000, img_size: int = 28,
                           plora_rank: int = 8, max_length: int = 512, model_type: str = "internlmxcomposer2",
@@ -379,22 +402,40 @@ def write_tiny_xcomposer2(folder: str | Path, *, fmt: str = "safetensors", max_s
     folder.mkdir(parents=True, exist_ok=True)
     write_xcomposer2_tokenizer(folder, vocab_size)
     tok = load_tokenizer(folder)
-    llm = tiny_internlm2_config(tok.vocab_size, **overrides)
-    d = upstream_internlm2_config_dict(llm)
-    d.update({"architectures": ["InternLMXComposer2ForCausalLM"], "model_type": model_type,
-              "auto_map": {"AutoConfig": "configuration_internlm_xcomposer2.InternLMXcomposer2Config",
-                           "AutoModel": "modeling_internlm_xcomposer2.InternLMXComposer2ForCausalLM",
-                           "AutoModelForCausalLM": "modeling_internlm_xcomposer2.InternLMXComposer2ForCausalLM"},
-              "img_size": img_size, "max_length": max_length, "vision_config": dict(TINY_CLIP),
-              "plora_rank": plora_rank})
-    model = XComposer2(XComposer2Config.from_dict(d))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+    d = _xcomposer2_config_dict(tok, max_length, **overrides)
+    d.update({"model_type": model_type, "img_size": img_size, "plora_rank": plora_rank})
+    model = _random_fill(XComposer2(XComposer2Config.from_dict(d)), seed, std)
+    save_checkpoint(dict(model.state_dict()), folder, fmt=fmt, max_shard_bytes=max_shard_bytes)
+    (folder / "config.json").write_text(json.dumps(d, indent=2), encoding="utf-8")
+    return folder
+
+
+# -- XComposer2.5 ----------------------------------------------------------------------------
+
+TINY_TASK_LORAS = {"web": 8, "sft": 8, "dpo": 4}
+
+
+def write_tiny_xcomposer2d5(folder: str | Path, *, fmt: str = "safetensors", max_shard_bytes: int = 400_000,
+                            seed: int = 0, std: float = 0.2, vocab_size: int = 1000, plora_rank: int = 8,
+                            task_loras: dict[str, int] | None = None, max_length: int = 16384,
+                            **overrides) -> Path:
+    """Write a random tiny InternLM-XComposer2.5 checkpoint in upstream's layout: config.json as
+    XComposer2's (`architectures` ["InternLMXComposer2ForCausalLM"], `max_length`), keys `model.*`
+    with `Plora_A/B` and the task LoRAs `lora_{web,sft,dpo}_{A,B}` on every projection, `output`,
+    `plora_glb_GN`, `plora_sub_GN`, `vit.vision_tower.vision_model.*` (CLIP at 560 px: the real
+    crop geometry, 40 x 40 patches), `vision_proj.*` (4 x CLIP width in), sharded with an index, plus
+    its tokenizer. The LoRA ranks are read back from the weights' shapes, as for the real checkpoint;
+    `vision_config` is our extension for a tiny CLIP."""
+    from .models.xcomposer2d5 import XComposer2d5, XComposer2d5Config
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_xcomposer2_tokenizer(folder, vocab_size)
+    tok = load_tokenizer(folder)
+    d = _xcomposer2_config_dict(tok, max_length, **overrides)
+    ranks = dict(TINY_TASK_LORAS if task_loras is None else task_loras)
+    model = XComposer2d5(XComposer2d5Config.from_dict({**d, "plora_rank": plora_rank, "task_lora_ranks": ranks}))
+    _random_fill(model, seed, std)
     save_checkpoint(dict(model.state_dict()), folder, fmt=fmt, max_shard_bytes=max_shard_bytes)
     (folder / "config.json").write_text(json.dumps(d, indent=2), encoding="utf-8")
     return folder

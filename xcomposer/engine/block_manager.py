@@ -9,6 +9,11 @@ sharing a prefix share its blocks. A block nobody holds any more stays in the ca
 (a later request with that prefix takes it back) until the pool runs short, when the least
 recently released one is evicted.
 
+Task LoRAs (XComposer2.5, `Prompt.task_loras`) change every layer's keys and values, so the chain
+of a request that selects some starts from a root of its own (`task_lora_root`) instead of none:
+the same tokens under other task LoRAs never share a block. Requests without any keep the plain
+root, keyed as before.
+
 Block 0 is never handed out: padding entries of block tables point at it, so a gather over a
 padded table reads memory that exists (its values are always masked out).
 """
@@ -30,6 +35,15 @@ def chain_hash(parent: bytes | None, keys: Sequence[Hashable], extra: Hashable =
     h.update(parent or b"root")
     h.update(pickle.dumps((tuple(keys), extra), protocol=4))
     return h.digest()
+
+
+def task_lora_root(task_loras: Sequence[str]) -> bytes | None:
+    """The parent key of a sequence's first block: None (the plain root) without task LoRAs, else a
+    16-byte digest of the sorted names, as unlikely to equal any block's key as two keys are to collide."""
+    if not task_loras:
+        return None
+    return hashlib.blake2b(pickle.dumps(("task_loras", tuple(sorted(task_loras))), protocol=4),
+                           digest_size=16).digest()
 
 
 class NoFreeBlocks(RuntimeError):
@@ -167,4 +181,4 @@ class BlockManager:
             assert self.key[b] == k
 
 
-__all__ = ["BlockManager", "NoFreeBlocks", "chain_hash", "NULL_BLOCK"]
+__all__ = ["BlockManager", "NoFreeBlocks", "chain_hash", "task_lora_root", "NULL_BLOCK"]

@@ -36,7 +36,8 @@ from ..parallel.sharding import (DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_MAX_ENTRY_COU
                                  kv_pool_plan)
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
-from .request import EngineClosedError, EngineError, Event, Prompt, PromptTooLong, QueueFullError, Request
+from .request import (EngineClosedError, EngineError, Event, Prompt, PromptTooLong, QueueFullError, Request,
+                      UnknownTaskLoRA)
 from .grammar import apply_masks
 from .sampler import SampleRow, sample
 from .scheduler import Scheduler, Sequence, embedding_keys
@@ -209,7 +210,8 @@ class Engine:
     def submit(self, prompt: Prompt, config: GenerationConfig, sink: Callable[[Event], None],
                stop: Seq[str] = (), *, logprobs: int | None = None, prompt_logprobs: int | None = None,
                prompt_only: bool = False, grammar=None) -> Request:
-        """Queue a request; raises QueueFullError, EngineClosedError or PromptTooLong (ValueError for
+        """Queue a request; raises QueueFullError, EngineClosedError, PromptTooLong, UnknownTaskLoRA
+        (a `prompt.task_loras` name the model lacks; other requests are unaffected) (ValueError for
         bad logprob options). `logprobs` / `prompt_logprobs`: report log-probabilities of the
         generated / prompt tokens with that many top alternatives (0-20); `prompt_only`: stop after
         the prompt (no token generated); `grammar` (`Engine.grammars.json_schema(...)` or
@@ -221,6 +223,7 @@ class Engine:
         if (prompt_logprobs is not None or prompt_only) and prompt.ids is None:
             raise ValueError("prompt logprobs and prompt-only requests take token-id prompts")
         self._check_length(prompt)
+        self._check_task_loras(prompt)
         req = Request(prompt, config, sink, stop, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                       prompt_only=prompt_only, grammar=grammar)
         with self._lock:
@@ -237,6 +240,14 @@ class Engine:
         if prompt.length >= self.session_len:
             raise PromptTooLong(f"the prompt is {prompt.length} tokens but a sequence holds {self.session_len} "
                                 f"(prompt plus reply; --session-len): shorten the prompt or the conversation")
+
+    def _check_task_loras(self, prompt: Prompt) -> None:
+        have = tuple(getattr(self.llm, "task_lora_names", ()))
+        missing = [n for n in prompt.task_loras if n not in have]
+        if missing:
+            raise UnknownTaskLoRA(f"task LoRA {', '.join(map(repr, missing))} is not in this model (it has "
+                                  f"{', '.join(map(repr, have)) if have else 'no task LoRAs'}): drop it from "
+                                  f"task_loras or serve a model that has it")
 
     @property
     def queue_depth(self) -> int:

@@ -1,7 +1,9 @@
 """Runs the decoder over the paged KV pool: several sequences' new tokens packed into one forward.
 
 A step's work is a list of `Work` items, one per sequence: a decode token, or a chunk of a prompt
-(ids, or embeddings for XComposer with its Partial-LoRA image mask). `prepare` turns them into a
+(ids, or embeddings for XComposer with its Partial-LoRA image mask), with the task LoRAs its request
+selects (XComposer2.5: each becomes a bool mask over the packed tokens of the items that select it,
+so requests of different tasks share the step and the weights). `prepare` turns them into a
 `StepInputs` of plain CPU tensors (what tensor-parallel ranks receive: block slots and lengths,
 never masks over a whole window), `execute` runs it:
 
@@ -19,7 +21,8 @@ never masks over a whole window), `execute` runs it:
 A step of decode tokens only can run as a fixed-shape call (`use_cuda_graphs(model)`): rows padded
 to a batch bucket and block tables to a power-of-two bucket of blocks, replayed from one CUDA graph
 per (rows, blocks) bucket on a GPU (on a CPU the same fixed-shape function runs eagerly, which is
-how its math is tested).
+how its math is tested). A captured step holds no task LoRA: a decode step in which any row
+selects one runs eagerly.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ class Work:
     ids: list[int] | None = None
     embeds: torch.Tensor | None = None  # (n, hidden) instead of ids
     image_mask: torch.Tensor | None = None  # (n,) bool, Partial LoRA rows
+    task_loras: tuple[str, ...] = ()  # task LoRAs applied to all n tokens (XComposer2.5)
     sample: bool = True  # the logits of its last token are wanted
     all_logits: bool = False  # the logits of every token are wanted (prompt logprobs)
 
@@ -65,6 +69,7 @@ class StepInputs:
     embeds: torch.Tensor | None = None  # (Te, hidden)
     embed_rows: torch.Tensor | None = None  # (Te,) where in T they go
     image_mask: torch.Tensor | None = None  # (T,) bool or None
+    task_loras: dict[str, torch.Tensor] | None = None  # name -> (T,) bool rows of the items selecting it
     dec_rows: torch.Tensor | None = None  # (Bd,) one-token items' rows in T
     dec_blocks: torch.Tensor | None = None  # (Bd, nb) their block tables, padded with block 0
     dec_lens: torch.Tensor | None = None  # (Bd,) their context lengths (the new token included)
@@ -217,6 +222,9 @@ class ModelRunner:
             self.static = None  # accelerate's hooks move tensors inside the step: eager only
         self._graphs: "OrderedDict[tuple[int, int], object]" = OrderedDict()
         self.tokens_run = 0  # tokens that went through the decoder (tests count prefill work)
+        # decode-only steps by path: the fixed-shape one, and eager because a row selects task LoRAs
+        self.static_steps = 0
+        self.task_lora_eager_steps = 0
         self._check_rope()
 
     def _check_rope(self) -> None:
@@ -255,7 +263,7 @@ class ModelRunner:
         return slots[start - first * bs:end - first * bs]
 
     def prepare(self, works: list[Work]) -> StepInputs:
-        ids, positions, rope_n, slots, image_rows = [], [], [], [], []
+        ids, positions, rope_n, slots, image_rows, task_rows = [], [], [], [], [], []
         embeds, embed_rows, sample_rows = [], [], []
         dec, chunks = [], []
         any_image = False
@@ -276,6 +284,8 @@ class ModelRunner:
             if w.image_mask is not None and bool(w.image_mask.any()):
                 any_image = True
                 image_rows.append((row0, w.image_mask.cpu()))
+            if w.task_loras:
+                task_rows.append((row0, n, w.task_loras))
             if n == 1:
                 dec.append((row0, blocks, L))
             else:
@@ -297,6 +307,8 @@ class ModelRunner:
             for row0, mask in image_rows:
                 m[row0:row0 + mask.shape[0]] = mask
             inp.image_mask = m
+        if task_rows:
+            inp.task_loras = self._task_masks(task_rows, T)
         if dec:
             nb = max(b.shape[0] for _, b, _ in dec)
             inp.dec_rows = torch.tensor([r for r, _, _ in dec], dtype=torch.long)
@@ -305,6 +317,19 @@ class ModelRunner:
                 inp.dec_blocks[i, :b.shape[0]] = b
             inp.dec_lens = torch.tensor([L for _, _, L in dec], dtype=torch.long)
         return inp
+
+    def _task_masks(self, task_rows: list[tuple[int, int, tuple[str, ...]]], T: int) -> dict[str, torch.Tensor]:
+        """name -> (T,) bool over the packed rows of the items that select it, for the names some item
+        uses only. In the model's order of names (the order generate() with those names adds them
+        in, so float sums match); a name the model lacks comes last and the decoder refuses it."""
+        used = {name for _, _, names in task_rows for name in names}
+        known = tuple(getattr(self.llm, "task_lora_names", ()))
+        order = [n for n in known if n in used] + sorted(used.difference(known))
+        masks = {name: torch.zeros(T, dtype=torch.bool) for name in order}
+        for row0, n, names in task_rows:
+            for name in names:
+                masks[name][row0:row0 + n] = True
+        return masks
 
     # -- the forward -------------------------------------------------------------------------
     def execute(self, inp: StepInputs) -> torch.Tensor:
@@ -317,7 +342,10 @@ class ModelRunner:
         all_decode = inp.dec_rows is not None and not inp.chunks and inp.dec_rows.shape[0] == inp.ids.shape[0] \
             and inp.sample_rows.shape[0] == inp.ids.shape[0]
         if all_decode and self.static is not None and inp.embeds is None:
-            return self._static_decode(inp)
+            if inp.task_loras is None:
+                self.static_steps += 1
+                return self._static_decode(inp)
+            self.task_lora_eager_steps += 1  # a captured step holds no task LoRA: run this one eagerly
         dev = self.device
         ids = inp.ids.to(dev, non_blocking=True)
         if inp.embeds is None:
@@ -331,16 +359,20 @@ class ModelRunner:
                         chunks=inp.chunks, all_decode=all_decode)
         image_mask = None if inp.image_mask is None else inp.image_mask.to(dev)[None]
         rope_n = None if inp.rope_n is None else inp.rope_n.to(dev, non_blocking=True)
+        task_loras = None if inp.task_loras is None else {name: m.to(dev)[None] for name, m in inp.task_loras.items()}
         return self._forward(ids[None] if x is None else x[None], inp.positions.to(dev, non_blocking=True), rope_n,
-                             meta, image_mask, inp.sample_rows.to(dev, non_blocking=True))
+                             meta, image_mask, inp.sample_rows.to(dev, non_blocking=True), task_loras)
 
-    def _forward(self, x, positions, rope_n, meta: StepMeta, image_mask, sample_rows) -> torch.Tensor:
+    def _forward(self, x, positions, rope_n, meta: StepMeta, image_mask, sample_rows,
+                 task_loras: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Through the decoder's own forward (so its hooks, accelerate's included, see every call):
         one packed row, the pool installed in its layers for the call."""
         self.meta = meta
         self._install()
         try:
             kw = {"input_ids": x} if x.dtype == torch.long else {"inputs_embeds": x}
+            if task_loras:  # name -> (1, T) mask; omitted when no row selects any
+                kw["task_loras"] = task_loras
             logits = self.llm(**kw, position_ids=positions[None], cache_pos=positions,
                               rope_seq_len=None if rope_n is None else rope_n[None], image_mask=image_mask,
                               logits_rows=sample_rows)

@@ -27,6 +27,10 @@ class PromptTooLong(EngineError, ValueError):
     """The prompt leaves no room for a reply in one sequence (`session_len`) or in the KV pool."""
 
 
+class UnknownTaskLoRA(EngineError, ValueError):
+    """The prompt asks for a task LoRA (`Prompt.task_loras`) the served model does not have."""
+
+
 @dataclass
 class Prompt:
     """What a request feeds the decoder: token ids, or embeddings built in the engine thread.
@@ -40,13 +44,20 @@ class Prompt:
 
     `keys` (optional, one hashable per position) name the prompt's content for the prefix cache;
     token ids are their own keys, and an embedded prompt without keys is keyed by the bytes of its
-    embeddings (and image mask), block by block, once built."""
+    embeddings (and image mask), block by block, once built.
+
+    `task_loras` (a model with `add_task_loras`, XComposer2.5's infer_mode: () base, ("web",),
+    ("sft", "dpo") write) names the task LoRAs applied to every token of this request, prompt and
+    reply; requests of different choices run in one batch on the same weights. A tuple or list of
+    names, kept as a sorted tuple of unique names; the engine refuses a name its model lacks
+    (`UnknownTaskLoRA`). The prefix cache shares blocks only among requests of the same choice."""
 
     ids: list[int] | None = None
     build: Callable[[], torch.Tensor] | None = None
     length: int = 0
     penalty_ids: list[int] | None = None
     keys: list[Hashable] | None = None
+    task_loras: tuple[str, ...] = ()
 
     def __post_init__(self):
         if (self.ids is None) == (self.build is None):
@@ -60,6 +71,11 @@ class Prompt:
             raise ValueError("the prompt is empty: give at least one token")
         if self.keys is not None and self.length and len(self.keys) != self.length:
             raise ValueError(f"a Prompt's keys name every position: {len(self.keys)} keys for {self.length} tokens")
+        names = self.task_loras
+        # a bare string is iterable too: "web" must not become ("b", "e", "w")
+        if not isinstance(names, (tuple, list)) or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"a Prompt's task_loras is a tuple or list of task LoRA names, got {names!r}")
+        self.task_loras = tuple(sorted(set(names)))
 
 
 @dataclass
@@ -110,4 +126,5 @@ class Request:
         self.cancelled = True
 
 
-__all__ = ["Prompt", "Event", "Request", "EngineError", "QueueFullError", "EngineClosedError", "PromptTooLong"]
+__all__ = ["Prompt", "Event", "Request", "EngineError", "QueueFullError", "EngineClosedError", "PromptTooLong",
+           "UnknownTaskLoRA"]

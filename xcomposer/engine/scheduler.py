@@ -19,7 +19,7 @@ from typing import Hashable
 
 import torch
 
-from .block_manager import BlockManager, chain_hash
+from .block_manager import BlockManager, chain_hash, task_lora_root
 from .model_runner import Work
 from .output import TextStream
 from .request import Request
@@ -44,6 +44,7 @@ class Sequence:
         self.computed = 0  # positions whose keys/values are in the pool
         self.block_keys: list[bytes] = []  # chained keys of the first full blocks
         self.position_keys: list[Hashable] | None = p.keys  # one per prompt position, when given
+        self.task_loras: tuple[str, ...] = p.task_loras  # applied to all its tokens (XComposer2.5)
         self.cached_tokens = 0  # prompt tokens the first admission found in the prefix cache
         self.admitted_once = False
         self.preemptions = 0
@@ -137,7 +138,8 @@ class Scheduler:
         bs = self.blocks.block_size
         while len(seq.block_keys) < n_blocks:
             j = len(seq.block_keys)
-            parent = seq.block_keys[-1] if j else None
+            # the first block chains from its task LoRAs' root (None without any: keys as before)
+            parent = seq.block_keys[-1] if j else task_lora_root(seq.task_loras)
             span = range(j * bs, (j + 1) * bs)
             extra = None if self.rope_key is None else self.rope_key(seq, span)
             seq.block_keys.append(chain_hash(parent, [seq.position_key(p) for p in span], extra))
@@ -232,7 +234,7 @@ class Scheduler:
     def _work(self, s: Sequence, start: int, end: int) -> Work:
         ids = s.ids_at(start, end)
         w = Work(start=start, block_table=s.block_table, prompt_len=s.prompt_len, ids=ids,
-                 sample=end == s.total_len,
+                 sample=end == s.total_len, task_loras=s.task_loras,
                  all_logits=s.req.prompt_logprobs is not None and start < s.prompt_len and end - start > 1)
         if ids is None:
             w.embeds = s.embeds[start:end]

@@ -13,6 +13,8 @@ state dict loads without renaming. Two ways to run it:
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -213,6 +215,53 @@ class PartialLoRA(nn.Module):
         return y.index_put((image_mask,), delta.to(y.dtype), accumulate=True)
 
 
+class TaskLoRAState:
+    """Which task LoRAs the forward running now applies: None (none), or a dict name -> None (every
+    token) or a (B, T) bool mask of the tokens whose request asked for that task. Set by
+    `InternLMForCausalLM.forward` for the length of one call only, so interleaved generations on one
+    model (streams, the engine's rows) never see each other's choice."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self):
+        self.rows: dict[str, torch.Tensor | None] | None = None
+
+
+class TaskLoRA(nn.Module):
+    """XComposer2.5's task LoRAs on one projection (upstream PLoRA's `lora_web`, `lora_sft`,
+    `lora_dpo`): per name an `A` (in -> r) and `B` (r -> out), no biases, scale 1, added to the
+    projection's output on every token (text, image, decode) of a request that selects the task.
+    Held beside the base weight, never merged: requests of different tasks share one model."""
+
+    def __init__(self, in_features: int, out_features: int, ranks: dict[str, int], state: TaskLoRAState):
+        super().__init__()
+        self.loras = nn.ModuleDict({name: PartialLoRA(in_features, r, out_features) for name, r in ranks.items()})
+        object.__setattr__(self, "state", state)  # shared with the model, not a submodule
+
+    def add(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        rows = self.state.rows
+        if not rows:
+            return y
+        for name, mask in rows.items():
+            lora = self.loras[name] if name in self.loras else None
+            if lora is None:
+                continue
+            if mask is None:
+                y = y + lora.B(lora.A(x)).to(y.dtype)
+            else:  # no host sync on the mask: an empty selection adds nothing
+                y = y.index_put((mask,), lora.B(lora.A(x[mask])).to(y.dtype), accumulate=True)
+        return y
+
+
+def task_active(lora: TaskLoRA) -> bool:
+    return bool(lora.state.rows)
+
+
+def _task(module: nn.Module, name: str, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    lora = getattr(module, name, None)
+    return y if lora is None else lora.add(y, x)
+
+
 def packable(*linears) -> bool:
     """True when every map is a plain float `nn.Linear` (exactly that class): quantized projections
     (bitsandbytes' `Linear8bitLt` / `Linear4bit` subclass `nn.Linear`; GPTQ / AWQ modules) keep
@@ -256,12 +305,14 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache_pos=None, image_mask=None):
         B, T, C = x.shape
         if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj.split(_lora(self, "qkv_lora", self.qkv_proj(x), x, image_mask))
+            qkv = _task(self, "qkv_task", self.qkv_proj(x), x)
+            q, k, v = self.qkv_proj.split(_lora(self, "qkv_lora", qkv, x, image_mask))
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-            if getattr(self, "qkv_lora", None) is not None and image_mask is not None:
-                q, k, v = self.qkv_lora.add(torch.cat([q, k, v], -1), x, image_mask).split(
-                    [q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
+            task = getattr(self, "qkv_task", None) is not None and task_active(self.qkv_task)
+            if task or (getattr(self, "qkv_lora", None) is not None and image_mask is not None):
+                qkv = _lora(self, "qkv_lora", _task(self, "qkv_task", torch.cat([q, k, v], -1), x), x, image_mask)
+                q, k, v = qkv.split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -271,7 +322,7 @@ class Attention(nn.Module):
             # the serving engine's block pool (xcomposer.engine.model_runner): it stores this call's
             # keys/values in their blocks and attends each packed sequence over its own blocks
             y = self.kv_cache.attend(q, k, v).transpose(1, 2).reshape(B, T, -1)
-            return _lora(self, "o_lora", self.o_proj(y), y, image_mask)
+            return _lora(self, "o_lora", _task(self, "o_task", self.o_proj(y), y), y, image_mask)
         if self.kv_cache is not None and cache_pos is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)
             if mask.shape[-1] < k.shape[2]:  # the mask covers the filled prefix: skip the empty tail
@@ -285,7 +336,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         # -1, not C: under tensor parallelism this rank holds n_heads * head_dim < C features
         y = y.transpose(1, 2).reshape(B, T, -1)
-        return _lora(self, "o_lora", self.o_proj(y), y, image_mask)
+        return _lora(self, "o_lora", _task(self, "o_task", self.o_proj(y), y), y, image_mask)
 
 
 class MLP(nn.Module):
@@ -313,11 +364,12 @@ class MLP(nn.Module):
             gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = _task(self, "gate_task", gate, x), _task(self, "up_task", up, x)
         if image_mask is not None:
             gate = _lora(self, "gate_lora", gate, x, image_mask)
             up = _lora(self, "up_lora", up, x, image_mask)
         h = F.silu(gate) * up
-        return _lora(self, "down_lora", self.down_proj(h), h, image_mask)
+        return _lora(self, "down_lora", _task(self, "down_task", self.down_proj(h), h), h, image_mask)
 
 
 class DecoderLayer(nn.Module):
@@ -368,6 +420,8 @@ class InternLMForCausalLM(nn.Module):
         self.cache_generation = 0
         self.static_decode = None  # fast_decode.StaticDecode when use_cuda_graphs() is on
         self._decode_step = None
+        self.task_state = TaskLoRAState()  # XComposer2.5's task LoRAs (add_task_loras) read it
+        self.task_lora_names: tuple[str, ...] = ()
 
     # -- buffers ---------------------------------------------------------------------------
     @property
@@ -439,6 +493,47 @@ class InternLMForCausalLM(nn.Module):
             layer.mlp.down_lora = PartialLoRA(inter, rank, h).to(dev, dt)
         self.partial_lora_rank = rank
         return self
+
+    # -- task LoRAs (XComposer2.5) ---------------------------------------------------------
+    def add_task_loras(self, ranks: dict[str, int]) -> "InternLMForCausalLM":
+        """Give every projection a `TaskLoRA` holding one LoRA per name in `ranks` (XComposer2.5's
+        `lora_web` / `lora_sft` / `lora_dpo`: ranks read from the checkpoint's shapes). A forward
+        applies the ones its `task_loras` names; none by default."""
+        if not ranks:
+            return self
+        for name, r in ranks.items():
+            if not name.isidentifier() or isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                raise ValueError(f"task LoRA {name!r}: rank {r!r} must be a positive integer")
+        cfg = self.config
+        h, kv, inter = cfg.hidden_size, cfg.kv_heads * cfg.head_dim, cfg.intermediate_size
+        dev, dt = self.device, self.dtype
+        state = self.task_state
+        for layer in self.model.layers:
+            layer.self_attn.qkv_task = TaskLoRA(h, h + 2 * kv, ranks, state).to(dev, dt)
+            layer.self_attn.o_task = TaskLoRA(h, h, ranks, state).to(dev, dt)
+            layer.mlp.gate_task = TaskLoRA(h, inter, ranks, state).to(dev, dt)
+            layer.mlp.up_task = TaskLoRA(h, inter, ranks, state).to(dev, dt)
+            layer.mlp.down_task = TaskLoRA(inter, h, ranks, state).to(dev, dt)
+        self.task_lora_names = tuple(ranks)
+        return self
+
+    def _task_rows(self, task_loras, B: int, T: int, device) -> dict[str, torch.Tensor | None] | None:
+        """`task_loras` -> TaskLoRAState.rows: names (every token) or name -> (B, T) bool mask."""
+        if not task_loras:
+            return None
+        known = getattr(self, "task_lora_names", ())
+        items = task_loras.items() if isinstance(task_loras, dict) else ((n, None) for n in task_loras)
+        rows = {}
+        for name, mask in items:
+            if name not in known:
+                raise ValueError(f"task LoRA {name!r} is not in this model (it has {list(known) or 'none'})")
+            if mask is not None:
+                if tuple(mask.shape) != (B, T):
+                    raise ValueError(f"task LoRA {name!r} mask must be (batch, tokens) = {(B, T)}, "
+                                     f"got {tuple(mask.shape)}")
+                mask = mask.to(device, torch.bool)
+            rows[name] = mask
+        return rows
 
     # -- fused layout ----------------------------------------------------------------------
     @torch.no_grad()
@@ -517,6 +612,7 @@ class InternLMForCausalLM(nn.Module):
         rope_seq_len: int | torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
         logits_rows: torch.Tensor | None = None,
+        task_loras: Sequence[str] | dict[str, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab), or (B, 1, vocab) with `last_only`.
 
@@ -528,7 +624,9 @@ class InternLMForCausalLM(nn.Module):
         (InternLM2) sizes its base for, when it is not this call's largest position + 1: a chunked
         prefill passes the whole prompt's length. `image_mask` (B, T) bool marks image-token
         positions, where a model with Partial LoRA (`add_partial_lora`, XComposer2) adds it; None
-        (text, every decode step) runs the base projections only.
+        (text, every decode step) runs the base projections only. `task_loras` (a model with
+        `add_task_loras`, XComposer2.5): names of task LoRAs applied to every token, or name ->
+        (B, T) bool mask of the tokens they apply to (the engine's rows of several requests).
 
         The serving engine (`xcomposer.engine.model_runner`) installs its paged KV pool in the layers
         and calls with one packed row (1, T) of several sequences' tokens, each at its own position
@@ -577,9 +675,14 @@ class InternLMForCausalLM(nn.Module):
             image_mask = image_mask.to(x.device, torch.bool)
             if getattr(self, "partial_lora_rank", 0) == 0 or not bool(image_mask.any()):
                 image_mask = None
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache_pos) if image_mask is None else \
-                layer(x, cos, sin, mask, cache_pos, image_mask.to(x.device))
+        rows = self._task_rows(task_loras, B, T, x.device)
+        self.task_state.rows = rows
+        try:
+            for layer in self.model.layers:
+                x = layer(x, cos, sin, mask, cache_pos) if image_mask is None else \
+                    layer(x, cos, sin, mask, cache_pos, image_mask.to(x.device))
+        finally:
+            self.task_state.rows = None
         if logits_rows is not None:
             x = x[0, logits_rows.to(x.device)]
         elif last_only:
@@ -607,6 +710,6 @@ def kv_cache_bytes(cfg: InternLMConfig, batch: int, length: int, dtype=torch.flo
     return 2 * cfg.num_hidden_layers * batch * length * cfg.kv_heads * cfg.head_dim * elem
 
 
-__all__ = ["InternLMForCausalLM", "PackedLinear", "PartialLoRA", "RMSNorm", "KVCache", "rope_tables", "rope_from_positions",
+__all__ = ["InternLMForCausalLM", "PackedLinear", "PartialLoRA", "TaskLoRA", "TaskLoRAState", "RMSNorm", "KVCache", "rope_tables", "rope_from_positions",
            "apply_rope", "kv_cache_bytes",
            "num_parameters"]

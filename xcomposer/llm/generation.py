@@ -186,7 +186,8 @@ def _warp(scores: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
 class _Batch:
     """Prompt rows left-padded into the static cache, plus the per-row bookkeeping."""
 
-    def __init__(self, model, input_ids, inputs_embeds, cfg: GenerationConfig, penalty_ids=None, image_mask=None):
+    def __init__(self, model, input_ids, inputs_embeds, cfg: GenerationConfig, penalty_ids=None, image_mask=None,
+                 task_loras=None):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         rows = list(input_ids if input_ids is not None else inputs_embeds)
@@ -244,7 +245,9 @@ class _Batch:
         # cache is rounded up to a bucket that many generations share; the eager step reads only
         # the filled prefix and needs exactly S slots
         static = getattr(model, "static_decode", None)
-        self.static = static is not None and not fast_decode.is_dispatched(model)
+        # task LoRAs (XComposer2.5's infer_mode) run on every step: the captured step holds none
+        self.task_loras = tuple(task_loras or ())
+        self.static = static is not None and not fast_decode.is_dispatched(model) and not self.task_loras
         self.cache_len = fast_decode.static_cache_length(self.S, window, static.bucket) if self.static else self.S
         self.kv_valid = torch.zeros(self.N, self.cache_len, dtype=torch.bool, device=self.device)
         self.kv_valid[:, :T] = rep(valid).to(self.device)
@@ -289,6 +292,8 @@ class _Batch:
                 kw["rope_seq_len"] = pos.amax(dim=1) + 1
             if self.image_mask is not None:  # decode steps never pass one: text tokens
                 kw["image_mask"] = self.image_mask[:, start:end]
+            if self.task_loras:
+                kw["task_loras"] = self.task_loras
             logits = self.model(**kw, position_ids=pos[:, start:end], cache_pos=cache_pos, kv_mask=mask,
                                 last_only=True)
         return logits[:, -1].float()
@@ -303,7 +308,8 @@ class _Batch:
             logits = self.decode_step(tokens[:, None], pos, cache_pos, self.kv_valid[:, None, None, :])
         else:
             mask = self.kv_valid[:, None, None, :t + 1]  # slots past t are empty: attend to [0, t] only
-            logits = self.model(tokens[:, None], position_ids=pos, cache_pos=cache_pos, kv_mask=mask)
+            kw = {"task_loras": self.task_loras} if self.task_loras else {}
+            logits = self.model(tokens[:, None], position_ids=pos, cache_pos=cache_pos, kv_mask=mask, **kw)
         return logits[:, -1].float()
 
     def record(self, tokens: torch.Tensor, t: int) -> None:
@@ -459,9 +465,10 @@ def _beam_search(batch: _Batch, cfg: GenerationConfig, stream: bool):
     return tokens, finished
 
 
-def _run(model, input_ids, inputs_embeds, cfg: GenerationConfig, stream: bool, penalty_ids=None, image_mask=None):
+def _run(model, input_ids, inputs_embeds, cfg: GenerationConfig, stream: bool, penalty_ids=None, image_mask=None,
+         task_loras=None):
     cfg.validate()
-    batch = _Batch(model, input_ids, inputs_embeds, cfg, penalty_ids, image_mask)
+    batch = _Batch(model, input_ids, inputs_embeds, cfg, penalty_ids, image_mask, task_loras)
     engine = _beam_search if cfg.num_beams > 1 else _greedy_or_sample
     tokens, finished = yield from engine(batch, cfg, stream)
     return GenerationOutput(tokens, batch.lens, batch.truncated, batch.max_new, finished)
@@ -471,11 +478,13 @@ def _run(model, input_ids, inputs_embeds, cfg: GenerationConfig, stream: bool, p
 def generate(model, input_ids: Sequence[Sequence[int]] | None = None, *,
              inputs_embeds: Sequence[torch.Tensor] | None = None, config: GenerationConfig | None = None,
              penalty_ids: Sequence[Sequence[int]] | None = None, image_mask: Sequence[torch.Tensor] | None = None,
-             **options: Any) -> GenerationOutput:
+             task_loras: Sequence[str] | None = None, **options: Any) -> GenerationOutput:
     """Generate for a batch of prompts (token-id lists or (T_i, hidden) embedding tensors).
-    `image_mask`: per prompt a (T_i,) bool tensor of image-token positions (Partial LoRA)."""
+    `image_mask`: per prompt a (T_i,) bool tensor of image-token positions (Partial LoRA).
+    `task_loras`: names of task LoRAs (XComposer2.5's infer_mode) applied on every token."""
     cfg = (config or GenerationConfig()).replace(**options)
-    it = _run(model, input_ids, inputs_embeds, cfg, stream=False, penalty_ids=penalty_ids, image_mask=image_mask)
+    it = _run(model, input_ids, inputs_embeds, cfg, stream=False, penalty_ids=penalty_ids, image_mask=image_mask,
+              task_loras=task_loras)
     while True:
         try:
             next(it)
@@ -486,7 +495,8 @@ def generate(model, input_ids: Sequence[Sequence[int]] | None = None, *,
 def stream_generate(model, input_ids: Sequence[int] | None = None, *, inputs_embeds: torch.Tensor | None = None,
                     config: GenerationConfig | None = None, penalty_ids: Sequence[int] | None = None,
                     on_done: Callable[[GenerationOutput], None] | None = None,
-                    image_mask: torch.Tensor | None = None, **options: Any) -> Iterator[list[int]]:
+                    image_mask: torch.Tensor | None = None, task_loras: Sequence[str] | None = None,
+                    **options: Any) -> Iterator[list[int]]:
     """Yield lists of new token ids for one prompt as soon as they are final.
 
     Greedy and sampling yield every step; beam search yields the prefix that all live and
@@ -498,7 +508,7 @@ def stream_generate(model, input_ids: Sequence[int] | None = None, *, inputs_emb
     embeds = [inputs_embeds] if inputs_embeds is not None else None
     pen = [list(penalty_ids)] if penalty_ids is not None else None
     it = _run(model, ids, embeds, cfg, stream=True, penalty_ids=pen,
-              image_mask=[image_mask] if image_mask is not None else None)
+              image_mask=[image_mask] if image_mask is not None else None, task_loras=task_loras)
     while True:
         # inference mode only while our code runs: a generator must not leak it into the caller
         with torch.inference_mode():

@@ -39,6 +39,11 @@ _LAYER_RENAMES = {
     "feed_forward.w2.Plora_B": "mlp.down_lora.B",
 }
 _QKV_LORA_B = "self_attn.qkv_lora.B"  # upstream attention.wqkv.Plora_B: rows in wqkv's layout
+# XComposer2.5's task LoRAs (PLoRA's lora_web / lora_sft / lora_dpo, `_A` and `_B`) on each projection
+_TASK_PROJ = {"attention.wqkv": "self_attn.qkv_task", "attention.wo": "self_attn.o_task",
+              "feed_forward.w1": "mlp.gate_task", "feed_forward.w3": "mlp.up_task", "feed_forward.w2": "mlp.down_task"}
+_TASK_UP = re.compile(r"^(attention\.wqkv|attention\.wo|feed_forward\.w[123])\.lora_([a-z]+)_([AB])$")
+_TASK_OURS = re.compile(r"^(self_attn\.(?:qkv|o)_task|mlp\.(?:gate|up|down)_task)\.loras\.([a-z]+)\.([AB])$")
 _TOP_RENAMES = {"model.tok_embeddings": "model.embed_tokens", "model.norm": "model.norm", "output": "lm_head"}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _TOP = re.compile(r"^(.+)\.(weight|bias)$")
@@ -81,6 +86,13 @@ def checkpoint_key_map(cfg: InternLMConfig) -> Callable[[str], str | SplitKey | 
                 return SplitKey((f"model.layers.{i}.{_QKV_LORA_B}.{kind}",), lambda t: (torch.cat(split_wqkv(t, cfg)),))
             if stem in _LAYER_RENAMES:
                 return f"model.layers.{i}.{_LAYER_RENAMES[stem]}.{kind}"
+            t = _TASK_UP.match(stem)
+            if t:
+                proj, task, ab = t.groups()
+                name = f"model.layers.{i}.{_TASK_PROJ[proj]}.loras.{task}.{ab}.{kind}"
+                if proj == "attention.wqkv" and ab == "B":  # rows in wqkv's kv-group layout -> q | k | v
+                    return SplitKey((name,), lambda t: (torch.cat(split_wqkv(t, cfg)),))
+                return name
             return key
         m = _TOP.match(key)
         if m and m.group(1) in _TOP_RENAMES:
@@ -103,6 +115,11 @@ def upstream_name(name: str) -> str | None:
             return f"model.layers.{i}.attention.wqkv.{kind}"
         if stem == _QKV_LORA_B:
             return f"model.layers.{i}.attention.wqkv.Plora_B.{kind}"
+        t = _TASK_OURS.match(stem)
+        if t:
+            proj, task, ab = t.groups()
+            up = next(k for k, v in _TASK_PROJ.items() if v == proj)
+            return f"model.layers.{i}.{up}.lora_{task}_{ab}.{kind}"
         return f"model.layers.{i}.{_OURS_LAYER.get(stem, stem)}.{kind}"
     m = _TOP.match(name)
     if m and m.group(1) in _OURS_TOP:
@@ -127,7 +144,9 @@ def to_internlm2_state_dict(sd: dict, cfg: InternLMConfig, prefix: str = "") -> 
                 parts = [items[f"{base}.{p}_proj.{kind}"] for p in "qkv"]
                 out[key] = pack_wqkv(*(p.detach() for p in parts), cfg)
             continue
-        if m and m.group(2) == _QKV_LORA_B:  # q | k | v rows back into wqkv's layout
+        t_m = _TASK_OURS.match(m.group(2)) if m else None
+        if m and (m.group(2) == _QKV_LORA_B or (t_m and t_m.group(1) == "self_attn.qkv_task" and t_m.group(3) == "B")):
+            # q | k | v rows back into wqkv's layout
             q_rows, kv_rows = cfg.num_attention_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
             t = pack_wqkv(*t.detach().split([q_rows, kv_rows, kv_rows]), cfg)
         out[upstream_name(name)] = t

@@ -162,9 +162,93 @@ def text_until_stop(tokenizer, chunks: Iterable[list[int]], stops: set[int]) -> 
         yield tail
 
 
+def normalize_history(history) -> list[tuple]:
+    """Upstream's (query, response) pairs, or ours (query, response, [image references]) triples."""
+    if history is None:
+        return []
+    if not isinstance(history, (list, tuple)):
+        raise TypeError(f"history must be a list of (query, response) pairs, got {type(history).__name__}")
+    out = []
+    for i, turn in enumerate(history):
+        ok = isinstance(turn, (list, tuple)) and len(turn) in (2, 3) and all(isinstance(s, str) for s in turn[:2])
+        if ok and len(turn) == 3:
+            ok = isinstance(turn[2], (list, tuple)) and all(isinstance(s, str) for s in turn[2])
+        if not ok:
+            raise ValueError(f"history[{i}] must be a (query, response) pair or a (query, response, [image "
+                             f"references]) triple of strings, got {turn!r}")
+        q, r = check_text(turn[0], f"history[{i}] query"), check_text(turn[1], f"history[{i}] response")
+        out.append((q, r, list(turn[2])) if len(turn) == 3 else (q, r))
+    return out
+
+
+@dataclass
+class PlacedPrompt:
+    texts: list[str]  # each turn's query as the prompt shows it (history turns, then the new query)
+    images: list  # every image of the prompt, in prompt order (references or items)
+    turn_images: list[list]  # per turn (history, then new) the images it holds
+    front: bool  # upstream's lone-image rule: the image goes before the whole prompt
+
+
+def place_images(past: Sequence[tuple], query: str, given: Sequence, *, label, front_rule: bool = True,
+                 ref=None) -> PlacedPrompt:
+    """Which image goes where. History triples bring their own images; a history pair with k
+    `<ImageHere>` takes the next k given images (upstream: all images are passed every turn); the
+    new query takes the rest. A turn with images but no placeholder gets `label(first, n)` in front
+    of its text, except (with `front_rule`, XComposer2.5) upstream's lone-image case: one image in
+    all and no placeholder anywhere, which `front` marks. Given images that begin with exactly the
+    images the history triples store (compared by `ref`, the stored reference of an item) are those
+    again, passed the upstream way, and are not added a second time."""
+    given = list(given)
+    stored = [im for turn in past if len(turn) == 3 for im in turn[2]]
+    if stored and ref is not None and len(given) >= len(stored):
+        try:
+            again = [ref(g) for g in given[:len(stored)]] == stored
+        except (TypeError, ValueError, OSError):
+            again = False
+        if again:
+            given = given[len(stored):]
+    texts, turn_images = [], []
+    for i, turn in enumerate(past):
+        q = turn[0]
+        n = q.count(IMAGE_PLACEHOLDER)
+        if len(turn) == 3 and turn[2]:
+            imgs = list(turn[2])
+            if n not in (0, len(imgs)):
+                raise ValueError(f"history[{i}] has {n} {IMAGE_PLACEHOLDER} but {len(imgs)} stored images")
+        else:
+            if n > len(given):
+                raise ValueError(f"history[{i}] has {n} {IMAGE_PLACEHOLDER} placeholder(s) but only {len(given)} "
+                                 f"image(s) are left to fill them: pass the images of earlier turns again (upstream's "
+                                 f"way) or pass the history chat() returned, which keeps them")
+            imgs, given = given[:n], given[n:]
+        texts.append(q)
+        turn_images.append(imgs)
+    n = query.count(IMAGE_PLACEHOLDER)
+    if n and n != len(given):
+        raise ValueError(f"the query has {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(given)} image(s) were "
+                         f"given for it: write one {IMAGE_PLACEHOLDER} per image, or none")
+    texts.append(query)
+    turn_images.append(given)
+    total = sum(len(t) for t in turn_images)
+    front = front_rule and total == 1 and not any(IMAGE_PLACEHOLDER in t for t in texts)
+    if not front:
+        first = 0
+        for k, (t, imgs) in enumerate(zip(texts, turn_images)):
+            if imgs and IMAGE_PLACEHOLDER not in t:
+                texts[k] = label(first, len(imgs)) + t
+            first += len(imgs)
+    images = [im for t in turn_images for im in t]
+    return PlacedPrompt(texts, images, turn_images, front)
+
+
+def multi_image_label(first: int, n: int) -> str:
+    """Upstream's multi-image layout: `Image1 <ImageHere>; Image2 <ImageHere>; ` (its README examples)."""
+    return "".join(f"Image{first + k + 1} {IMAGE_PLACEHOLDER}; " for k in range(n))
+
+
 def segments_length(segs: Sequence[Segment], tokens_per_image: int) -> int:
     return sum(tokens_per_image if isinstance(s, ImageSlot) else len(s) for s in segs)
 
 
-__all__ = ["IMAGE_PLACEHOLDER", "ChatStream", "text_until_stop", "USER_TAG", "BOT_TAG", "ImageSlot", "user_turn", "bot_turn", "check_history",
+__all__ = ["normalize_history", "PlacedPrompt", "place_images", "multi_image_label", "IMAGE_PLACEHOLDER", "ChatStream", "text_until_stop", "USER_TAG", "BOT_TAG", "ImageSlot", "user_turn", "bot_turn", "check_history",
            "turn_segments", "reply_segment", "prompt_segments", "segments_length"]

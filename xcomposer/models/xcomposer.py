@@ -29,7 +29,7 @@ from torch import nn
 
 from projector.sampler import PerceiveSampler, SamplerConfig, sampler_key_map, sampler_to_checkpoint
 from vision.eva import EvaConfig, VisionTower, vision_key_map, vision_to_checkpoint
-from vision.image import IMAGE_SIZE, ImageError, load_image, preprocess, to_data_uri
+from vision.image import IMAGE_SIZE, ImageError, load_image, preprocess, to_data_uri, unnormalize
 
 from ..llm.checkpoint import CheckpointError, LoRAMerge, checkpoint_folder, load_checkpoint_into, remote_code_defines
 from ..llm.config import InternLMConfig
@@ -262,15 +262,18 @@ class XComposer(nn.Module):
             sharding.require_gpus(num_gpus)
             device = "cuda:0"
         folder, cfg_file = checkpoint_folder(path_or_hub_id, "XComposer")
-        from .xcomposer2 import XComposer2, is_xcomposer2_config
+        from .xcomposer2 import XComposer2, checkpoint_generation, is_xcomposer2_config
         try:
             raw = json.loads(Path(cfg_file).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             raw = {}
-        if isinstance(raw, dict) and is_xcomposer2_config(raw):  # one loader for both generations
+        if isinstance(raw, dict) and is_xcomposer2_config(raw):  # one loader for every generation
             if num_gpus != 1 or variant is not None:
                 raise ValueError("num_gpus > 1 and variant= apply to XComposer 1.0 checkpoints; this folder is "
                                  "an InternLM-XComposer2 checkpoint (load it on one device)")
+            if checkpoint_generation(folder) == "2.5":
+                from .xcomposer2d5 import XComposer2d5
+                return XComposer2d5.from_pretrained(folder, device=device, dtype=dtype, fuse=fuse, quantization=quant)
             return XComposer2.from_pretrained(folder, device=device, dtype=dtype, fuse=fuse, quantization=quant)
         cfg = XComposerConfig.from_json(cfg_file)
         if not (folder / "tokenizer.model").is_file():
@@ -599,12 +602,7 @@ def _bicubic():
     return Image.Resampling.BICUBIC
 
 
-def _unnormalize(pixels: torch.Tensor) -> torch.Tensor:
-    """Normalized (3, H, W) CLIP pixels back to a [0, 1] image tensor."""
-    from vision.image import CLIP_MEAN, CLIP_STD
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(CLIP_STD, dtype=torch.float32)[:, None, None]
-    return (pixels.detach().float().cpu() * std + mean).clamp(0, 1)
+_unnormalize = unnormalize
 
 
 __all__ = ["XComposer", "XComposerConfig", "ChatStream", "GEN_DEFAULTS", "VARIANTS", "XCOMPOSER_META_INSTRUCTION",

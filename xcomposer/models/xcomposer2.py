@@ -30,9 +30,9 @@ from torch import nn
 
 from projector.mlp import VisionProjector
 from vision.clip import ClipTower
-from vision.image import ImageError, load_image, preprocess
+from vision.image import ImageError, load_image, preprocess, to_data_uri, unnormalize
 
-from ..llm.checkpoint import CheckpointError, SplitKey, checkpoint_folder, load_checkpoint_into
+from ..llm.checkpoint import CheckpointError, SplitKey, _read_index, _shard_keys, checkpoint_folder, load_checkpoint_into
 from ..llm.config import InternLM2Config
 from ..llm.decoder import InternLMForCausalLM
 from ..llm.generation import GenerationConfig, PromptTooLongError, generate, stream_generate
@@ -41,7 +41,7 @@ from ..llm.quant import (checkpoint_quantization, planned_quantization, prepare_
                          quantized_target, resolve_quantization)
 from ..llm.internlm2 import checkpoint_key_map as internlm2_key_map, upstream_name as internlm2_upstream_name
 from ..llm.tokenizer import InternLMTokenizer, check_text, load_tokenizer
-from .vl_prompt import IMAGE_PLACEHOLDER, ChatStream, text_until_stop
+from .vl_prompt import IMAGE_PLACEHOLDER, ChatStream, normalize_history, place_images, text_until_stop
 
 ARCHITECTURE = "InternLMXComposer2ForCausalLM"
 IM_START, IM_END = "[UNUSED_TOKEN_146]", "[UNUSED_TOKEN_145]"
@@ -92,6 +92,43 @@ def is_xcomposer2_config(d: dict[str, Any]) -> bool:
     """Whether a config.json dict describes an InternLM-XComposer2 checkpoint (`model_type` varies
     across its revisions; `architectures` does not)."""
     return ARCHITECTURE in (d.get("architectures") or [])
+
+
+
+def checkpoint_tensor_names(folder: Path) -> list[str]:
+    shards, weight_map, _ = _read_index(Path(folder))
+    if weight_map is not None:
+        return list(weight_map)
+    return [k for s in shards for k in _shard_keys(s)]
+
+
+def _tensor_shape(folder: Path, key: str) -> tuple[int, ...] | None:
+    shards, weight_map, _ = _read_index(Path(folder))
+    paths = [Path(folder) / weight_map[key]] if weight_map and key in weight_map else shards
+    for p in paths:
+        if p.suffix == ".safetensors":
+            import safetensors
+            with safetensors.safe_open(str(p), framework="pt") as f:
+                if key in f.keys():
+                    return tuple(f.get_slice(key).get_shape())
+        else:
+            sd = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+            if key in sd:
+                return tuple(sd[key].shape)
+    return None
+
+
+def checkpoint_generation(folder: Path) -> str:
+    """"2.5", "4khd" or "2" for an InternLMXComposer2ForCausalLM folder: the high-resolution models
+    hold `plora_glb_GN`; 4KHD's remote code tiles with `HD_transform`, 2.5's with `Image_transform`
+    (how LMDeploy told them apart)."""
+    if "plora_glb_GN" not in set(checkpoint_tensor_names(folder)):
+        return "2"
+    utils = Path(folder) / "ixc_utils.py"
+    text = utils.read_text(encoding="utf-8", errors="replace") if utils.is_file() else ""
+    if "def HD_transform" in text and "def Image_transform" not in text:
+        return "4khd"
+    return "2.5"
 
 
 @dataclass
@@ -257,8 +294,17 @@ class XComposer2(nn.Module):
         """
         quant = resolve_quantization(**quantization)
         folder, cfg_file = checkpoint_folder(path_or_hub_id, "XComposer2")
+        if cls is XComposer2:  # one architecture name, three generations: the weights tell them apart
+            generation = checkpoint_generation(folder)
+            if generation == "2.5":
+                raise CheckpointError(f"{folder} is an InternLM-XComposer2.5 checkpoint: load it with "
+                                      f"xcomposer.XComposer.from_pretrained (any generation) or "
+                                      f"xcomposer.XComposer2d5.from_pretrained")
+            if generation == "4khd":
+                raise CheckpointError(f"{folder} is InternLM-XComposer2-4KHD (336-px HD_transform tiling), which is "
+                                      f"not supported yet; internlm-xcomposer2d5-7b and internlm-xcomposer2-vl-7b are")
         packed = checkpoint_quantization(folder, quant)  # a GPTQ / AWQ folder: its own 4-bit tensors
-        cfg = XComposer2Config.from_json(cfg_file)
+        cfg = cls._read_config(folder, cfg_file)
         if not (folder / "tokenizer.model").is_file():
             raise CheckpointError(f"{folder / 'tokenizer.model'} not found: the checkpoint folder must hold the "
                                   f"sentencepiece tokenizer.model shipped with the weights")
@@ -293,9 +339,15 @@ class XComposer2(nn.Module):
                                       f"prompt needs it; use the checkpoint's own tokenizer.model")
         model.source = Path(folder)
         model.memory_report = report
-        print(f"XComposer2 {Path(folder).name}: {cfg.img_size} px, {cfg.tokens_per_image} tokens per image",
-              file=sys.stderr)
+        print(f"{Path(folder).name}: {model._loaded_note()}", file=sys.stderr)
         return model.eval()
+
+    @classmethod
+    def _read_config(cls, folder: Path, cfg_file: Path) -> XComposer2Config:
+        return XComposer2Config.from_json(cfg_file)
+
+    def _loaded_note(self) -> str:
+        return f"XComposer2, {self.config.img_size} px, {self.config.tokens_per_image} tokens per image"
 
     def _finish_loading(self, device: torch.device) -> None:
         """Non-persistent buffers the checkpoint does not hold (CLIP's position ids)."""
@@ -405,16 +457,16 @@ class XComposer2(nn.Module):
         return self._build(query, image, history, meta_instruction)[:3]
 
     def _build(self, query, image, history, meta_instruction):
-        """`build_inputs` plus the query as the history stores it (placeholders included)."""
+        """`build_inputs` plus the history as read and where the images went (`PlacedPrompt`)."""
         tok = self._require_tokenizer()
         query = _check_query(query)
-        history = check_history(history)
+        past = normalize_history(history)
         meta = self.meta_instruction if meta_instruction is None else check_text(meta_instruction, "meta_instruction")
-        images = self._image_tokens(image)
-        text = format_prompt(query, history, meta)
-        if images and IMAGE_PLACEHOLDER not in text:
-            query = IMAGE_PLACEHOLDER * len(images) + query
-            text = format_prompt(query, history, meta)
+        given = [] if image is None else (list(image) if isinstance(image, (list, tuple)) else [image])
+        placed = place_images(past, query, given, label=lambda first, n: IMAGE_PLACEHOLDER * n, front_rule=False,
+                              ref=self.reference)
+        images = self._image_tokens(placed.images) if placed.images else []
+        text = format_prompt(placed.texts[-1], list(zip(placed.texts[:-1], [t[1] for t in past])), meta)
         parts = prompt_parts(tok, text, len(images))
         emb = self.llm.model.embed_tokens
         embeds, mask, ids = [], [], []
@@ -432,7 +484,33 @@ class XComposer2(nn.Module):
                 f"the prompt is {x.shape[0]} tokens ({self.config.tokens_per_image} per image) but the context "
                 f"window (config.json max_length) is {self.llm.context_window}: shorten the history or send "
                 f"fewer images")
-        return x, m, ids, query
+        return x, m, ids, past, placed
+
+    def prepare_chat(self, query: str, image=None, history=None, meta_instruction: str | None = None):
+        """For an engine that generates elsewhere: the turn's (embeddings, image mask, text ids), and a
+        function of the reply giving the history `chat` would return."""
+        x, m, ids, past, placed = self._build(query, image, history, meta_instruction)
+        return (x, m, ids), lambda reply: self._history_after(past, placed, reply)
+
+    def reference(self, item) -> str:
+        """What the returned history stores for an image: an absolute path, or a data URI (a PNG of
+        the picture as given; a pixel tensor un-normalized)."""
+        if isinstance(item, torch.Tensor):
+            return to_data_uri(unnormalize(item[0]))
+        if isinstance(item, (str, os.PathLike)):
+            s = os.fsdecode(os.fspath(item))
+            return s if s.startswith("data:") else str(Path(s).expanduser().absolute())
+        return to_data_uri(item)
+
+    def _history_after(self, past, placed, reply: str) -> list[tuple]:
+        """The history `chat` returns: past turns (those that took given images now keep them) and
+        the new turn, as (query, response) or, with images, (query, response, [references])."""
+        out = []
+        for turn, imgs in zip(past, placed.turn_images[:-1]):
+            out.append((turn[0], turn[1], [self.reference(i) for i in imgs]) if imgs else (turn[0], turn[1]))
+        new, q = placed.turn_images[-1], placed.texts[-1]
+        out.append((q, reply, [self.reference(i) for i in new]) if new else (q, reply))
+        return out
 
     def _answer(self, tokens: list[int]) -> str:
         tok = self._require_tokenizer()
@@ -463,14 +541,21 @@ class XComposer2(nn.Module):
         args, kwargs = self._upstream_args(args, kwargs)
         return self._chat(*args, **kwargs)
 
-    @torch.inference_mode()
+    def _turn(self, text, image, history, meta_instruction, options: dict[str, Any], stream: bool):
+        """What a chat turn generates from: (embeddings, image mask, text ids, the history read, where
+        the images went, the GenerationConfig, extra generate() arguments)."""
+        cfg = self.gen_config({**STREAM_DEFAULTS, **options} if stream else options)
+        with torch.inference_mode():
+            x, m, ids, past, placed = self._build(text, image, history, meta_instruction)
+        return x, m, ids, past, placed, cfg, {}
+
     def _chat(self, text: str, image=None, history=None, meta_instruction: str | None = None,
               **options: Any) -> tuple[str, list[tuple[str, str]]]:
-        cfg = self.gen_config(options)
-        x, m, ids, query = self._build(text, image, history, meta_instruction)
-        out = generate(self.llm, inputs_embeds=[x], image_mask=[m], penalty_ids=[ids], config=cfg)
+        x, m, ids, past, placed, cfg, extra = self._turn(text, image, history, meta_instruction, options, False)
+        with torch.inference_mode():
+            out = generate(self.llm, inputs_embeds=[x], image_mask=[m], penalty_ids=[ids], config=cfg, **extra)
         reply = self._answer(out.tokens[0])
-        return reply, check_history(history) + [(query, reply)]
+        return reply, self._history_after(past, placed, reply)
 
     def stream_chat(self, *args, **kwargs) -> ChatStream:
         """Like `chat`, as text pieces; afterwards `stream.reply` and `stream.history` are set."""
@@ -479,20 +564,17 @@ class XComposer2(nn.Module):
 
     def _stream_chat(self, text: str, image=None, history=None, meta_instruction: str | None = None,
                      **options: Any) -> ChatStream:
-        cfg = self.gen_config({**STREAM_DEFAULTS, **options})
-        with torch.inference_mode():
-            x, m, ids, query = self._build(text, image, history, meta_instruction)
-        past = check_history(history)
+        x, m, ids, past, placed, cfg, extra = self._turn(text, image, history, meta_instruction, options, True)
         tok = self._require_tokenizer()
         stops = set(cfg.stop_ids)
 
         def pieces() -> Iterator[str]:
             reply = ""
-            chunks = stream_generate(self.llm, inputs_embeds=x, image_mask=m, penalty_ids=ids, config=cfg)
+            chunks = stream_generate(self.llm, inputs_embeds=x, image_mask=m, penalty_ids=ids, config=cfg, **extra)
             for new in text_until_stop(tok, chunks, stops):
                 reply += new
                 yield new
-            stream.reply, stream.history = reply, past + [(query, reply)]
+            stream.reply, stream.history = reply, self._history_after(past, placed, reply)
 
         stream = ChatStream(pieces())
         return stream
@@ -581,6 +663,6 @@ class XComposer2(nn.Module):
                        seed=seed, select=select, on_text=on_text, progress=progress, **gen)
 
 
-__all__ = ["XComposer2", "XComposer2Config", "ChatStream", "GEN_DEFAULTS", "XCOMPOSER2_META_INSTRUCTION",
+__all__ = ["XComposer2", "checkpoint_generation", "XComposer2Config", "ChatStream", "GEN_DEFAULTS", "XCOMPOSER2_META_INSTRUCTION",
            "ARCHITECTURE", "IM_START", "IM_END", "PLORA_RANK", "is_xcomposer2_config", "format_prompt",
            "prompt_parts", "check_history", "xcomposer2_vl_7b_config", "composition_stop_ids"]

@@ -339,10 +339,15 @@ class DemoApp:
         model, cfg = self.model, self.served.config(options)
         if self.xcomposer2:
             pairs = [tuple(t) for t in history]
-            prompt = Prompt(build=lambda: model.build_inputs(query, refs or None, pairs))
+            turn: dict[str, Any] = {}
 
-            def new_history(reply: str) -> list:
-                return [list(t) for t in pairs] + [[query, reply]]
+            def build():
+                inputs, turn["finish"] = model.prepare_chat(query, refs or None, pairs)
+                return inputs
+            prompt = Prompt(build=build)
+
+            def new_history(reply: str) -> list:  # as chat() returns it: turns with images keep them
+                return [list(t) for t in turn["finish"](reply)]
         elif self.vision:
             turns, fresh, _ = model._prepare(query, refs or None, history, {})
             prompt = Prompt(build=lambda: model.build_prompt(turns, cfg, fresh)[0])
