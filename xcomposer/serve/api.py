@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..llm.generation import GenerationConfig
 from ..engine.grammar import GrammarError
 from .engine import Engine, EngineClosedError, Event, Prompt, PromptTooLong, QueueFullError, decoder_of
+from ..engine.request import UnknownTaskLoRA
 from .media import MediaPolicy
 from .metrics import Metrics
 from .prompts import PromptError, ServedModel
@@ -209,7 +210,8 @@ def create_app(state: ServerState) -> FastAPI:
             messages = parse_messages(req, state.media)
             if tools.active:
                 return [served.tool_prompt(messages, tools.functions, tools.reply_prefix)] * len(_per_choice(cfg, sampling))
-            return [served.chat_prompt(messages, c) for c in _per_choice(cfg, sampling)]
+            return [served.chat_prompt(messages, c, hd_num=req.hd_num, infer_mode=req.infer_mode)
+                    for c in _per_choice(cfg, sampling)]
 
         def grammar():  # compiling a schema takes milliseconds to seconds: off the event loop too
             if tools.active and tools.choice != "auto" and served.tool_format:
@@ -316,6 +318,9 @@ async def _run(request: Request, engine: Engine, served: ServedModel, prompts, c
     except PromptTooLong as e:
         _cancel(reqs)
         raise bad(str(e), "messages" if chat else "prompt") from e
+    except UnknownTaskLoRA as e:
+        _cancel(reqs)
+        raise bad(str(e), "infer_mode") from e
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     try:
@@ -485,7 +490,8 @@ def serve(args) -> int:
     env_key = os.environ.get("XCOMPOSER_API_KEY")
     api_key = args.api_key or ([env_key] if env_key else None)
     media = MediaPolicy(allowed_local_path=Path(args.allowed_local_media_path) if args.allowed_local_media_path
-                        else None, allow_fetch=args.allow_fetch, max_image_bytes=args.max_image_bytes)
+                        else None, allow_fetch=args.allow_fetch, max_image_bytes=args.max_image_bytes,
+                        max_video_bytes=args.max_video_bytes)
     state = ServerState(api_key=api_key, media=media, max_body_bytes=args.max_body_bytes)
     app = create_app(state)
 

@@ -55,6 +55,8 @@ def add_serve_arguments(p) -> None:
                    help="allow image_url file paths under DIR (default: none)")
     p.add_argument("--allow-fetch", action="store_true", help="allow http(s) image URLs (public addresses only)")
     p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES)
+    p.add_argument("--max-video-bytes", type=int, default=64 * 1024 * 1024,
+                   help="largest video a video_url part may send (XComposer2.5)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     p.add_argument("--device", default=None, help="torch device (default cuda when available)")
     p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32")

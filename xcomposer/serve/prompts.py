@@ -24,6 +24,8 @@ from ..llm.internlm import InternLM
 from ..models.vl_prompt import IMAGE_PLACEHOLDER, bot_turn
 from ..models.xcomposer import XComposer
 from ..models.xcomposer2 import XComposer2
+from ..models.vl_prompt import multi_image_label, place_images
+from ..models.xcomposer2d5 import INFER_MODES, XComposer2d5, check_hd_num, is_video_ref
 from .engine import Prompt
 
 
@@ -58,6 +60,7 @@ class ServedModel:
         self.tokenizer = model.tokenizer
         self.vision = isinstance(model, XComposer)
         self.xcomposer2 = isinstance(model, XComposer2)  # chatml with a system turn, images with a LoRA mask
+        self.xcomposer2d5 = isinstance(model, XComposer2d5)  # high-resolution tiling, video, task LoRAs
         # a system message becomes the template's system turn (meta_instruction) where there is one:
         # internlm-chat-7b's 2023-12 template and InternLM2's chatml; not the July 2023 one, nor XComposer's
         self.has_system_turn = self.xcomposer2 or (
@@ -113,7 +116,18 @@ class ServedModel:
                                          reply_prefix)
         return Prompt(ids=tok.encode(text, add_bos=True))
 
-    def chat_prompt(self, messages: Sequence[Message], cfg: GenerationConfig) -> Prompt:
+    def chat_prompt(self, messages: Sequence[Message], cfg: GenerationConfig, *, hd_num: int | None = None,
+                    infer_mode: str | None = None) -> Prompt:
+        """`hd_num` / `infer_mode`: XComposer2.5's chat() options (request fields of those names)."""
+        if not self.xcomposer2d5:
+            for name, value in (("hd_num", hd_num), ("infer_mode", infer_mode)):
+                if value is not None:
+                    raise PromptError(f"{name} applies to InternLM-XComposer2.5 checkpoints; model {self.name!r} is "
+                                      f"not one: leave {name} out", name)
+            for i, m in enumerate(messages):
+                if any(is_video_ref(r) for r in m.images):
+                    raise PromptError(f"model {self.name!r} takes no video: video_url parts need an "
+                                      f"InternLM-XComposer2.5 checkpoint", f"messages[{i}].content")
         if any(m.role == "tool" or m.tool_calls for m in messages):  # a tool conversation without tools now
             return self.tool_prompt(messages, None)
         system = None
@@ -135,6 +149,8 @@ class ServedModel:
                 messages = [Message(first.role, joined(first.text), first.images,
                                     None if first.layout is None else joined(first.layout))] + list(messages[1:])
                 system = None
+        if self.xcomposer2d5:
+            return self._xcomposer2d5_prompt(messages, system, hd_num, infer_mode or "base")
         if self.xcomposer2:
             return self._xcomposer2_prompt(messages, cfg, system)
         if not self.vision:
@@ -181,6 +197,33 @@ class ServedModel:
             raise PromptError(f"the messages hold {len(images)} image(s) but {placeholders} {IMAGE_PLACEHOLDER} "
                               f"place(s): send each image as an image part of a user message", "messages")
         return Prompt(build=lambda: model.build_inputs(query, images or None, history, system))
+
+    def _xcomposer2d5_prompt(self, messages: Sequence[Message], system: str | None, hd_num: int | None,
+                             infer_mode: str) -> Prompt:
+        """XComposer2.5.chat()'s prompt: each user message's text as written (an image part's place
+        among the text parts is not used: upstream's rules put a lone image before the prompt and
+        label several `Image1 <ImageHere>; ...`; `<ImageHere>` written in the text places them), its
+        images kept with its turn; a system message becomes the system turn (use_meta)."""
+        past = []
+        for k in range(0, len(messages) - 1, 2):
+            user, bot = messages[k], messages[k + 1]
+            past.append((user.text, bot.text, list(user.images)) if user.images else (user.text, bot.text))
+        last = messages[-1]
+        if not last.text.strip() and not last.images:
+            raise PromptError("the last user message is empty: send a question", f"messages[{len(messages) - 1}]"
+                                                                               ".content")
+        model = self.model
+        try:  # the cheap checks now (placeholders, hd_num), with a 400; images are encoded when admitted
+            model._check_loras(INFER_MODES[infer_mode])
+            if hd_num is not None:
+                check_hd_num(hd_num)
+            place_images(past, last.text, list(last.images), label=multi_image_label)
+        except ValueError as e:
+            raise PromptError(str(e), "infer_mode" if "infer_mode" in str(e) else "messages") from e
+        meta = {"use_meta": True, "meta_instruction": system} if system is not None else {}
+        return Prompt(build=lambda: model.prepare_chat(last.text, list(last.images) or None, past, hd_num=hd_num,
+                                                       **meta)[0],
+                      task_loras=INFER_MODES[infer_mode])
 
     def completion_prompt(self, text: str, cfg: GenerationConfig) -> Prompt:
         if self.xcomposer2:  # a complete prompt string: text only, its ids as the tokenizer gives them

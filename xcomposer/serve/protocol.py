@@ -201,9 +201,12 @@ def parse_messages(req: ChatCompletionRequest | dict[str, Any], media: MediaPoli
                 continue
             p = f"messages[{i}].content[{j}]"
             try:
-                parts.append(("image", media.resolve(part.image_url.url)))
+                if part.type == "video_url":  # a video takes an image's place: its frames become one picture
+                    parts.append(("image", media.resolve_video(part.video_url.url)))
+                else:
+                    parts.append(("image", media.resolve(part.image_url.url)))
             except MediaError as e:
-                raise bad(f"{p}.image_url: {e}", f"{p}.image_url", status=e.status) from e
+                raise bad(f"{p}.{part.type}: {e}", f"{p}.{part.type}", status=e.status) from e
         text, layout = layout_text(parts)
         out.append(Message(m.role, text, [v for k, v in parts if k == "image"], layout, tool_calls=calls))
     turns = [m for m in out if m.role != "system"]

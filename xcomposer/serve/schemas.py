@@ -72,30 +72,34 @@ class ImageURL(_Model):
 
 
 class ContentPart(_Model):
-    """{"type": "text", "text": str} or {"type": "image_url", "image_url": {"url": str} or str}."""
+    """{"type": "text", "text": str}, {"type": "image_url", "image_url": {"url": str} or str}, or
+    {"type": "video_url", "video_url": {"url": str} or str} (LMDeploy's name; XComposer2.5)."""
     model_config = ConfigDict(strict=True, extra="allow")
     type: str
     text: Any = None
     image_url: Any = None
+    video_url: Any = None
 
     @model_validator(mode="after")
     def _shape(self):
         if self.type == "text":
-            if not isinstance(self.text, str) or "image_url" in self.model_fields_set or self.model_extra:
+            if not isinstance(self.text, str) or {"image_url", "video_url"} & self.model_fields_set or self.model_extra:
                 raise fail("{where} must be {'type': 'text', 'text': str}")
-        elif self.type == "image_url":
-            iu = self.image_url
+        elif self.type in ("image_url", "video_url"):
+            field = self.type
+            iu = getattr(self, field)
             if isinstance(iu, str):
-                self.image_url = ImageURL(url=iu)
+                setattr(self, field, ImageURL(url=iu))
             elif isinstance(iu, dict):
                 try:
-                    self.image_url = ImageURL.model_validate(iu)
+                    setattr(self, field, ImageURL.model_validate(iu))
                 except ValidationError:
-                    raise fail("{where}.image_url must be {'url': str}", ".image_url") from None
+                    raise fail(f"{{where}}.{field} must be {{'url': str}}", f".{field}") from None
             else:
-                raise fail("{where}.image_url must be {'url': str}", ".image_url")
+                raise fail(f"{{where}}.{field} must be {{'url': str}}", f".{field}")
         else:
-            raise fail(f"{{where}}.type {self.type!r} is not supported: use 'text' or 'image_url'", ".type")
+            raise fail(f"{{where}}.type {self.type!r} is not supported: use 'text', 'image_url' or 'video_url'",
+                       ".type")
         return self
 
 
@@ -178,8 +182,8 @@ class ChatMessage(_Model):
             raise fail("{where}.content is missing", ".content")
         if self.role != "user":
             for j, part in enumerate(self.content or []):
-                if part.type == "image_url":
-                    raise fail(f"{{where}}.content[{j}]: only user messages carry images", f".content[{j}]")
+                if part.type in ("image_url", "video_url"):
+                    raise fail(f"{{where}}.content[{j}]: only user messages carry images and videos", f".content[{j}]")
         return self
 
 
@@ -332,6 +336,16 @@ class ChatCompletionRequest(_Request):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # XComposer2.5 (upstream chat()'s words): the most 560-px crops per image, and the task LoRAs
+    hd_num: Int(1, 100) = None
+    infer_mode: str | None = None
+
+    @field_validator("infer_mode")
+    @classmethod
+    def _mode(cls, v):
+        if v is not None and v not in ("base", "web", "write"):
+            raise fail(f"infer_mode {v!r} is unknown: use 'base' (chat), 'web' (web pages) or 'write' (articles)")
+        return v
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -416,7 +430,7 @@ _SHAPES = [  # (location pattern, message, param): an error at or under the loca
     (r"response_format\.json_schema\.strict", "{0} must be true or false", None),
     (r"messages", "messages must be a non-empty list of {role, content} objects", None),
     (r"messages\[\d+\]", "{0} must be an object with role and content", None),
-    (r"messages\[\d+\]\.content\[\d+\]", "{0} must be an object with a type ('text' or 'image_url')", None),
+    (r"messages\[\d+\]\.content\[\d+\]", "{0} must be an object with a type ('text', 'image_url' or 'video_url')", None),
     (r"messages\[\d+\]\.tool_calls", "{0} must be a list of tool calls", None),
     (r"messages\[\d+\]\.tool_calls\[\d+\]", "{0} must be {id, type: 'function', function: {name, arguments}}", None),
     (r"prompt", "prompt must be a string, a list of strings, a list of token ids or a list of such lists", None),
