@@ -8,6 +8,7 @@ InternLM folder: chat and questions about documents).
     python web_demo.py --demo-text                                        # the text-only page, tiny model
     python web_demo.py --demo                                             # tiny random model, any machine
     python web_demo.py --demo-xcomposer2                                  # the same with a tiny XComposer2
+    python web_demo.py --demo-xcomposer2d5                                # ... a tiny XComposer2.5 (web pages too)
 
 The server listens on 127.0.0.1 unless `--host` says otherwise (use `--host 0.0.0.0` to expose it
 on purpose). Articles and uploads are written under `--out`, one folder per browser session.
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(its output is noise)")
     p.add_argument("--demo-xcomposer2", action="store_true",
                    help="--demo with a tiny random XComposer2 (its composition takes an instruction and your images)")
+    p.add_argument("--demo-xcomposer2d5", action="store_true",
+                   help="--demo with a tiny random XComposer2.5 (high-resolution images, video, web pages)")
     return p
 
 
@@ -153,10 +156,12 @@ def demo_setup(args: argparse.Namespace):
     """A tiny random model (XComposer 1.0, or XComposer2 with --demo-xcomposer2) and the demo
     library, cached in a temporary folder."""
     from xcomposer import XComposer
-    from xcomposer.demo import build_demo_library, build_demo_model, build_demo_model2
+    from xcomposer.demo import build_demo_library, build_demo_model, build_demo_model2, build_demo_model2d5
 
     cache = Path(tempfile.gettempdir()) / "xcomposer-web-demo"
-    if args.demo_xcomposer2:
+    if args.demo_xcomposer2d5:
+        model = XComposer.from_pretrained(build_demo_model2d5(cache / "model2d5"))
+    elif args.demo_xcomposer2:
         model = XComposer.from_pretrained(build_demo_model2(cache / "model2"))
     else:
         model = XComposer.from_pretrained(build_demo_model(cache / "model"))
@@ -181,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                       max_batch_size=args.max_batch_size, chat_defaults={"max_new_tokens": 48})
         launch(app, host=args.host, port=args.port)
         return 0
-    if args.demo or args.demo_xcomposer2:
+    if args.demo or args.demo_xcomposer2 or args.demo_xcomposer2d5:
         model, library = demo_setup(args)
         app = DemoApp(model, library, args.out, banner=DEMO_BANNER, max_concurrency=args.max_concurrency,
                       max_batch_size=args.max_batch_size, compose_defaults=dict(max_new_tokens=200, num_beams=1, num_images=3),

@@ -127,6 +127,16 @@ def build_demo_model(folder: str | Path, seed: int = 0) -> Path:
     return write_tiny_xcomposer(folder, seed=seed)
 
 
+def build_demo_model2d5(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny random internlm-xcomposer2d5 checkpoint in the upstream layout (written once, reused)."""
+    from .tiny import write_tiny_xcomposer2d5
+
+    folder = Path(folder)
+    if (folder / "config.json").is_file() and (folder / "tokenizer.model").is_file():
+        return folder
+    return write_tiny_xcomposer2d5(folder, seed=seed, max_position_embeddings=8192)
+
+
 def build_demo_model2(folder: str | Path, seed: int = 0) -> Path:
     """A tiny random internlm-xcomposer2 checkpoint in the upstream layout (written once, reused)."""
     from .tiny import write_tiny_xcomposer2

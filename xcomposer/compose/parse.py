@@ -96,13 +96,20 @@ def parse_spotting(text: str, n_paragraphs: int, n_wanted: int | None) -> tuple[
     return sorted(found), None
 
 
-def parse_caption(text: str) -> tuple[str, str | None]:
+def parse_caption(text: str, last_quote: bool = False) -> tuple[str, str | None]:
     """The caption: the answer up to its closing quote (or a special token), whitespace collapsed,
-    at most MAX_CAPTION characters. Empty -> ("", reason): use `fallback_caption`."""
+    at most MAX_CAPTION characters. `last_quote` (XComposer2.5's demo: `'"'.join(text.split('"')[:-1])`):
+    up to the last `"` instead of the first, so quotes inside the caption stay. Empty -> ("", reason):
+    use `fallback_caption`."""
     raw = text or ""
     body = raw.lstrip().lstrip(_OPEN_QUOTES)  # the prompt opened the quote; a model may open it again
     special = _SPECIAL.search(body)
-    cut = min([i for i in (body.find(q) for q in _CLOSE_QUOTES) if i >= 0] + [special.start() if special else len(body)])
+    if last_quote:
+        end = special.start() if special else len(body)
+        cut = max(body.rfind('"', 0, end), 0)  # no quote: nothing (upstream's join of no parts)
+    else:
+        cut = min([i for i in (body.find(q) for q in _CLOSE_QUOTES) if i >= 0]
+                  + [special.start() if special else len(body)])
     caption = " ".join(body[:cut].split())[:MAX_CAPTION].strip()
     if not caption:
         return "", f"empty caption in the answer {_clip(raw)}"

@@ -108,7 +108,7 @@ class Composer:
             raise ValueError(f"seed={seed!r} must be a whole number, or None")
         refs = self._references(images)
         timings: dict[str, float] = {}
-        v2 = self.style.name == "xcomposer2"
+        v2 = self.style.name in ("xcomposer2", "xcomposer2d5")
         meta = {"style": self.style.name, "num_images": num_images, "model": str(getattr(self.model, "source", "")),
                 "timings": timings, "seed": seed}
         if v2:
@@ -236,7 +236,8 @@ class Composer:
                  before: list[tuple[int, str]]) -> tuple[str, str]:
         prompt = self.style.caption("".join(sections[:pos + 2]), before, pos, self._meta(article))
         try:
-            caption, why = parse_caption(self.model.complete(prompt, **self._opts("caption", article)))
+            caption, why = parse_caption(self.model.complete(prompt, **self._opts("caption", article)),
+                                         last_quote=getattr(self.style, "caption_quote", "first") == "last")
         except PromptTooLongError as e:
             caption, why = "", f"prompt too long ({e})"
         if why or not caption:

@@ -241,10 +241,43 @@ class XComposer2Style:
         return self.turn(request, meta)
 
 
+# InternLM-XComposer's gradio_demo/gradio_demo_composition.py (the 2.5 demo at the repository root):
+# the caption step's system text and its one-shot example (`caption_meta_instruction`,
+# `text2instruction_caption`), the UI's defaults (1 image, seed 1234, up to 8192 tokens)
+CAPTION25_META = "请严格按照示例的<input> <output>格式，根据给定的文章，给出适合在某一段后插入的图像对应的标题。"
+CAPTION25_EXAMPLE = (
+    '<input>\n给定文章"<Seg0> 大多数的车友们在选车、购车时都会格外关注续航\n<Seg1> 甚至还有要求电动滑板车跑一百公里的\n'
+    '<Seg2> 但这真的是你所需要的吗?\n<Seg3> 据报告，一线城市上班族通勤半径均在10公里以内\n'
+    '<Seg4> 所以大多数通勤出行RND的续航完全可以满足\n<Seg5> 可能会有人说，续航短导致一天一充或两充很麻烦\n" '
+    '给出适合在<Seg4>后插入的图像对应的标题。</input>\n<output>\n标题是"一个人正站在充电桩前给电动滑板车充电，面容看上去有些疲惫"'
+    '</output>\n'
+)
+ARTICLE25_GEN = dict(_SAMPLE2, max_new_tokens=8192)
+SEED25 = 1234
+
+
+class XComposer2d5Style(XComposer2Style):
+    """internlm-xcomposer2d5-7b's composition: XComposer2's steps and prompts, every step with the write
+    LoRAs (the model's `composition_task_loras`), the caption step as a one-shot `<input>/<output>`
+    turn under its own system text, the caption read up to the last quote, up to 8192 tokens."""
+
+    name = "xcomposer2d5"
+    gen = {**XComposer2Style.gen, "article": ARTICLE25_GEN}
+    caption_quote = "last"
+
+    def caption(self, sections: str, before: list[tuple[int, str]], pos: int, meta: bool = False) -> str:
+        past = past_captions(ZH, before)
+        inst = f'给定文章"{sections}" {past}给出适合在<Seg{pos}>后插入的图像对应的标题。'
+        return (f"{IM_START}system\n{CAPTION25_META}{IM_END}\n{IM_START}user\n{CAPTION25_EXAMPLE}<input>\n{inst}"
+                f"</input><output>{IM_END}\n{IM_START}assistant\n标题是\"")
+
+
 def style_for(model: Any, lang: str = "zh"):
     """The prompt style of `model`'s generation, from its `composition_style` attribute ("xcomposer2"
-    on XComposer2; XComposer 1.0 otherwise)."""
+    on XComposer2, "xcomposer2d5" on XComposer2.5; XComposer 1.0 otherwise)."""
     style = getattr(model, "composition_style", "xcomposer")
+    if style == "xcomposer2d5":
+        return XComposer2d5Style(lang)
     if style == "xcomposer2":
         return XComposer2Style(lang)
     return XComposerStyle(lang, model.tokenizer.eoh)
@@ -253,4 +286,5 @@ def style_for(model: Any, lang: str = "zh"):
 __all__ = ["Prompts", "ZH", "EN", "PROMPTS", "LETTERS", "prompts_for", "past_captions", "ARTICLE_GEN",
            "SPOTTING_GEN", "CAPTION_GEN", "SELECT_GEN", "EDIT_KINDS", "EDIT_NEEDS_INSTRUCTION", "EDITS_ZH", "EDITS_EN",
            "edit_request", "XComposerStyle", "XComposer2Style", "XCOMPOSER2_COMPOSE_META", "ARTICLE2_GEN",
-           "SPOTTING2_GEN", "CAPTION2_GEN", "SELECT2_GEN", "EDIT2_GEN", "SEED2", "style_for"]
+           "SPOTTING2_GEN", "CAPTION2_GEN", "SELECT2_GEN", "EDIT2_GEN", "SEED2", "style_for", "XComposer2d5Style",
+           "CAPTION25_META", "CAPTION25_EXAMPLE", "ARTICLE25_GEN", "SEED25"]

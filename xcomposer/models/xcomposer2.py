@@ -239,6 +239,7 @@ class XComposer2(nn.Module):
     decoder with Partial LoRA; upstream's `model.*` and `output`)."""
 
     composition_style = "xcomposer2"  # compose.prompts.style_for: upstream XComposer2's composition prompts
+    composition_task_loras: tuple[str, ...] = ()  # task LoRAs of complete() / stream_complete() (2.5: write)
 
     def __init__(self, config: XComposer2Config):
         super().__init__()
@@ -639,13 +640,14 @@ class XComposer2(nn.Module):
         """Continue a complete prompt string (see `raw_prompt`); the text up to the first stop token."""
         x, m, pen, cfg = self._completion(prompt, image, options)
         out = generate(self.llm, inputs_embeds=[x], image_mask=[m], penalty_ids=None if pen is None else [pen],
-                       config=cfg)
+                       config=cfg, task_loras=self.composition_task_loras)
         return self._cut(out.tokens[0], cfg)
 
     def stream_complete(self, prompt: str, image=None, **options: Any) -> Iterator[str]:
         """`complete`, as text pieces while they are generated (whole characters only)."""
         x, m, pen, cfg = self._completion(prompt, image, options)
-        chunks = stream_generate(self.llm, inputs_embeds=x, image_mask=m, penalty_ids=pen, config=cfg)
+        chunks = stream_generate(self.llm, inputs_embeds=x, image_mask=m, penalty_ids=pen, config=cfg,
+                                 task_loras=self.composition_task_loras)
         return text_until_stop(self._require_tokenizer(), chunks, set(cfg.stop_ids))
 
     def _cut(self, tokens: list[int], cfg: GenerationConfig) -> str:

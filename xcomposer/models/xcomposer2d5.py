@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from projector.mlp import VisionProjector
-from vision.image import CLIP_MEAN, CLIP_STD, ImageError, load_image
+from vision.image import ImageError, load_image
 
 from ..llm.checkpoint import CheckpointError
 from ..llm.generation import GenerationConfig, PromptTooLongError, generate, stream_generate
@@ -222,6 +222,33 @@ def chat_prompt(texts: Sequence[str], replies: Sequence[str], meta_instruction: 
     return prompt + f"{IM_START}user\n{texts[-1]}{IM_END}\n{IM_START}assistant\n"
 
 
+def composition_tile(img):
+    """The 2.5 composition demo's `R560_HD18_Identity_transform`: as the chat tiling (portrait images
+    transposed, the largest `scale` with scale * ceil(scale / ratio) <= 18), then scale =
+    min(ceil(width * 1.5 / 560), scale) (its random draw is between two equal bounds), width
+    scale * 560, and the height padded with white to a multiple of 560 *centred* (half above, the rest
+    below), not at the bottom as the chat tiling does."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+    width, height = img.size
+    trans = width < height
+    if trans:
+        img = img.transpose(Image.Transpose.TRANSPOSE)
+        width, height = img.size
+    ratio = width / height
+    scale = 1
+    while scale * math.ceil(scale / ratio) <= 18:
+        scale += 1
+    scale = min(math.ceil(width * 1.5 / CROP), scale - 1)
+    new_w = int(scale * CROP)
+    new_h = max(int(new_w / ratio), 1)
+    img = TF.resize(img, [new_h, new_w])
+    target = math.ceil(new_h / CROP) * CROP
+    top = (target - new_h) // 2
+    img = TF.pad(img, [0, top, 0, target - new_h - top], fill=[255, 255, 255])
+    return img.transpose(Image.Transpose.TRANSPOSE) if trans else img
+
+
 def fix_image_urls(html: str) -> str:
     """Upstream's web functions point retired `source.unsplash.com/random/WxH/?q` images at
     `picsum.photos/W/H` (its `image_type = 'random'`)."""
@@ -236,6 +263,8 @@ class XComposer2d5(XComposer2):
     """XComposer2 plus `plora_glb_GN` / `plora_sub_GN`, a 4096-wide `vision_proj` and the task LoRAs."""
 
     composition_style = "xcomposer2d5"
+    # upstream's 2.5 composition demo runs every step with infer_mode='write'
+    composition_task_loras = INFER_MODES["write"]
 
     def __init__(self, config: XComposer2d5Config):
         super().__init__(config)
@@ -309,14 +338,21 @@ class XComposer2d5(XComposer2):
         assert tokens.shape[0] == hd_tokens(cols, rows, g)
         return self.vision_proj(tokens).to(self.dtype)
 
-    def _pixels(self, picture) -> torch.Tensor:
-        import numpy as np
-        a = torch.from_numpy(np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
-        mean = torch.tensor(CLIP_MEAN)[:, None, None]
-        std = torch.tensor(CLIP_STD)[:, None, None]
-        return ((a - mean) / std)[None]
+    def _image_tokens(self, image) -> list[torch.Tensor]:
+        """Image tokens of the composition prompts (`complete` / `raw_prompt`): each picture tiled as
+        upstream's 2.5 composition demo does (`composition_tile`), then encoded like a chat image."""
+        if image is None:
+            return []
+        items = list(image) if isinstance(image, (list, tuple)) else [image]
+        return self._visual_tokens(items, "compose", lambda item, _: composition_tile(load_image(item)))
 
-    def _visual_tokens(self, items: Sequence, hd_num: int) -> list[torch.Tensor]:
+    def _pixels(self, picture) -> torch.Tensor:
+        return _hd().hd_pixels(picture, None)  # already tiled: CLIP's normalization only
+
+    def _visual_tokens(self, items: Sequence, hd_num, tiler=None) -> list[torch.Tensor]:
+        """(tokens, hidden) per item (`tiler(item, hd_num)` -> its tiled picture; `tile` by default),
+        cached by reference and tiling."""
+        tiler = tiler or self.tile
         out = []
         for k, item in enumerate(items):
             if isinstance(item, torch.Tensor):
@@ -328,9 +364,9 @@ class XComposer2d5(XComposer2):
                 out.append(self._image_cache[key])
                 continue
             try:
-                picture = self.tile(item, hd_num)
-            except (ImageError, ValueError) as e:
-                if len(items) > 1 and isinstance(e, ImageError):
+                picture = tiler(item, hd_num)
+            except ImageError as e:
+                if len(items) > 1:
                     raise ImageError(e.reason, source=e.source, index=k, total=len(items)) from e
                 raise
             emb = self.encode_tiled(self._pixels(picture))

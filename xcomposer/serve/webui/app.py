@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-
 from vision.image import ImageError, load_image, to_data_uri
 
 from ...compose.article import Article, safe_folder_name
+from ...models.xcomposer2d5 import VIDEO_EXTENSIONS
 
 log = logging.getLogger("xcomposer.serve.webui")
 
@@ -55,6 +55,12 @@ XCOMPOSER2_CHAT_DEFAULTS = dict(max_new_tokens=1024, num_beams=1, repetition_pen
 # repetition penalty 1.005, up to 4096 tokens, one beam, seed 8909, no meta instruction
 XCOMPOSER2_COMPOSE_DEFAULTS = dict(max_new_tokens=4096, num_beams=1, repetition_penalty=1.005, do_sample=True,
                                    num_images=6, seed=8909, with_meta=False)
+# XComposer2.5 (gradio_demo/gradio_demo_composition.py at the repository root): 1 image, sampling with
+# repetition penalty 1.005, up to 8192 tokens, one beam, seed 1234, no meta instruction
+XCOMPOSER2D5_COMPOSE_DEFAULTS = dict(XCOMPOSER2_COMPOSE_DEFAULTS, max_new_tokens=8192, num_images=1, seed=1234)
+# XComposer2.5's web-page functions (write_webpage, resume_2_webpage, screen_2_webpage)
+WEBPAGE_DEFAULTS = dict(max_new_tokens=4800, num_beams=2, repetition_penalty=3.0, do_sample=True, seed=None)
+MAX_WEBPAGE_CHARS = 20000  # an instruction, or a resume in markdown
 MAX_TITLE_CHARS = 500
 MAX_INSTRUCTION_CHARS = 8000  # XComposer2: an instruction may carry its material
 MAX_REFERENCES = 10           # upstream's cap on reference images
@@ -129,14 +135,17 @@ class DemoApp:
         self.vision = hasattr(model, "encode_image")
         # XComposer2 chats about images (upstream's (query, response) history) and composes with its own prompts
         from ...models.xcomposer2 import XComposer2
+        from ...models.xcomposer2d5 import XComposer2d5
         self.xcomposer2 = isinstance(model, XComposer2)
+        self.xcomposer2d5 = isinstance(model, XComposer2d5)  # also writes web pages
         self.out_root = Path(out_root).resolve()
         self.out_root.mkdir(parents=True, exist_ok=True)
         self.banner = banner
         self.max_concurrency = max_concurrency
         self.library = library
-        self.compose_defaults = {**(XCOMPOSER2_COMPOSE_DEFAULTS if self.xcomposer2 else COMPOSE_DEFAULTS),
-                                 **(compose_defaults or {})}
+        own_compose = (XCOMPOSER2D5_COMPOSE_DEFAULTS if self.xcomposer2d5 else XCOMPOSER2_COMPOSE_DEFAULTS
+                       if self.xcomposer2 else COMPOSE_DEFAULTS)
+        self.compose_defaults = {**own_compose, **(compose_defaults or {})}
         own = XCOMPOSER2_CHAT_DEFAULTS if self.xcomposer2 else CHAT_DEFAULTS if self.vision else TEXT_CHAT_DEFAULTS
         self.chat_defaults = {**own, **(chat_defaults or {})}
         self.lock = threading.Lock()
@@ -207,6 +216,15 @@ class DemoApp:
         folder = session_dir(self.out_root, session_hash) / "uploads"
         pictures = []
         for i, p in enumerate(paths):
+            which = f"file {i + 1} of {len(paths)}" if len(paths) > 1 else "the file"
+            if self.xcomposer2d5 and str(p).lower().endswith(VIDEO_EXTENSIONS):  # 2.5 reads videos
+                from vision.hd import VideoError, load_video
+                try:
+                    load_video(p, max_frames=1)  # the container and its first frame decode
+                except (VideoError, ValueError) as e:
+                    raise UserError(f"{which} ({Path(p).name}) cannot be used as a video: {e}") from e
+                pictures.append(Path(p))
+                continue
             try:
                 pictures.append(load_image(p))
             except ImageError as e:
@@ -215,8 +233,12 @@ class DemoApp:
         folder.mkdir(parents=True, exist_ok=True)
         stored = []
         for picture in pictures:
-            dest = folder / f"{uuid.uuid4().hex}.png"
-            picture.save(dest)
+            if isinstance(picture, Path):  # a video: kept as sent, under a name of our own
+                dest = folder / f"{uuid.uuid4().hex}{picture.suffix.lower()}"
+                shutil.copyfile(picture, dest)
+            else:
+                dest = folder / f"{uuid.uuid4().hex}.png"
+                picture.save(dest)
             stored.append(str(dest))
         return stored, paths
 
@@ -236,7 +258,8 @@ class DemoApp:
         query = text if model_text is None else model_text
         images = list(state.images)
         if self.xcomposer2:  # each image where it was sent (at the question's start), all images passed again
-            if refs and "<ImageHere>" not in query:
+            # (2.5 places them by its own rules: a lone image before the prompt, several labelled Image1 ...)
+            if refs and "<ImageHere>" not in query and not self.xcomposer2d5:
                 query = "<ImageHere>" * len(refs) + query
             images += refs
 
@@ -450,6 +473,33 @@ class DemoApp:
         download = private / zip_file.name
         shutil.copy2(zip_file, download)
         return ComposeSession(article=article, folder=folder, zip_path=str(download))
+
+    def web_page(self, kind: str, text: str, refs: list[str], options: dict[str, Any],
+                 session_hash: str | None) -> tuple[str, str]:
+        """XComposer2.5's web page of `kind` ("instruction", "resume" or "screenshot") -> (the HTML, a
+        private copy to download). The page is saved atomically in the session's folder first."""
+        from ...models.xcomposer2d5 import WEB_TASKS, save_html
+        if not self.xcomposer2d5:
+            raise UserError("web pages need an InternLM-XComposer2.5 checkpoint (internlm/internlm-xcomposer2d5-7b)")
+        if kind not in WEB_TASKS:
+            raise UserError(f"unknown page kind {kind!r}: choose instruction, resume or screenshot")
+        text = (text or "").strip()
+        if kind != "screenshot" and not text:
+            raise UserError("type an instruction (or paste a resume in markdown) first")
+        if len(text) > MAX_WEBPAGE_CHARS:
+            raise UserError(f"the text is {len(text):,} characters; keep it under {MAX_WEBPAGE_CHARS:,}")
+        if kind == "screenshot" and not refs:
+            raise UserError("upload a screenshot of the page to rebuild")
+        model = self.model
+        run = {"instruction": lambda: model.write_webpage(text, refs or None, **options),
+               "resume": lambda: model.resume_2_webpage(text, refs or None, **options),
+               "screenshot": lambda: model.screen_2_webpage("", refs[:1], **options)}[kind]
+        html = self.call_locked(run)
+        folder = session_dir(self.out_root, session_hash) / "pages"
+        saved = save_html(html, folder / f"{WEB_TASKS[kind].replace(' ', '_')}-{uuid.uuid4().hex[:8]}.html")
+        private = Path(tempfile.mkdtemp(dir=self.download_root)) / saved.name
+        shutil.copy2(saved, private)
+        return html, str(private)
 
     def candidates_view(self, article: Article | None, paragraph: int | None) -> list[tuple[Any, str]]:
         """Gallery items of a slot's candidates: library images by path (the library is served), others

@@ -10,6 +10,7 @@ from .app import CSS, DemoApp
 from .chat_tab import chat_tab
 from .compose_tab import compose_tab
 from .documents_tab import documents_tab
+from .webpage_tab import webpage_tab
 
 TEXT_ONLY_NOTE = ("This model reads text only: chat with it, or ask about your documents. Writing illustrated "
                   "articles and questions about images need an InternLM-XComposer checkpoint (`--folder "
@@ -25,7 +26,9 @@ def build_app(app: DemoApp):
         if app.banner:
             gr.Markdown(app.banner, elem_id="demo-banner")
         if app.vision:
-            gr.Markdown("# InternLM-XComposer2\nWrite illustrated articles from an instruction (with your own "
+            gr.Markdown("# InternLM-XComposer2.5\nWrite illustrated articles and web pages, or chat about images "
+                        "and videos." if app.xcomposer2d5 else
+                        "# InternLM-XComposer2\nWrite illustrated articles from an instruction (with your own "
                         "images if you like), or chat about images." if app.xcomposer2 else
                         "# InternLM-XComposer\nWrite illustrated articles from a title, or chat about images.")
         else:
@@ -34,6 +37,8 @@ def build_app(app: DemoApp):
             if app.vision:
                 compose_tab(app, model_job)  # each generation's own composition prompts
                 chat_tab(app, chat_job)
+                if app.xcomposer2d5:
+                    webpage_tab(app, model_job)
             else:
                 chat_tab(app, chat_job)
                 documents_tab(app, chat_job)

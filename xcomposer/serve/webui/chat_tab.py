@@ -16,8 +16,10 @@ def chat_tab(app: DemoApp, model_job: dict) -> None:
         chat_state = gr.State(ChatSession())
         chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chatbot")
         chat_error = gr.Markdown("", elem_id="chat-error")
-        chat_in = gr.MultimodalTextbox(file_types=["image"], file_count="multiple",
-                                       placeholder="Upload images and ask a question" if app.vision
+        chat_in = gr.MultimodalTextbox(file_types=["image", "video"] if app.xcomposer2d5 else ["image"],
+                                       file_count="multiple",
+                                       placeholder="Upload images or a video and ask a question" if app.xcomposer2d5
+                                       else "Upload images and ask a question" if app.vision
                                        else "Ask a question",
                                        elem_id="chat-input", show_label=False)
         with gr.Row():
