@@ -405,3 +405,16 @@ def test_bad_input_is_named_and_the_model_keeps_answering(model, tmp_path):
     reply, _ = model.chat("x", image=[thin], **GREEDY)
     assert isinstance(reply, str)
     assert isinstance(model.chat("still here?", **GREEDY)[0], str)
+
+
+def test_prompt_length_is_known_before_encoding(model, tmp_path):
+    a, b = _picture(11, (1200, 700)), _picture(12, (300, 900))
+    for args in (dict(query="one", image=[a]), dict(query="two", image=[a, b], hd_num=9),
+                 dict(query="text only"), dict(query="<ImageHere> x", image=[b], use_meta=True)):
+        counted, per_image = model.prompt_length(**args)
+        x, m, _ = model.build_inputs(**args)
+        assert counted == x.shape[0] and sum(per_image) == int(m.sum())
+    _, hist = model.chat("first", image=[a], **GREEDY)
+    counted, _ = model.prompt_length("second", history=hist)
+    assert counted == model.build_inputs("second", history=hist)[0].shape[0]
+    assert model.prompt_length("v", image=[str(_video(tmp_path / "v.mp4"))]) is None  # a video: known once decoded

@@ -99,3 +99,13 @@ def test_other_models_refuse_the_2_5_fields_and_video(tmp_path):
             served.chat_prompt([Message("user", "hi")], cfg, **kw)
     with pytest.raises(PromptError, match="takes no video"):
         served.chat_prompt([Message("user", "hi", ["data:video/mp4;base64,AAAA"])], cfg)
+
+
+def test_a_prompt_over_the_budget_is_refused_before_encoding(model):
+    served = ServedModel(model, "xc25")
+    cfg = served.config(GREEDY)
+    big = _png_uri(7, (2400, 1600))  # hd_num 24: 5 x 4 crops, (20 + 1) * 400 + 1 + 5 * 20 tokens
+    with pytest.raises(PromptError, match=r"tokens \(images: 8,501\)"):
+        served.chat_prompt([Message("user", "Describe", [big])], cfg, budget=4096)
+    small = served.chat_prompt([Message("user", "Describe", [big])], cfg, hd_num=4, budget=4096)
+    assert 0 < small.length < 4096

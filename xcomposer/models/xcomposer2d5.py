@@ -429,7 +429,8 @@ class XComposer2d5(XComposer2):
                 f"images or frames, or shorten the history")
         return x, m, ids
 
-    def _build25(self, query, image, history, meta_instruction, use_meta, hd_num, max_length=CHAT_MAX_LENGTH):
+    def _plan25(self, query, image, history, meta_instruction, use_meta, hd_num):
+        """The prompt text (placeholders in), where the images go, the history read, the hd_num used."""
         query = _check_query(query)
         past = normalize_history(history)
         given = [] if image is None else (list(image) if isinstance(image, (list, tuple)) else [image])
@@ -444,9 +445,33 @@ class XComposer2d5(XComposer2):
             prompt = IMAGE_PLACEHOLDER + prompt
         if len(placed.images) > 1:
             hd_num = MULTI_IMAGE_HD_NUM
+        return prompt, placed, past, hd_num
+
+    def _build25(self, query, image, history, meta_instruction, use_meta, hd_num, max_length=CHAT_MAX_LENGTH):
+        prompt, placed, past, hd_num = self._plan25(query, image, history, meta_instruction, use_meta, hd_num)
         with torch.inference_mode():
             x, m, ids = self._embed_prompt(prompt, placed.images, hd_num, max_length)
         return x, m, ids, past, placed
+
+    def prompt_length(self, query: str, image=None, history=None, meta_instruction: str | None = None, *,
+                      use_meta: bool = False, hd_num: int | None = None) -> tuple[int, list[int]] | None:
+        """(tokens of the prompt `chat` would build, tokens of each image) from the text and the
+        pictures' sizes, without encoding anything; None when a video is among the images (its
+        composite's size is known only once its frames are decoded). For budgets before prefill."""
+        prompt, placed, _, hd_num = self._plan25(query, image, history, meta_instruction, use_meta, hd_num)
+        hd, tok = _hd(), self._require_tokenizer()
+        per_image = []
+        for item in placed.images:
+            if isinstance(item, Video) or is_video_ref(item):
+                return None
+            if isinstance(item, torch.Tensor):
+                cols, rows = hd.grid_of(item)
+            else:
+                cols, rows = hd.hd_grid(*load_image(item).size, hd_num)
+            per_image.append(hd_tokens(cols, rows, self.config.patch_grid))
+        parts = prompt.split(IMAGE_PLACEHOLDER)
+        text = sum(len(tok.encode(part, add_bos=(k == 0))) for k, part in enumerate(parts) if k == 0 or part)
+        return text + sum(per_image), per_image
 
     def build_inputs(self, query: str, image=None, history=None, meta_instruction: str | None = None,
                      use_meta: bool = False, hd_num: int | None = None):

@@ -210,8 +210,8 @@ def create_app(state: ServerState) -> FastAPI:
             messages = parse_messages(req, state.media)
             if tools.active:
                 return [served.tool_prompt(messages, tools.functions, tools.reply_prefix)] * len(_per_choice(cfg, sampling))
-            return [served.chat_prompt(messages, c, hd_num=req.hd_num, infer_mode=req.infer_mode)
-                    for c in _per_choice(cfg, sampling)]
+            return [served.chat_prompt(messages, c, hd_num=req.hd_num, infer_mode=req.infer_mode,
+                                       budget=engine.session_len) for c in _per_choice(cfg, sampling)]
 
         def grammar():  # compiling a schema takes milliseconds to seconds: off the event loop too
             if tools.active and tools.choice != "auto" and served.tool_format:

@@ -117,8 +117,10 @@ class ServedModel:
         return Prompt(ids=tok.encode(text, add_bos=True))
 
     def chat_prompt(self, messages: Sequence[Message], cfg: GenerationConfig, *, hd_num: int | None = None,
-                    infer_mode: str | None = None) -> Prompt:
-        """`hd_num` / `infer_mode`: XComposer2.5's chat() options (request fields of those names)."""
+                    infer_mode: str | None = None, budget: int | None = None) -> Prompt:
+        """`hd_num` / `infer_mode`: XComposer2.5's chat() options (request fields of those names).
+        `budget`: the tokens a sequence holds (the engine's session_len): an XComposer2.5 prompt whose
+        images make it longer is refused here, with each image's share, before anything is encoded."""
         if not self.xcomposer2d5:
             for name, value in (("hd_num", hd_num), ("infer_mode", infer_mode)):
                 if value is not None:
@@ -150,7 +152,7 @@ class ServedModel:
                                     None if first.layout is None else joined(first.layout))] + list(messages[1:])
                 system = None
         if self.xcomposer2d5:
-            return self._xcomposer2d5_prompt(messages, system, hd_num, infer_mode or "base")
+            return self._xcomposer2d5_prompt(messages, system, hd_num, infer_mode or "base", budget)
         if self.xcomposer2:
             return self._xcomposer2_prompt(messages, cfg, system)
         if not self.vision:
@@ -199,7 +201,7 @@ class ServedModel:
         return Prompt(build=lambda: model.build_inputs(query, images or None, history, system))
 
     def _xcomposer2d5_prompt(self, messages: Sequence[Message], system: str | None, hd_num: int | None,
-                             infer_mode: str) -> Prompt:
+                             infer_mode: str, budget: int | None = None) -> Prompt:
         """XComposer2.5.chat()'s prompt: each user message's text as written (an image part's place
         among the text parts is not used: upstream's rules put a lone image before the prompt and
         label several `Image1 <ImageHere>; ...`; `<ImageHere>` written in the text places them), its
@@ -221,9 +223,16 @@ class ServedModel:
         except ValueError as e:
             raise PromptError(str(e), "infer_mode" if "infer_mode" in str(e) else "messages") from e
         meta = {"use_meta": True, "meta_instruction": system} if system is not None else {}
+        counted = model.prompt_length(last.text, list(last.images) or None, past, hd_num=hd_num, **meta)
+        if counted is not None and budget is not None and counted[0] >= budget:
+            total, per_image = counted
+            shares = ", ".join(f"{n:,}" for n in per_image) or "none"
+            raise PromptError(f"the prompt is {total:,} tokens (images: {shares}) but a sequence holds {budget:,} "
+                              f"(prompt plus reply; --session-len): lower hd_num (each 560-px crop is 400 tokens), "
+                              f"send fewer or smaller images, or shorten the conversation", "messages")
         return Prompt(build=lambda: model.prepare_chat(last.text, list(last.images) or None, past, hd_num=hd_num,
                                                        **meta)[0],
-                      task_loras=INFER_MODES[infer_mode])
+                      length=0 if counted is None else counted[0], task_loras=INFER_MODES[infer_mode])
 
     def completion_prompt(self, text: str, cfg: GenerationConfig) -> Prompt:
         if self.xcomposer2:  # a complete prompt string: text only, its ids as the tokenizer gives them
