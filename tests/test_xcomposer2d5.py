@@ -418,3 +418,17 @@ def test_prompt_length_is_known_before_encoding(model, tmp_path):
     counted, _ = model.prompt_length("second", history=hist)
     assert counted == model.build_inputs("second", history=hist)[0].shape[0]
     assert model.prompt_length("v", image=[str(_video(tmp_path / "v.mp4"))]) is None  # a video: known once decoded
+
+
+def test_webpage_cli_writes_the_page(ckpt, model, tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "site" / "page.html"
+    r = subprocess.run([sys.executable, "-m", "xcomposer", "webpage", "A page for a lab", "--folder", str(ckpt),
+                        "--out", str(out), "--max-new-tokens", "5", "--seed", "4", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert out.read_text(encoding="utf-8") == model.write_webpage("A page for a lab", max_new_tokens=5, seed=4)
+    bad = subprocess.run([sys.executable, "-m", "xcomposer", "webpage", "x", "--folder", str(ckpt), "--out",
+                          str(tmp_path / "page.txt")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "name an .html file" in bad.stderr

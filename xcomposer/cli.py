@@ -40,6 +40,7 @@ def _build_parser() -> argparse.ArgumentParser:
     groups = parser.add_subparsers(title="commands", metavar="COMMAND")
     add_library_commands(groups)
     add_compose_commands(groups)
+    add_webpage_commands(groups)
     add_serve_commands(groups)
     add_quantize_commands(groups)
     add_finetune_commands(groups)
@@ -331,6 +332,60 @@ def _compose(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     placed = sum(1 for s in article.slots if s.chosen is not None)
     print(f"wrote {out}: {len(article.paragraphs)} paragraphs, {placed} images", file=sys.stderr)
+    return 0
+
+
+# --- webpage (XComposer2.5) -----------------------------------------------------------------------
+
+def add_webpage_commands(groups: argparse._SubParsersAction) -> None:
+    w = groups.add_parser("webpage", help="write a web page (HTML) with XComposer2.5",
+                          description="Upstream XComposer2.5's write_webpage (from an instruction), resume_2_webpage "
+                                      "(--resume FILE.md) or screen_2_webpage (--screenshot IMAGE), with its web LoRA "
+                                      "and settings (2 beams, sampling, repetition penalty 3.0, up to 4800 tokens). "
+                                      "The page is written atomically to --out.")
+    w.add_argument("instruction", nargs="?", default="",
+                   help="what the page should be (not used with --resume or --screenshot)")
+    w.add_argument("--folder", required=True, help="internlm-xcomposer2d5-7b checkpoint folder or hub id")
+    w.add_argument("--out", required=True, metavar="FILE.html", help="where to write the page")
+    src = w.add_mutually_exclusive_group()
+    src.add_argument("--resume", metavar="FILE.md", help="a resume in markdown: a personal page from it")
+    src.add_argument("--screenshot", metavar="IMAGE", help="a screenshot of a page: its HTML (Tailwind CSS)")
+    w.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="an image the instruction refers to (repeat)")
+    w.add_argument("--seed", type=int, default=None, help="seed of the sampling (reproducible pages)")
+    w.add_argument("--max-new-tokens", type=int, default=None, help="page length in tokens (default 4800)")
+    w.add_argument("--num-beams", type=int, default=None, help="beams (default 2)")
+    w.add_argument("--device", default=None, help="torch device (default cuda when available)")
+    w.add_argument("--dtype", default=None, help="float16, bfloat16 or float32")
+    w.set_defaults(func=_webpage)
+
+
+def _webpage(args: argparse.Namespace) -> int:
+    import torch
+
+    from .models.xcomposer import XComposer
+    from .models.xcomposer2d5 import XComposer2d5, save_html
+
+    if not (args.instruction.strip() or args.resume or args.screenshot):
+        raise ValueError("give an instruction, --resume FILE.md or --screenshot IMAGE")
+    if not str(args.out).lower().endswith((".html", ".htm")):
+        raise ValueError(f"--out {args.out}: name an .html file")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = XComposer.from_pretrained(args.folder, device=device, dtype=args.dtype)
+    if not isinstance(model, XComposer2d5):
+        raise ValueError(f"{args.folder} is not an InternLM-XComposer2.5 checkpoint: web pages need "
+                         f"internlm/internlm-xcomposer2d5-7b")
+    gen = {k: v for k, v in dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams).items()
+           if v is not None}
+    seed = -1 if args.seed is None else args.seed
+    if args.screenshot:
+        page = model.screen_2_webpage(image=[args.screenshot], seed=seed, **gen)
+    elif args.resume:
+        page = model.resume_2_webpage(args.resume, args.image or None, seed=seed, **gen)
+    else:
+        page = model.write_webpage(args.instruction, args.image or None, seed=seed, **gen)
+    out = save_html(page, args.out)
+    print(f"wrote {out} ({len(page):,} characters)", file=sys.stderr)
     return 0
 
 
