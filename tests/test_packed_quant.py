@@ -680,3 +680,26 @@ def test_cuda_int4_kernel_equals_reference_and_keeps_one_copy(tmp_path, src2, me
     for key, t in stored.items():
         if key in sd:
             assert torch.equal(sd[key].cpu(), t.cpu())
+
+
+def test_xcomposer2d5_awq_folder_keeps_its_loras_in_16_bit(tmp_path):
+    """internlm-xcomposer2d5-7b-4bit (LMDeploy `lite auto_awq` on the 2.5 decoder): the base linears
+    packed, Partial LoRA and the task LoRAs in 16-bit beside them; logits in web mode equal the
+    dequantized folder's."""
+    from xcomposer.models.xcomposer2d5 import XComposer2d5
+    from xcomposer.tiny import write_tiny_xcomposer2d5
+
+    src = write_tiny_xcomposer2d5(tmp_path / "src", **SHAPE)
+    stored = quantize_folder(src, tmp_path / "q", tmp_path / "ref", method="awq")
+    assert "model.layers.0.attention.wqkv.qweight" in stored
+    assert "model.layers.0.attention.wqkv.lora_web_B.weight" in stored and "plora_glb_GN" in stored
+    qm, ref = XComposer2d5.from_pretrained(tmp_path / "q"), XComposer2d5.from_pretrained(tmp_path / "ref")
+    layer = qm.llm.model.layers[0]
+    assert type(layer.self_attn.q_proj) is AWQLinear
+    assert type(layer.self_attn.qkv_task.loras["web"].A) is nn.Linear
+    x, mask = _xc2_inputs(qm)
+    with torch.no_grad():
+        got = qm.llm(inputs_embeds=x, image_mask=mask, task_loras=("web",))
+        want = ref.llm(inputs_embeds=x, image_mask=mask, task_loras=("web",))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert set(qm.state_dict()) == set(stored)

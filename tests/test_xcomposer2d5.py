@@ -432,3 +432,17 @@ def test_webpage_cli_writes_the_page(ckpt, model, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "xcomposer", "webpage", "x", "--folder", str(ckpt), "--out",
                           str(tmp_path / "page.txt")], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "name an .html file" in bad.stderr
+
+
+def test_memory_planning_knows_the_full_size_model(ckpt):
+    from xcomposer.llm.quant import resolve_quantization
+    from xcomposer.parallel import sharding
+    cfg = x25.xcomposer2d5_7b_config()
+    dense = sharding.memory_report(cfg, 1, torch.float16, batch=1, cache_len=16384, budgets=[40 * 2**30])
+    nf4 = sharding.memory_report(cfg, 1, torch.float16, batch=1, cache_len=16384, budgets=[16 * 2**30],
+                                 quantization=resolve_quantization(quantization="nf4"))
+    assert "plora_glb_GN" in str(dense) and "OVER" not in str(dense) and "OVER" not in str(nf4)
+    # the tiny folder's own config (ranks read from its weights) plans too, as from_pretrained does on a GPU
+    folder_cfg = x25.XComposer2d5Config.from_folder(Path(ckpt), Path(ckpt) / "config.json")
+    assert "OVER" not in str(sharding.memory_report(folder_cfg, 1, torch.float32, batch=1, cache_len=1024,
+                                                    budgets=[4 * 2**30]))

@@ -97,6 +97,8 @@ def _parts(config: AnyConfig) -> tuple[list[_Part], list[_Part], list[_Part]]:
         vision = {id(lin) for _, _, lin in vision_linears(model)} if p else set()
 
         def part(name: str) -> _Part:
+            if isinstance(getattr(model, name, None), nn.Parameter):  # a top-level tensor (XComposer2.5's GN)
+                return _Part(name, getattr(model, name).numel(), (), (), ())
             mod = model.get_submodule(name)
             params = sum(t.numel() for t in mod.parameters())
             bufs = tuple((b.numel(), b.element_size(), b.is_floating_point()) for b in mod.buffers())
