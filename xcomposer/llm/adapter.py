@@ -89,8 +89,10 @@ def _pattern_value(pattern: dict, module: str, default):
     return default
 
 
-def adapter_deltas(path: str | Path, cfg: InternLMConfig) -> dict[str, torch.Tensor]:
-    """Weight deltas scale * B @ A (fp32) keyed by our parameter names (`...q_proj.weight` ...)."""
+def adapter_pairs(path: str | Path, cfg: InternLMConfig) -> list[tuple[int, str, torch.Tensor, torch.Tensor]]:
+    """The adapter's LoRAs, checked against `cfg`: (layer, our module, A (r, in), scale * B (out, r)),
+    fp32; for InternLM2's `wqkv` our module is "self_attn.qkv" and B's rows are already in our
+    q | k | v order."""
     from .internlm2 import split_wqkv
 
     where = f"adapter {str(path)!r}"
@@ -115,11 +117,11 @@ def adapter_deltas(path: str | Path, cfg: InternLMConfig) -> dict[str, torch.Ten
     if not pairs:
         raise AdapterError(f"{where}: no LoRA tensors in the weights file")
     h, kv = cfg.hidden_size, cfg.kv_heads * cfg.head_dim
+    out = []
     out_in = {"self_attn.qkv": (h + 2 * kv, h), "attention.wqkv": (h + 2 * kv, h), "self_attn.q_proj": (h, h),
               "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h), "self_attn.o_proj": (h, h),
               "mlp.gate_proj": (cfg.intermediate_size, h), "mlp.up_proj": (cfg.intermediate_size, h),
               "mlp.down_proj": (h, cfg.intermediate_size)}
-    deltas = {}
     for (layer, module), ab in sorted(pairs.items()):
         name = f"model.layers.{layer}.{module}"
         if set(ab) != {"A", "B"}:
@@ -137,14 +139,74 @@ def adapter_deltas(path: str | Path, cfg: InternLMConfig) -> dict[str, torch.Ten
                                f"{module} maps {want[1]} -> {want[0]}: was it trained on another base model?")
         alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", r))
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        delta = scale * (b @ a)
-        base = f"model.layers.{layer}."
-        if ours == "self_attn.qkv":  # wqkv's kv-group rows -> our q, k, v
-            for part, d in zip("qkv", split_wqkv(delta, cfg)):
+        if ours == "self_attn.qkv":  # wqkv's kv-group rows -> our q | k | v
+            b = torch.cat(split_wqkv(b, cfg))
+        out.append((layer, ours, a, scale * b))
+    return out
+
+
+def adapter_deltas(path: str | Path, cfg: InternLMConfig) -> dict[str, torch.Tensor]:
+    """Weight deltas scale * B @ A (fp32) keyed by our parameter names (`...q_proj.weight` ...)."""
+    h, kv = cfg.hidden_size, cfg.kv_heads * cfg.head_dim
+    deltas = {}
+    for layer, ours, a, b in adapter_pairs(path, cfg):
+        delta, base = b @ a, f"model.layers.{layer}."
+        if ours == "self_attn.qkv":  # rows already q | k | v
+            for part, d in zip("qkv", delta.split([h, kv, kv])):
                 deltas[f"{base}self_attn.{part}_proj.weight"] = d
         else:
             deltas[f"{base}{ours}.weight"] = delta
     return deltas
+
+
+# our module -> the decoder's task-LoRA slot it feeds, and the rows of that slot's output it covers
+_SLOTS = {"self_attn.qkv": ("self_attn", "qkv_task"), "self_attn.q_proj": ("self_attn", "qkv_task"),
+          "self_attn.k_proj": ("self_attn", "qkv_task"), "self_attn.v_proj": ("self_attn", "qkv_task"),
+          "self_attn.o_proj": ("self_attn", "o_task"), "mlp.gate_proj": ("mlp", "gate_task"),
+          "mlp.up_proj": ("mlp", "up_task"), "mlp.down_proj": ("mlp", "down_task")}
+
+
+@torch.no_grad()
+def attach_adapter_(llm, name: str, path: str | Path) -> str:
+    """Hold an adapter beside the weights as the decoder's task LoRA `name` (selected per request:
+    `forward(..., task_loras=(name,))`, the engine's per-row masks), instead of merging it. InternLM
+    v1's separate q / k / v LoRAs become one LoRA on the packed q | k | v output: their A's stacked,
+    their B's block-diagonal, which is the same sum. Returns a note for load_notes."""
+    from .decoder import PartialLoRA, TaskLoRA
+
+    if not name.isidentifier() or name in getattr(llm, "task_lora_names", ()):
+        raise AdapterError(f"adapter name {name!r}: use a new name of letters, digits and underscores "
+                           f"(taken: {list(getattr(llm, 'task_lora_names', ()))})")
+    cfg = llm.config
+    h, kv = cfg.hidden_size, cfg.kv_heads * cfg.head_dim
+    rows = {"self_attn.q_proj": (0, h), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h + kv, kv)}
+    per_slot: dict[tuple[int, str, str], list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+    for layer, ours, a, b in adapter_pairs(path, cfg):
+        parent, slot = _SLOTS[ours]
+        per_slot.setdefault((layer, parent, slot), []).append((ours, a, b))
+    dev, dt = llm.device, llm.dtype
+    for (layer, parent, slot), parts in per_slot.items():
+        owner = getattr(llm.model.layers[layer], parent)
+        out_f = h + 2 * kv if slot == "qkv_task" else parts[0][2].shape[0]
+        in_f = parts[0][1].shape[1]
+        a = torch.cat([p[1] for p in parts])  # (sum r, in)
+        b = torch.zeros(out_f, a.shape[0])
+        col = 0
+        for ours, pa, pb in parts:  # a fused wqkv LoRA covers every row; v1's q/k/v their own block
+            start, n = rows.get(ours, (0, out_f))
+            b[start:start + n, col:col + pa.shape[0]] = pb
+            col += pa.shape[0]
+        task = getattr(owner, slot, None)
+        if task is None:
+            task = TaskLoRA(in_f, out_f, {}, llm.task_state).to(dev, dt)
+            setattr(owner, slot, task)
+        lora = PartialLoRA(in_f, a.shape[0], out_f).to(dev, dt)
+        lora.A.weight.copy_(a)
+        lora.B.weight.copy_(b)
+        lora.requires_grad_(False)
+        task.loras[name] = lora
+    llm.task_lora_names = tuple(llm.task_lora_names) + (name,)
+    return f"LoRA adapter {Path(path).name} held as {name!r} ({len(per_slot)} projections), chosen per request"
 
 
 @torch.no_grad()
@@ -163,5 +225,5 @@ def merge_adapter_(model, path: str | Path) -> str:
             f"{len(deltas)} weights)")
 
 
-__all__ = ["AdapterError", "read_adapter", "adapter_deltas", "merge_adapter_", "module_map", "DEFAULT_TARGETS",
+__all__ = ["AdapterError", "read_adapter", "adapter_pairs", "adapter_deltas", "merge_adapter_", "attach_adapter_", "module_map", "DEFAULT_TARGETS",
            "INTERNLM2_MODULES", "V1_MODULES", "PEFT_PREFIX"]

@@ -158,12 +158,14 @@ def create_app(state: ServerState) -> FastAPI:
         return body
 
     def _check(body: dict[str, Any], chat: bool, served: ServedModel):
+        """(the validated request, the served model it names: the base, or an adapter's view)."""
         req = validate_request(body, chat)  # the schema: unknown fields, types, ranges, shapes
-        model = req.model
-        if model not in (None, served.name):
-            raise APIError(404, f"the model {model!r} does not exist: this server serves {served.name!r} "
-                                f"(GET /v1/models)", param="model", code="model_not_found")
-        return req
+        try:
+            return req, served.for_adapter(req.model)
+        except KeyError:
+            raise APIError(404, f"the model {req.model!r} does not exist: this server serves "
+                                f"{', '.join(map(repr, _served_names(served)))} (GET /v1/models)", param="model",
+                           code="model_not_found") from None
 
     @app.get("/health")
     async def health():
@@ -181,23 +183,24 @@ def create_app(state: ServerState) -> FastAPI:
     async def models(request: Request):
         _auth(request)
         served, engine = state.ready()
-        return {"object": "list", "data": [_model_card(served, engine)]}
+        return {"object": "list", "data": [_model_card(served, engine, name) for name in _served_names(served)]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request):
         _auth(request)
         served, engine = state.ready()
-        if model_id != served.name:
-            raise APIError(404, f"the model {model_id!r} does not exist: this server serves {served.name!r}",
-                           param="model", code="model_not_found")
-        return _model_card(served, engine)
+        if model_id not in _served_names(served):
+            raise APIError(404, f"the model {model_id!r} does not exist: this server serves "
+                                f"{', '.join(map(repr, _served_names(served)))}", param="model",
+                           code="model_not_found")
+        return _model_card(served, engine, model_id)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         _auth(request)
         served, engine = state.ready()
         body = await _body(request)
-        req = _check(body, True, served)
+        req, served = _check(body, True, served)
         tools = parse_tools(req)
         rf = parse_response_format(req)
         if rf.type != "text" and tools.active:
@@ -209,9 +212,11 @@ def create_app(state: ServerState) -> FastAPI:
         def build():  # image fetching and decoding, tokenization: in a worker thread, off the event loop
             messages = parse_messages(req, state.media)
             if tools.active:
-                return [served.tool_prompt(messages, tools.functions, tools.reply_prefix)] * len(_per_choice(cfg, sampling))
-            return [served.chat_prompt(messages, c, hd_num=req.hd_num, infer_mode=req.infer_mode,
-                                       budget=engine.session_len) for c in _per_choice(cfg, sampling)]
+                prompt = served.with_adapter(served.tool_prompt(messages, tools.functions, tools.reply_prefix))
+                return [prompt] * len(_per_choice(cfg, sampling))
+            return [served.with_adapter(served.chat_prompt(messages, c, hd_num=req.hd_num, infer_mode=req.infer_mode,
+                                                           budget=engine.session_len))
+                    for c in _per_choice(cfg, sampling)]
 
         def grammar():  # compiling a schema takes milliseconds to seconds: off the event loop too
             if tools.active and tools.choice != "auto" and served.tool_format:
@@ -245,7 +250,7 @@ def create_app(state: ServerState) -> FastAPI:
         _auth(request)
         served, engine = state.ready()
         body = await _body(request)
-        req = _check(body, False, served)
+        req, served = _check(body, False, served)
         texts = _completion_prompts(req, served)
         sampling = parse_sampling(req)
         if len(texts) * sampling.n > MAX_N:
@@ -253,7 +258,7 @@ def create_app(state: ServerState) -> FastAPI:
         cfg = _config(served, sampling, completion=True)
         cfgs = [c for _ in texts for c in _per_choice(cfg, sampling)]
         def build(t, c):  # a string, or token ids as lm-eval's local-completions sends them
-            return Prompt(ids=t) if isinstance(t, list) else served.completion_prompt(t, c)
+            return served.with_adapter(Prompt(ids=t) if isinstance(t, list) else served.completion_prompt(t, c))
         try:  # long prompts take a while to tokenize: off the event loop
             prompts = await asyncio.to_thread(lambda: [build(t, c) for t in texts for c in _per_choice(cfg, sampling)])
         except PromptError as e:
@@ -271,9 +276,18 @@ def create_app(state: ServerState) -> FastAPI:
 START_TIME = time.time()
 
 
-def _model_card(served: ServedModel, engine: Engine) -> dict[str, Any]:
-    return {"id": served.name, "object": "model", "created": int(START_TIME), "owned_by": "xcomposer",
+def _served_names(served: ServedModel) -> list[str]:
+    return [served.base_name, *served.adapters]
+
+
+def _model_card(served: ServedModel, engine: Engine, name: str | None = None) -> dict[str, Any]:
+    """A /v1/models entry; an adapter's names its base as `parent` and its folder as `root` (vLLM's way)."""
+    name = name or served.base_name
+    card = {"id": name, "object": "model", "created": int(START_TIME), "owned_by": "xcomposer",
             "max_model_len": engine.session_len}
+    if name in served.adapters:
+        card.update(parent=served.base_name, root=served.adapters[name])
+    return card
 
 
 def _config(served: ServedModel, sampling: Sampling, completion: bool = False) -> GenerationConfig:
@@ -508,7 +522,12 @@ def serve(args) -> int:
                     from ..llm.fast_decode import use_cuda_graphs
                     use_cuda_graphs(model)
             name = args.model_name or Path(str(args.folder).rstrip("/")).name
-            served = ServedModel(model, name)
+            adapters = dict(getattr(args, "adapters", None) or [])
+            if adapters:
+                from ..llm.adapter import attach_adapter_
+                for adapter_name, path in adapters.items():
+                    print(attach_adapter_(decoder_of(model), adapter_name, path), file=sys.stderr, flush=True)
+            served = ServedModel(model, name, adapters)
             engine = Engine(model, metrics=state.metrics, tp_group=group, **_engine_kwargs(args))
             state.served, state.engine = served, engine
             print(engine.plan.describe(), file=sys.stderr, flush=True)

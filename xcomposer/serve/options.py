@@ -1,6 +1,8 @@
 """The server's command-line options and defaults (light: `--help` imports no torch)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 DEFAULT_PORT = 23333
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_QUEUE = 64
@@ -18,6 +20,11 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--port", "--server-port", dest="port", type=int, default=DEFAULT_PORT,
                    help=f"port (default {DEFAULT_PORT}, LMDeploy's; 0 picks a free one; --server-port as LMDeploy)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the folder's name)")
+    p.add_argument("--adapter", "--adapters", "--lora-modules", dest="adapters", nargs="+", action="extend",
+                   default=None, metavar="NAME=PATH",
+                   help="a LoRA adapter (peft folder) served beside the base: requests whose model field is NAME "
+                        "run with it; repeat or list several (LMDeploy's --adapters, vLLM's --lora-modules). The "
+                        "adapters stay beside the weights, so requests of different adapters share a batch")
     p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH,
                    help=f"sequences decoded together; the KV pool does not grow with it (default {DEFAULT_MAX_BATCH})")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
@@ -133,8 +140,32 @@ def resolve_serve_arguments(args) -> None:
                          "--tp 1 (a 4-bit 7B model fits one 8 GB GPU), or drop the quantization flag")
     if isinstance(args.api_key, str):
         args.api_key = [args.api_key]
+    args.adapters = parse_adapters(getattr(args, "adapters", None) or [])
+    if args.adapters and (getattr(args, "tp", 1) or 1) > 1:
+        raise ValueError("--adapter is not combined with --tp yet: serve the adapters with --tp 1, or merge one "
+                         "into the checkpoint (python -m xcomposer merge)")
 
 
-__all__ = ["add_serve_arguments", "resolve_serve_arguments", "quant_policy_arg", "add_quantization_arguments", "quantization_options",
+def parse_adapters(items) -> list[tuple[str, str]]:
+    """NAME=PATH items (a bare PATH is named after its folder) -> [(name, path)], names unique."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = str(item).partition("=")
+        if not sep:
+            name, path = Path(str(item).rstrip("/")).name, str(item)
+        name = name.strip()
+        if not name.isidentifier():
+            raise ValueError(f"--adapter {item!r}: the name {name!r} must be letters, digits and underscores "
+                             f"(NAME=PATH)")
+        if name in out:
+            raise ValueError(f"--adapter: the name {name!r} is given twice")
+        if not Path(path).is_dir():
+            raise ValueError(f"--adapter {item!r}: {path} is not a folder (a peft adapter folder with "
+                             f"adapter_config.json)")
+        out[name] = path
+    return list(out.items())
+
+
+__all__ = ["add_serve_arguments", "resolve_serve_arguments", "parse_adapters", "quant_policy_arg", "add_quantization_arguments", "quantization_options",
            "QUANTIZATIONS", "DEFAULT_PORT", "DEFAULT_MAX_BATCH", "DEFAULT_MAX_QUEUE", "DEFAULT_PREFILL_CHUNK",
            "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_IMAGE_BYTES"]

@@ -50,13 +50,18 @@ class Message:
 class ServedModel:
     """One loaded model behind the API: its prompts, options and stop tokens."""
 
-    def __init__(self, model: nn.Module, name: str):
+    def __init__(self, model: nn.Module, name: str, adapters: dict[str, str] | None = None):
         if not isinstance(model, (InternLM, XComposer, XComposer2)):
             raise TypeError(f"the server serves InternLM, XComposer and XComposer2 models, got {type(model).__name__}")
         if model.tokenizer is None:
             raise ValueError("the model has no tokenizer: load it with from_pretrained from a folder holding "
                              "tokenizer.model")
         self.model, self.name = model, name
+        # LoRA adapters held beside the weights (llm/adapter.attach_adapter_): name -> folder; a request
+        # whose `model` names one runs with it (`for_adapter`)
+        self.adapters = dict(adapters or {})
+        self.adapter: str | None = None  # set on the view `for_adapter` returns
+        self.base_name = name
         self.tokenizer = model.tokenizer
         self.vision = isinstance(model, XComposer)
         self.xcomposer2 = isinstance(model, XComposer2)  # chatml with a system turn, images with a LoRA mask
@@ -65,6 +70,25 @@ class ServedModel:
         # internlm-chat-7b's 2023-12 template and InternLM2's chatml; not the July 2023 one, nor XComposer's
         self.has_system_turn = self.xcomposer2 or (
             not self.vision and getattr(model, "chat_template", None) in ("2023-12", "chatml"))
+
+    def for_adapter(self, model_field: str | None) -> "ServedModel":
+        """The served model a request's `model` field names: this one (None, or the base's name), or a
+        view that answers under an adapter's name and adds its LoRA to every prompt (`with_adapter`)."""
+        if model_field in (None, self.base_name):
+            return self
+        if model_field not in self.adapters:
+            raise KeyError(model_field)
+        import copy
+        view = copy.copy(self)
+        view.name, view.adapter = model_field, model_field
+        return view
+
+    def with_adapter(self, prompt: Prompt) -> Prompt:
+        """`prompt` with this view's adapter among its task LoRAs."""
+        if self.adapter is None:
+            return prompt
+        import dataclasses
+        return dataclasses.replace(prompt, task_loras=tuple(prompt.task_loras) + (self.adapter,))
 
     # -- options -----------------------------------------------------------------------------
     def config(self, options: dict[str, Any], completion: bool = False) -> GenerationConfig:
