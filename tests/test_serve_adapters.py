@@ -137,3 +137,22 @@ def test_adapter_arguments(tmp_path):
                      ([f"a={tmp_path / 'missing'}"], "not a folder")):
         with pytest.raises(ValueError, match=why):
             parse_adapters(bad)
+
+
+def test_web_demo_adapter_merges_into_a_text_model(setup, tmp_path):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import web_demo
+
+    folder, adapters, _ = setup
+    args = web_demo.build_parser().parse_args(["--folder", str(folder), "--adapter", str(adapters["a1"]),
+                                               "--num_gpus", "0"])
+    model = web_demo.load_model(args)
+    ids = torch.tensor([[1, 5, 9, 30]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids),
+                                   InternLM.from_pretrained(folder, adapter=adapters["a1"])(input_ids=ids))
+    bad = web_demo.build_parser().parse_args(["--folder", str(folder), "--adapter", str(tmp_path), "--num_gpus", "0"])
+    with pytest.raises(SystemExit, match="adapter_config.json"):
+        web_demo.load_model(bad)
