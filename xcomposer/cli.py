@@ -148,6 +148,12 @@ def add_finetune_commands(groups: argparse._SubParsersAction) -> None:
     f.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for CUDA)")
     f.add_argument("--seed", type=int, default=0)
+    q = f.add_mutually_exclusive_group()
+    q.add_argument("--load-in-4bit", "--load_in_4bit", dest="quantization", action="store_const", const="nf4",
+                   help="QLoRA: train over a 4-bit base (NF4 with double quantization, as XTuner's InternLM2.5 "
+                        "QLoRA config)")
+    q.add_argument("--quantization", dest="quantization", choices=["nf4", "fp4", "int8"], default=None,
+                   help="the base's bitsandbytes format for QLoRA (--load-in-4bit is nf4)")
     f.add_argument("--strict", action="store_true", help="refuse the data file on any bad record")
     f.add_argument("--log-every", type=int, default=1, help="optimizer steps between progress lines")
     f.set_defaults(func=_finetune)
@@ -158,7 +164,8 @@ def _finetune(args: argparse.Namespace) -> int:
 
     names = ("folder", "data", "out", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr", "weight_decay",
              "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum", "max_length", "eval_fraction",
-             "eval_every", "gradient_checkpointing", "device", "dtype", "bf16", "seed", "strict", "log_every")
+             "eval_every", "gradient_checkpointing", "device", "dtype", "bf16", "seed", "strict", "log_every",
+             "quantization")
     result = finetune(FinetuneConfig(**{n: getattr(args, n) for n in names}))
     print(result.out)
     return 0

@@ -69,8 +69,35 @@ def pack_qkv_for_training(model) -> None:
             attn.q_proj = attn.k_proj = attn.v_proj = None
 
 
-def lora_model(model, targets: list[str], r: int, alpha: float, dropout: float):
-    """peft's LoRA on `model` (frozen): returns the PeftModel; only lora_A / lora_B train."""
+# the base projections of a training model, by family (InternLM2's q/k/v packed into one `QKV.wqkv`)
+_BASE_LINEARS = {"internlm2": ("self_attn.qkv_proj.wqkv", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                               "mlp.down_proj"),
+                 "internlm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+
+
+@torch.no_grad()
+def quantize_base_(model, quantization) -> None:
+    """QLoRA: every base projection of the (packed) training model becomes a bitsandbytes module on
+    the model's device (`llm/quant.py`'s conversion, NF4 with double quantization for `nf4`); peft then
+    puts its LoRA on those modules (its bitsandbytes LoRA layers)."""
+    from ..llm.quant import _check_device, _quantized
+
+    device = model.device
+    _check_device(device)
+    for i, layer in enumerate(model.model.layers):
+        for path in _BASE_LINEARS[model.config.family]:
+            *parents, attr = path.split(".")
+            parent = layer
+            for name in parents:
+                parent = getattr(parent, name)
+            setattr(parent, attr, _quantized(getattr(parent, attr), quantization, device, f"layer {i} {path}"))
+    model.quantization = quantization
+
+
+def lora_model(model, targets: list[str], r: int, alpha: float, dropout: float, quantization=None):
+    """peft's LoRA on `model` (frozen): returns the PeftModel; only lora_A / lora_B train. With
+    `quantization` (a `BnbQuantization`: QLoRA) the base projections are quantized first."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as e:  # pragma: no cover - peft is a test/train dependency
@@ -82,6 +109,8 @@ def lora_model(model, targets: list[str], r: int, alpha: float, dropout: float):
         names = [_TRAIN_NAMES[t] for t in targets]
     else:
         names = targets
+    if quantization is not None:
+        quantize_base_(model, quantization)
     model.requires_grad_(False)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none")
     return get_peft_model(model, config)
@@ -137,4 +166,4 @@ def default_targets(family: str) -> list[str]:
     return list(DEFAULT_TARGETS[family])
 
 
-__all__ = ["QKV", "lora_model", "save_adapter", "upstream_adapter_state", "default_targets", "pack_qkv_for_training"]
+__all__ = ["QKV", "lora_model", "quantize_base_", "save_adapter", "upstream_adapter_state", "default_targets", "pack_qkv_for_training"]

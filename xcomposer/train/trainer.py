@@ -54,6 +54,8 @@ class FinetuneConfig:
     bf16: bool | None = None         # autocast; default on for CUDA
     seed: int = 0
     strict: bool = False             # refuse the data file on any bad record
+    # QLoRA: the base projections in bitsandbytes' 4-bit (nf4 with double quantization, fp4) or int8
+    quantization: str | None = None
     log_every: int = 1
     max_grad_norm: float = 1.0
 
@@ -174,7 +176,11 @@ def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
         eval_set = []
 
     targets = c.target_modules or default_targets(family)
-    peft_model = lora_model(model, targets, c.lora_r, c.lora_alpha, c.lora_dropout)
+    quant = None
+    if c.quantization is not None:
+        from ..llm.quant import resolve_quantization
+        quant = resolve_quantization(quantization=c.quantization)
+    peft_model = lora_model(model, targets, c.lora_r, c.lora_alpha, c.lora_dropout, quantization=quant)
     if c.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -182,7 +188,7 @@ def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
     total_params = sum(p.numel() for p in peft_model.parameters())
     print(f"finetune: {len(examples)} training / {len(eval_set)} eval records ({len(report.skipped)} skipped); "
           f"LoRA r {c.lora_r} alpha {c.lora_alpha} on {', '.join(targets)}: {trainable:,} trainable of "
-          f"{total_params:,} parameters", file=log)
+          f"{total_params:,} parameters" + (f"; base in {quant.describe()} (QLoRA)" if quant else ""), file=log)
     optimizer = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, c.adam_beta2), weight_decay=c.weight_decay)
 
     per_epoch = math.ceil(math.ceil(len(examples) / c.batch_size) / c.grad_accum)
