@@ -6,12 +6,16 @@ batch examples of similar length (right padding, labels -100 on padding), AdamW 
 warmup and cosine decay, gradient accumulation, optional gradient checkpointing and bf16 autocast
 on GPUs, a progress line, evaluation loss on a held-out split, and the adapter saved in peft's
 format with upstream's names. Defaults are upstream XComposer's (docs/finetune.md lists sources).
+Under `torchrun` / `accelerate launch` (WORLD_SIZE > 1) the same loop runs data parallel through
+accelerate's DistributedDataParallel: each optimizer step's micro-batches are shared out among the
+ranks, so N processes give the adapter one process gives with the same global batch.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -152,6 +156,19 @@ def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
     if not 0.0 <= c.eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), got {c.eval_fraction}")
     device = torch.device(c.device)
+    world, rank, acc = 1, 0, None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun / accelerate launch: data parallel over ranks
+        from accelerate import Accelerator, DistributedDataParallelKwargs
+        # the rotary tables are buffers each rank rebuilds for its own lengths: nothing to broadcast
+        acc = Accelerator(cpu=device.type == "cpu",
+                          kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        world, rank = acc.num_processes, acc.process_index
+        device = torch.device("cpu") if device.type == "cpu" else acc.device
+        if c.grad_accum % world:
+            raise ValueError(f"--grad-accum {c.grad_accum} must be a multiple of the {world} processes: each "
+                             f"optimizer step's micro-batches are shared out among them")
+        if rank != 0:
+            log = open(os.devnull, "w")  # one progress log: rank 0's
     random.seed(c.seed)
     torch.manual_seed(c.seed)
     dtype = c.dtype or ("bfloat16" if device.type == "cuda" else "float32")
@@ -205,18 +222,30 @@ def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
 
     stream = micro_batches()
     peft_model.train()
+    # data parallel: every rank draws the same step group and runs its share of the micro-batches; DDP
+    # averages the gradients over ranks, so each loss is scaled by the rank count to sum them as one
+    # process running the whole group would
+    if acc is not None:
+        model.setup_rope(c.max_length)  # rebuilt on demand otherwise: no meta buffer may reach DDP
+        forward_model = acc.prepare_model(peft_model, device_placement=False)
+    else:
+        forward_model = peft_model
     start, tokens = time.perf_counter(), 0
     for step in range(total_steps):
         group = [next(stream) for _ in range(c.grad_accum)]
         # mean over every labelled token of the optimizer step, whatever the micro-batch split
         n_labels = sum(sum(1 for e in b for x in e.labels[1:] if x != IGNORE) for b in group)
         step_loss = 0.0
-        for batch in group:
+        for batch in group[rank::world]:
             ids, mask, labels = collate(batch, pad_id, device)
-            s, _ = loss_sum(peft_model, ids, mask, labels, autocast)
-            (s / max(1, n_labels)).backward()
+            s, _ = loss_sum(forward_model, ids, mask, labels, autocast)
+            (s * world / max(1, n_labels)).backward()
             step_loss += float(s.detach())
-            tokens += int(mask.sum())
+            tokens += int(mask.sum()) * world
+        if acc is not None:
+            total = torch.tensor([step_loss], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(total)
+            step_loss = float(total)
         if c.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
         optimizer.step()
@@ -234,10 +263,13 @@ def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
             result.eval_losses.append((step + 1, loss))
             print(f"step {step + 1}/{total_steps} eval loss {loss:.4f}", file=log)
     peft_model.eval()
-    save_adapter(peft_model, c.out, base_name=str(c.folder))
-    (Path(c.out) / "finetune_config.json").write_text(
-        json.dumps(dataclasses.asdict(c), indent=2), encoding="utf-8")
-    print(f"finetune: adapter written to {c.out}", file=log)
+    if rank == 0:
+        save_adapter(peft_model, c.out, base_name=str(c.folder))
+        (Path(c.out) / "finetune_config.json").write_text(
+            json.dumps(dataclasses.asdict(c), indent=2), encoding="utf-8")
+        print(f"finetune: adapter written to {c.out}" + (f" ({world} processes)" if world > 1 else ""), file=log)
+    if acc is not None:
+        acc.wait_for_everyone()
     result.model = peft_model
     return result
 
