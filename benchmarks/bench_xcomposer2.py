@@ -45,11 +45,30 @@ def build(mode: str, device: str, dtype: torch.dtype, img_size: int = 490, num_l
                                           "vision_config": SMALL_CLIP, "plora_rank": 64})
     else:
         cfg = xcomposer2_vl_7b_config(img_size)
+    return random_pair(XComposer2, cfg, device, dtype)
+
+
+def alternate_medians(calls: dict, repeats: int, device: str) -> dict[str, float]:
+    """Median seconds of each call over `repeats` rounds, the calls taking turns, synchronized."""
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def random_pair(model_cls, cfg, device: str, dtype: torch.dtype):
+    """`model_cls(cfg)` with seeded random weights, and transformers' CLIP and Llama holding the same:
+    (ours with its projections fused, clip, hf). Shared with bench_xcomposer2d5."""
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            ours = XComposer2(cfg).eval()
+            ours = model_cls(cfg).eval()
             g = torch.Generator(device=device).manual_seed(0)
             with torch.no_grad():
                 for name, p in ours.named_parameters():
@@ -58,9 +77,9 @@ def build(mode: str, device: str, dtype: torch.dtype, img_size: int = 490, num_l
             hf = LlamaForCausalLM(hf_config(cfg.llm)).eval()
     finally:
         torch.set_default_dtype(prev)
-    clip.load_state_dict({k[len("vision_tower."):]: v for k, v in torch.nn.Module.state_dict(ours.vit).items()
+    clip.load_state_dict({k: v for k, v in ours.vit.vision_tower.state_dict().items()
                           if not k.endswith("position_ids")}, strict=False)
-    plain = {k: v for k, v in torch.nn.Module.state_dict(ours.llm).items() if "_lora." not in k}
+    plain = {k: v for k, v in torch.nn.Module.state_dict(ours.llm).items() if "_lora." not in k and "_task." not in k}
     missing, unexpected = hf.load_state_dict(plain, strict=False)
     assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
     ours.llm.fuse_projections()
@@ -123,18 +142,10 @@ def bench(device: str = "cpu", mode: str = "small", repeats: int = 3, img_size: 
 
     try:
         first = {"ours": ask_ours(), "peer": ask_peer()}
-        times = {"ours": [], "peer": []}
-        for _ in range(repeats):
-            for name, fn in (("ours", ask_ours), ("peer", ask_peer)):
-                sync(device)
-                t0 = time.perf_counter()
-                fn()
-                sync(device)
-                times[name].append(time.perf_counter() - t0)
+        med = alternate_medians({"ours": ask_ours, "peer": ask_peer}, repeats, device)
     finally:
         for h in hooks:
             h.remove()
-    med = {k: statistics.median(v) for k, v in times.items()}
     return {"device": device_name(device), "mode": mode, "img_size": img_size, "image_tokens": n_img,
             "prompt_tokens": len(mask), "ttft_s": med, "peer_over_ours": med["peer"] / med["ours"],
             "first_tokens_match": first["ours"] == first["peer"], "date": time.strftime("%Y-%m-%d")}

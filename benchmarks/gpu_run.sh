@@ -22,6 +22,10 @@
 #    4 minutes, results in $OUT/serve.json and serve.txt. SERVE_ARGS passes options to it.
 # 5. (STEPS="quant") the 8/4-bit tests on CUDA and benchmarks/bench_quant.py at the 7B shape (fp16, int8,
 #    nf4: weight memory, decode tokens/s at batch 1 and 16); QUANT_ARGS passes options to it.
+# 6. (STEPS="bench25") the XComposer2.5 image question (benchmarks/bench_xcomposer2d5.py --device cuda) at
+#    internlm-xcomposer2d5-7b's shapes, fp16: time to first token of a 4-crop and a 24-crop image (2061 and
+#    10101 image tokens), ours against transformers' CLIP + Llama with the Partial LoRA hooked in, same
+#    weights (~40 GB: two 8B models); results in $OUT/bench_xcomposer2d5.json. BENCH25_ARGS passes options.
 # One device call may run 10 minutes at most: STEPS="tests" or STEPS="bench" runs one part, and
 # BENCH_ARGS passes options to the benchmark, e.g. BENCH_ARGS="--variants ours ours-graph --repeats 3"
 # (the compiled variant compiles once per batch shape: budget a minute or more per shape).
@@ -67,5 +71,9 @@ fi
 if [[ " $steps " == *" serve "* ]]; then  # the serving benchmark at the internlm2_5-7b-chat shape, STEPS="serve"
     python3 benchmarks/bench_serve.py --device cuda --json "$out/serve.json" ${SERVE_ARGS:-} 2>&1 \
         | tee "$out/serve.txt" || rc=1
+fi
+if [[ " $steps " == *" bench25 "* ]]; then  # XComposer2.5 image question, 4 and 24 crops, STEPS="bench25"
+    python3 benchmarks/bench_xcomposer2d5.py --device cuda --out "$out/bench_xcomposer2d5.json" ${BENCH25_ARGS:-} 2>&1 \
+        | tee "$out/bench_xcomposer2d5.txt" || rc=1
 fi
 exit $rc

@@ -215,6 +215,21 @@ class PartialLoRA(nn.Module):
         return y.index_put((image_mask,), delta.to(y.dtype), accumulate=True)
 
 
+class Causal:
+    """The mask of a forward whose T queries are the first T positions, none of them padding: query
+    i attends keys 0..i. Given instead of a (B, 1, T, T) boolean tensor, it lets attention run SDPA's
+    causal kernels (flash attention on GPUs; on CPUs the flash kernel skips the masked half) rather
+    than read a dense mask; a long prompt's prefill is the case that gains."""
+
+    __slots__ = ("length",)
+
+    def __init__(self, length: int):
+        self.length = int(length)
+
+    def __repr__(self) -> str:
+        return f"Causal({self.length})"
+
+
 class TaskLoRAState:
     """Which task LoRAs the forward running now applies: None (none), or a dict name -> None (every
     token) or a (B, T) bool mask of the tokens whose request asked for that task. Set by
@@ -323,17 +338,20 @@ class Attention(nn.Module):
             # keys/values in their blocks and attends each packed sequence over its own blocks
             y = self.kv_cache.attend(q, k, v).transpose(1, 2).reshape(B, T, -1)
             return _lora(self, "o_lora", _task(self, "o_task", self.o_proj(y), y), y, image_mask)
+        causal = isinstance(mask, Causal)
         if self.kv_cache is not None and cache_pos is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)
-            if mask.shape[-1] < k.shape[2]:  # the mask covers the filled prefix: skip the empty tail
-                k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
+            filled = mask.length if causal else mask.shape[-1]
+            if filled < k.shape[2]:  # the mask covers the filled prefix: skip the empty tail
+                k, v = k[:, :, :filled], v[:, :, :filled]
+        attn = {"is_causal": True} if causal else {"attn_mask": mask}
         if self.n_kv_heads != self.n_heads and _SDPA_GQA:  # grouped-query attention: kv head i // g
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **attn)
         elif self.n_kv_heads != self.n_heads:  # torch < 2.5: repeat each kv head for its query group
             g = self.n_heads // self.n_kv_heads
-            y = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), **attn)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, **attn)
         # -1, not C: under tensor parallelism this rank holds n_heads * head_dim < C features
         y = y.transpose(1, 2).reshape(B, T, -1)
         return _lora(self, "o_lora", _task(self, "o_task", self.o_proj(y), y), y, image_mask)
@@ -617,7 +635,8 @@ class InternLMForCausalLM(nn.Module):
         """Logits (B, T, vocab), or (B, 1, vocab) with `last_only`.
 
         Without `cache_pos`: attention among the T given tokens; `attention_mask` (B, T) marks
-        real tokens (0 for left padding). With `cache_pos` (T,) and `kv_mask` (B, 1, T, L),
+        real tokens (0 for left padding; without it, SDPA's causal kernels run). With `cache_pos` (T,)
+        and `kv_mask` (B, 1, T, L) (or `Causal(L)` when the T queries are cache slots 0..T-1 of unpadded rows),
         L <= cache length: keys/values are written to the static caches at `cache_pos` and
         queries attend over the first L cache slots where `kv_mask` is True; `position_ids`
         (B, T) must be given. `rope_seq_len` is the sequence length dynamic rotary scaling
@@ -637,9 +656,11 @@ class InternLMForCausalLM(nn.Module):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
-        if cache_pos is None:
-            if attention_mask is None:
-                attention_mask = torch.ones(B, T, dtype=torch.bool, device=x.device)
+        if cache_pos is None and attention_mask is None:  # no padding: SDPA's causal kernels
+            if position_ids is None:
+                position_ids = torch.arange(T, device=x.device)[None].expand(B, T)
+            mask = Causal(T)
+        elif cache_pos is None:
             valid = attention_mask.bool()
             if position_ids is None:
                 position_ids = (valid.long().cumsum(-1) - 1).clamp_min(0)
@@ -710,6 +731,6 @@ def kv_cache_bytes(cfg: InternLMConfig, batch: int, length: int, dtype=torch.flo
     return 2 * cfg.num_hidden_layers * batch * length * cfg.kv_heads * cfg.head_dim * elem
 
 
-__all__ = ["InternLMForCausalLM", "PackedLinear", "PartialLoRA", "TaskLoRA", "TaskLoRAState", "RMSNorm", "KVCache", "rope_tables", "rope_from_positions",
+__all__ = ["InternLMForCausalLM", "PackedLinear", "PartialLoRA", "TaskLoRA", "TaskLoRAState", "Causal", "RMSNorm", "KVCache", "rope_tables", "rope_from_positions",
            "apply_rope", "kv_cache_bytes",
            "num_parameters"]

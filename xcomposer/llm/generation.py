@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fast_decode
+from .decoder import Causal
 
 _NEG = -1.0e9  # transformers' "impossible" score for beam bookkeeping; same constant keeps ties identical
 
@@ -249,6 +250,7 @@ class _Batch:
         self.task_loras = tuple(task_loras or ())
         self.static = static is not None and not fast_decode.is_dispatched(model) and not self.task_loras
         self.cache_len = fast_decode.static_cache_length(self.S, window, static.bucket) if self.static else self.S
+        self.unpadded = bool(valid.all())  # no row is left-padded: the first chunk's mask is plain causal
         self.kv_valid = torch.zeros(self.N, self.cache_len, dtype=torch.bool, device=self.device)
         self.kv_valid[:, :T] = rep(valid).to(self.device)
         self.n_real = self.kv_valid.sum(1)
@@ -284,8 +286,11 @@ class _Batch:
         for start in range(0, T, chunk):
             end = min(start + chunk, T)
             cache_pos, slots = self.slots[start:end], self.slots[:end]  # the mask covers filled slots only
-            mask = self.kv_valid[:, None, None, :end] & (slots[None, None, None, :] <= cache_pos[None, None, :, None])
-            mask = mask | (slots[None, :] == cache_pos[:, None])[None, None]  # pad rows see themselves: no NaN
+            if start == 0 and self.unpadded:  # queries 0..end-1 over keys 0..end-1: SDPA's causal kernels
+                mask = Causal(end)
+            else:
+                mask = self.kv_valid[:, None, None, :end] & (slots[None, None, None, :] <= cache_pos[None, None, :, None])
+                mask = mask | (slots[None, :] == cache_pos[:, None])[None, None]  # pad rows see themselves: no NaN
             x = self.x[:, start:end]
             kw = {"inputs_embeds": x} if self.embeds else {"input_ids": x}
             if chunk < T:  # dynamic rotary scaling (InternLM2) sizes each row's base for its whole prompt
