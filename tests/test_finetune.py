@@ -356,3 +356,26 @@ def test_two_processes_give_the_single_process_adapter(tmp_path):
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
     assert any((one[k] != 0).any() for k in one if "lora_B" in k)  # it trained
+
+
+def test_resume_from_a_checkpoint_gives_the_uninterrupted_adapter(tmp_path):
+    """--save-every writes checkpoint-STEP (adapter + trainer state); a new run resuming from step 3 of 6
+    writes the adapter one uninterrupted run writes (dropout on: the random state is restored too)."""
+    folder = write_tiny_internlm2(tmp_path / "base")
+    data = _write_task(tmp_path / "task.jsonl", copies=4)
+    common = dict(folder=str(folder), data=str(data), lora_r=4, lora_alpha=8, lora_dropout=0.1, lr=1e-2,
+                  weight_decay=0.0, max_steps=6, batch_size=2, grad_accum=2, seed=5)
+    straight = finetune(FinetuneConfig(out=str(tmp_path / "straight"), **common))
+    finetune(FinetuneConfig(out=str(tmp_path / "saved"), save_every=3, **common))
+    ckpt = tmp_path / "saved" / "checkpoint-3"
+    assert (ckpt / "adapter" / "adapter_model.safetensors").is_file() and (ckpt / "trainer_state.pt").is_file()
+    assert not (tmp_path / "saved" / "checkpoint-6").exists()  # the final adapter is the run's output
+    resumed = finetune(FinetuneConfig(out=str(tmp_path / "saved"), resume="latest", **common))
+    assert resumed.losses == straight.losses
+    a = load_file(str(tmp_path / "straight" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "saved" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="lora_r=4"):
+        finetune(FinetuneConfig(out=str(tmp_path / "saved"), resume=str(ckpt), **{**common, "lora_r": 8}))
+    with pytest.raises(FileNotFoundError, match="trainer_state.pt"):
+        finetune(FinetuneConfig(out=str(tmp_path / "x"), resume=str(tmp_path), **common))

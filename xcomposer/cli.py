@@ -154,6 +154,10 @@ def add_finetune_commands(groups: argparse._SubParsersAction) -> None:
                         "QLoRA config)")
     q.add_argument("--quantization", dest="quantization", choices=["nf4", "fp4", "int8"], default=None,
                    help="the base's bitsandbytes format for QLoRA (--load-in-4bit is nf4)")
+    f.add_argument("--save-every", type=int, default=0, metavar="STEPS",
+                   help="write OUT/checkpoint-STEP every STEPS optimizer steps (adapter + trainer state)")
+    f.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue from a checkpoint-STEP folder (or 'latest': the newest under --out), same settings")
     f.add_argument("--strict", action="store_true", help="refuse the data file on any bad record")
     f.add_argument("--log-every", type=int, default=1, help="optimizer steps between progress lines")
     f.set_defaults(func=_finetune)
@@ -165,7 +169,7 @@ def _finetune(args: argparse.Namespace) -> int:
     names = ("folder", "data", "out", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr", "weight_decay",
              "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum", "max_length", "eval_fraction",
              "eval_every", "gradient_checkpointing", "device", "dtype", "bf16", "seed", "strict", "log_every",
-             "quantization")
+             "quantization", "save_every", "resume")
     result = finetune(FinetuneConfig(**{n: getattr(args, n) for n in names}))
     print(result.out)
     return 0

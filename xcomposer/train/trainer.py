@@ -60,6 +60,8 @@ class FinetuneConfig:
     strict: bool = False             # refuse the data file on any bad record
     # QLoRA: the base projections in bitsandbytes' 4-bit (nf4 with double quantization, fp4) or int8
     quantization: str | None = None
+    save_every: int = 0              # optimizer steps between checkpoints (out/checkpoint-STEP); 0: none
+    resume: str | None = None        # a checkpoint folder to continue from ("latest": the newest under out)
     log_every: int = 1
     max_grad_norm: float = 1.0
 
@@ -144,6 +146,62 @@ def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, devic
     return total / max(1, count)
 
 
+# what a checkpoint must agree on with the run that resumes it (anything else may change, e.g. log_every)
+RESUME_FIELDS = ("folder", "data", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr", "weight_decay",
+                 "adam_beta2", "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum", "max_length",
+                 "eval_fraction", "seed", "quantization")
+STATE_FILE = "trainer_state.pt"
+
+
+def _save_checkpoint(peft_model, optimizer, scheduler, c: FinetuneConfig, step: int, losses: list[float]) -> Path:
+    """out/checkpoint-STEP: the adapter as `save_adapter` writes it (usable as it is) and the trainer
+    state (LoRA tensors exactly, optimizer, schedule, random state, losses), written under a temporary
+    name and renamed when complete."""
+    import shutil
+    from peft import get_peft_model_state_dict
+
+    final = Path(c.out) / f"checkpoint-{step}"
+    tmp = Path(c.out) / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(peft_model, tmp / "adapter", base_name=str(c.folder))
+    torch.save({"step": step, "lora": get_peft_model_state_dict(peft_model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "losses": list(losses),
+                "config": {k: getattr(c, k) for k in RESUME_FIELDS}}, tmp / STATE_FILE)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def _resume_folder(c: FinetuneConfig) -> Path:
+    if c.resume == "latest":
+        found = sorted(Path(c.out).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
+                       if p.name.split("-")[1].isdigit() else -1)
+        if not found:
+            raise FileNotFoundError(f"--resume latest: no checkpoint-STEP folder under {c.out}")
+        return found[-1]
+    folder = Path(c.resume)
+    if not (folder / STATE_FILE).is_file():
+        raise FileNotFoundError(f"--resume {c.resume}: no {STATE_FILE} there; give a checkpoint-STEP folder that "
+                                f"finetune --save-every wrote, or 'latest'")
+    return folder
+
+
+def _load_checkpoint(folder: Path, peft_model, optimizer, scheduler, c: FinetuneConfig) -> dict:
+    from peft import set_peft_model_state_dict
+
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+    saved = state["config"]
+    for k in RESUME_FIELDS:
+        if saved.get(k) != getattr(c, k):
+            raise ValueError(f"--resume {folder}: the checkpoint was trained with {k}={saved.get(k)!r} but this run "
+                             f"has {k}={getattr(c, k)!r}; resume with the same settings")
+    set_peft_model_state_dict(peft_model, state["lora"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return state
+
+
 def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
     """Train a LoRA adapter on `config.data` over `config.folder` and write it to `config.out`."""
     c = config
@@ -221,6 +279,15 @@ def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
             yield from _batches(examples, c.batch_size, rng)
 
     stream = micro_batches()
+    first_step = 0
+    if c.resume:
+        folder = _resume_folder(c)
+        state = _load_checkpoint(folder, peft_model, optimizer, scheduler, c)
+        first_step = int(state["step"])
+        result.losses = list(state["losses"])
+        for _ in range(first_step * c.grad_accum):  # the same draws as the interrupted run made
+            next(stream)
+        print(f"finetune: resumed from {folder} at step {first_step}/{total_steps}", file=log)
     peft_model.train()
     # data parallel: every rank draws the same step group and runs its share of the micro-batches; DDP
     # averages the gradients over ranks, so each loss is scaled by the rank count to sum them as one
@@ -231,7 +298,7 @@ def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
     else:
         forward_model = peft_model
     start, tokens = time.perf_counter(), 0
-    for step in range(total_steps):
+    for step in range(first_step, total_steps):
         group = [next(stream) for _ in range(c.grad_accum)]
         # mean over every labelled token of the optimizer step, whatever the micro-batch split
         n_labels = sum(sum(1 for e in b for x in e.labels[1:] if x != IGNORE) for b in group)
@@ -255,6 +322,9 @@ def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
         result.steps = step + 1
         elapsed = time.perf_counter() - start
         result.tokens_per_s = tokens / max(elapsed, 1e-9)
+        if c.save_every and (step + 1) % c.save_every == 0 and step + 1 < total_steps and rank == 0:
+            saved = _save_checkpoint(peft_model, optimizer, scheduler, c, step + 1, result.losses)
+            print(f"step {step + 1}/{total_steps} checkpoint {saved}", file=log)
         if c.log_every and (step + 1) % c.log_every == 0 or step + 1 == total_steps:
             print(f"step {step + 1}/{total_steps} loss {result.losses[-1]:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
                   f"{result.tokens_per_s:,.0f} tok/s", file=log)
