@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one-beam chats of up to this many sessions run together in the batching engine "
                         "(default 4; its KV cache holds this many full-context rows); 1 answers one at a time")
     p.add_argument("--adapter", default=None, metavar="PATH",
-                   help="text models: a LoRA adapter folder (peft; python -m xcomposer finetune writes one) merged "
-                        "into the weights at load time")
+                   help="a LoRA adapter folder (peft, upstream's module names; python -m xcomposer finetune writes "
+                        "one) merged into the decoder's weights at load time (InternLM, XComposer2 / 2.5)")
     p.add_argument("--max-context", "--max_context", dest="max_context", type=int, default=None,
                    help="text-only models: the context window in tokens (prompt plus reply; default the "
                         "checkpoint's max_position_embeddings; dynamic NTK lets InternLM2 go past it)")
@@ -121,8 +121,7 @@ def load_model(args: argparse.Namespace):
         if args.num_gpus > 1 and device == "cuda":
             kwargs["num_gpus"] = args.num_gpus
         if args.adapter:
-            raise SystemExit("error: --adapter applies to text models (InternLM, InternLM2/2.5) for now; an "
-                             "XComposer checkpoint takes no adapter here yet")
+            kwargs["adapter"] = args.adapter  # XComposer2 / 2.5 merge it; XComposer 1.0 refuses
     else:  # a text-only InternLM: the page offers chat and documents
         kwargs["max_context"] = args.max_context
         if args.adapter:

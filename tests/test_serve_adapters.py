@@ -156,3 +156,28 @@ def test_web_demo_adapter_merges_into_a_text_model(setup, tmp_path):
     bad = web_demo.build_parser().parse_args(["--folder", str(folder), "--adapter", str(tmp_path), "--num_gpus", "0"])
     with pytest.raises(SystemExit, match="adapter_config.json"):
         web_demo.load_model(bad)
+
+
+def test_xcomposer2d5_adapter_merged_or_held(tmp_path):
+    """An adapter on XComposer2.5's decoder (upstream finetune.py's targets): merged by from_pretrained(adapter=)
+    or held beside the weights (the server's way), the same logits, the Partial LoRA untouched."""
+    from xcomposer import XComposer
+    from xcomposer.tiny import write_tiny_xcomposer2d5
+
+    ckpt = write_tiny_xcomposer2d5(tmp_path / "xc25")
+    base = XComposer.from_pretrained(ckpt)
+    path = write_adapter(tmp_path / "a", base.config.llm, INTERNLM2_TARGETS, r=4, alpha=8, seed=9)
+    merged = XComposer.from_pretrained(ckpt, adapter=path)
+    assert any("merged" in n for n in merged.load_notes)
+    attach_adapter_(base.llm, "mine", path)
+    x = torch.randn(1, 12, base.config.llm.hidden_size) * 0.1
+    image = torch.zeros(1, 12, dtype=torch.bool)
+    image[0, 3:7] = True
+    with torch.no_grad():
+        torch.testing.assert_close(base.llm(inputs_embeds=x, image_mask=image, task_loras=("mine",)),
+                                   merged.llm(inputs_embeds=x, image_mask=image), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(base.llm.model.layers[0].self_attn.qkv_lora.A.weight,
+                                   merged.llm.model.layers[0].self_attn.qkv_lora.A.weight)
+    from xcomposer.tiny import write_tiny_xcomposer
+    with pytest.raises(ValueError, match="XComposer 1.0"):
+        XComposer.from_pretrained(write_tiny_xcomposer(tmp_path / "v1"), adapter=path)

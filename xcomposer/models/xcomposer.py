@@ -234,7 +234,8 @@ class XComposer(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype | str | None = None, num_gpus: int = 1,
-                        fuse: bool = True, variant: str | None = None, **quantization: Any) -> "XComposer":
+                        fuse: bool = True, variant: str | None = None, adapter: str | os.PathLike | None = None,
+                        **quantization: Any) -> "XComposer":
         """Load an internlm-xcomposer-7b / -vl-7b folder or hub id strictly, shard by shard.
 
         Every checkpoint key must map onto the model and every model tensor must be provided;
@@ -273,8 +274,13 @@ class XComposer(nn.Module):
                                  "an InternLM-XComposer2 checkpoint (load it on one device)")
             if checkpoint_generation(folder) == "2.5":
                 from .xcomposer2d5 import XComposer2d5
-                return XComposer2d5.from_pretrained(folder, device=device, dtype=dtype, fuse=fuse, quantization=quant)
-            return XComposer2.from_pretrained(folder, device=device, dtype=dtype, fuse=fuse, quantization=quant)
+                return XComposer2d5.from_pretrained(folder, device=device, dtype=dtype, fuse=fuse, quantization=quant,
+                                                    adapter=adapter)
+            return XComposer2.from_pretrained(folder, device=device, dtype=dtype, fuse=fuse, quantization=quant,
+                                              adapter=adapter)
+        if adapter is not None:
+            raise ValueError("adapter= applies to XComposer2 / 2.5 and InternLM checkpoints; XComposer 1.0 merges the "
+                             "LoRA its own checkpoint carries (internlm-xcomposer-7b): drop adapter=")
         cfg = XComposerConfig.from_json(cfg_file)
         if not (folder / "tokenizer.model").is_file():
             raise CheckpointError(f"{folder / 'tokenizer.model'} not found: the checkpoint folder must hold the "

@@ -285,13 +285,16 @@ class XComposer2(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype | str | None = None, fuse: bool = True,
-                        **quantization: Any) -> "XComposer2":
+                        adapter: str | os.PathLike | None = None, **quantization: Any) -> "XComposer2":
         """Load an internlm-xcomposer2-vl-7b / -7b folder (or hub id) strictly, shard by shard.
 
         `load_in_8bit` / `load_in_4bit` / `quantization` / `quantization_config` and the `bnb_4bit_*`
         words quantize the decoder's projections with bitsandbytes as `InternLM.from_pretrained`
         does; `quantize_vision=True` quantizes the vision tower's linears too (xcomposer.llm.quant).
         A GPTQ / AWQ folder (upstream's -4bit exports) loads as it is (xcomposer.llm.packed_quant).
+        `adapter`: a peft LoRA folder on the decoder (upstream finetune.py's targets, `attention.wqkv` ...
+        on every token) merged into the decoder's weights before they are quantized or fused; the
+        Partial LoRA (image tokens) is left as the checkpoint has it (xcomposer.llm.adapter).
         """
         quant = resolve_quantization(**quantization)
         folder, cfg_file = checkpoint_folder(path_or_hub_id, "XComposer2")
@@ -325,6 +328,12 @@ class XComposer2(nn.Module):
             model = cls(cfg)
         load_checkpoint_into(model, folder, device=quantized_target(device, quant), dtype=dtype,
                              key_map=model.key_map, checkpoint_name=model.checkpoint_name)
+        if adapter is not None:
+            if packed is not None:
+                raise CheckpointError("adapter= merges into float weights: not with a GPTQ / AWQ folder (merge the "
+                                      "adapter into the 16-bit checkpoint first: python -m xcomposer merge)")
+            from ..llm.adapter import merge_adapter_
+            model.load_notes.append(merge_adapter_(model.llm, adapter))
         if quant is not None:
             quantize_model_(model, quant, device)
         if packed is not None:
