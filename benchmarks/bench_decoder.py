@@ -35,8 +35,6 @@ import copy
 import datetime
 import inspect
 import json
-import os
-import platform
 import statistics
 import time
 
@@ -49,6 +47,8 @@ from xcomposer import InternLMConfig, InternLMForCausalLM
 from xcomposer.llm.config import InternLM2Config, internlm2_5_7b_chat_config
 from xcomposer.llm.fast_decode import CapturedCall, CudaGraphBackend, use_cuda_graphs
 from xcomposer.llm.generation import generate
+
+from bench_common import device_name, sync  # noqa: F401  (the other benchmarks import them from here too)
 
 # -----------------------------------------------------------------------------
 # model shapes
@@ -142,9 +142,6 @@ def variant(base: InternLMForCausalLM, options: dict | None) -> InternLMForCausa
 # -----------------------------------------------------------------------------
 # timing
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def timed(fns: dict, device: str, repeats: int) -> dict:
@@ -210,15 +207,6 @@ def copy_bandwidth(device: str, nbytes: int, repeats: int = 10) -> float:
     return 2 * nbytes / dt
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"CPU {model}, {os.cpu_count()} logical cores"
 
 
 # -----------------------------------------------------------------------------

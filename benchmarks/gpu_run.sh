@@ -26,6 +26,10 @@
 #    internlm-xcomposer2d5-7b's shapes, fp16: time to first token of a 4-crop and a 24-crop image (2061 and
 #    10101 image tokens), ours against transformers' CLIP + Llama with the Partial LoRA hooked in, same
 #    weights (~40 GB: two 8B models); results in $OUT/bench_xcomposer2d5.json. BENCH25_ARGS passes options.
+# 7. (STEPS="adapters") served throughput with LoRA adapters (benchmarks/bench_adapters.py --device cuda) at the
+#    internlm2_5-7b-chat shape, fp16 random weights, 16 concurrent requests through the engine: base only, all on one
+#    adapter, spread over 4 (r=16 on wqkv/wo/w1/w2/w3, ~75 MB each), eager and CUDA graphs, ratios, outputs against
+#    generate() alone; ~16 GB, a minute or two; results in $OUT/bench_adapters.json. ADAPTERS_ARGS passes options.
 # One device call may run 10 minutes at most: STEPS="tests" or STEPS="bench" runs one part, and
 # BENCH_ARGS passes options to the benchmark, e.g. BENCH_ARGS="--variants ours ours-graph --repeats 3"
 # (the compiled variant compiles once per batch shape: budget a minute or more per shape).
@@ -75,5 +79,9 @@ fi
 if [[ " $steps " == *" bench25 "* ]]; then  # XComposer2.5 image question, 4 and 24 crops, STEPS="bench25"
     python3 benchmarks/bench_xcomposer2d5.py --device cuda --out "$out/bench_xcomposer2d5.json" ${BENCH25_ARGS:-} 2>&1 \
         | tee "$out/bench_xcomposer2d5.txt" || rc=1
+fi
+if [[ " $steps " == *" adapters "* ]]; then  # served throughput with LoRA adapters, STEPS="adapters"
+    python3 benchmarks/bench_adapters.py --device cuda --json "$out/bench_adapters.json" ${ADAPTERS_ARGS:-} 2>&1 \
+        | tee "$out/bench_adapters.txt" || rc=1
 fi
 exit $rc
