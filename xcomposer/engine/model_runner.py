@@ -359,7 +359,9 @@ class ModelRunner:
                         chunks=inp.chunks, all_decode=all_decode)
         image_mask = None if inp.image_mask is None else inp.image_mask.to(dev)[None]
         rope_n = None if inp.rope_n is None else inp.rope_n.to(dev, non_blocking=True)
-        task_loras = None if inp.task_loras is None else {name: m.to(dev)[None] for name, m in inp.task_loras.items()}
+        # a name every row selects needs no mask: the LoRA is added to the whole packed row at once
+        task_loras = None if inp.task_loras is None else {
+            name: None if bool(m.all()) else m.to(dev)[None] for name, m in inp.task_loras.items()}
         return self._forward(ids[None] if x is None else x[None], inp.positions.to(dev, non_blocking=True), rope_n,
                              meta, image_mask, inp.sample_rows.to(dev, non_blocking=True), task_loras)
 
