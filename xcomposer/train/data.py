@@ -4,7 +4,7 @@ Two record shapes, one per line of a `.jsonl` file or as items of a `.json` list
 
 * OpenAI chat: `{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}`;
 * upstream XComposer's finetune data: `{"id": ..., "conversations": [{"from": "human"|"bot", "value": "..."}]}`
-  (text only for now: records with "image" are refused).
+  (for text models; XComposer2.5 checkpoints read upstream's image records: train/vl_data.py).
 
 A conversation is (system or None, [(user, assistant), ...]). Its ids are the prompt of each turn
 exactly as `InternLM.chat` builds it (xcomposer.llm.chat: `format_chatml_prompt` for InternLM2,
@@ -35,6 +35,8 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     where: str  # "train.jsonl line 3": for messages about it
+    # XComposer2.5 records: (start position, image path) of each image; its tokens replace the ids there
+    images: list = field(default_factory=list)
 
 
 @dataclass
@@ -62,7 +64,7 @@ def parse_record(record) -> Conversation:
     if not isinstance(record, dict):
         raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
     if "image" in record or "images" in record:
-        raise ValueError("has an image: image records (XComposer's vision data) are not trained yet, only text")
+        raise ValueError("has an image: this is a text model; image records train XComposer2.5 checkpoints")
     if "messages" in record:
         msgs = record["messages"]
         if not isinstance(msgs, list) or not msgs:
@@ -88,7 +90,8 @@ def parse_record(record) -> Conversation:
                 raise ValueError(f"conversations[{i}] needs 'from' and 'value'")
             value = _text(m["value"], f"conversations[{i}]")
             if "<ImageHere>" in value:
-                raise ValueError(f"conversations[{i}] holds <ImageHere>: image records are not trained yet")
+                raise ValueError(f"conversations[{i}] holds <ImageHere>: this is a text model; image records train "
+                                 f"XComposer2.5 checkpoints")
             roles.append((m["from"], value))
         return None, _pairs(roles, "human", "bot", "conversations")
     raise ValueError("has neither 'messages' (OpenAI chat) nor 'conversations' (XComposer) ")
@@ -183,24 +186,30 @@ def read_records(path: str | Path) -> list[tuple[str, object]]:
 
 
 def load_examples(path: str | Path, tokenizer, family: str, template: str, max_length: int,
-                  strict: bool = False, log=None) -> DataReport:
-    """Tokenized examples of a data file. Bad records (bad JSON, missing fields, wrong roles, images,
-    longer than `max_length` tokens) are reported by line and skipped, or refused with `strict`."""
+                  strict: bool = False, log=None, encode=None) -> DataReport:
+    """Tokenized examples of a data file. Bad records (bad JSON, missing fields, wrong roles, images
+    for a text model, missing image files, longer than `max_length` tokens) are reported by line and
+    skipped, or refused with `strict`. `encode(record, data folder) -> Example` replaces the chat
+    encoding (XComposer2.5's image records: train/vl_data.encode_vl_record)."""
     report = DataReport()
     log = log or sys.stderr
     for where, record in read_records(path):
         try:
             if isinstance(record, Exception):
                 raise record
-            system, turns = parse_record(record)
-            ids, labels = encode_conversation(tokenizer, family, template, system, turns)
-            if len(ids) > max_length:
-                raise ValueError(f"{len(ids)} tokens, over max_length {max_length} (not truncated: shorten it or "
-                                 f"raise --max-length)")
-        except ValueError as e:
+            if encode is not None:
+                example = encode(record, Path(path).parent)
+                example.where = where
+            else:
+                system, turns = parse_record(record)
+                example = Example(*encode_conversation(tokenizer, family, template, system, turns), where)
+            if len(example.input_ids) > max_length:
+                raise ValueError(f"{len(example.input_ids)} tokens, over max_length {max_length} (not truncated: "
+                                 f"shorten it or raise --max-length)")
+        except (ValueError, OSError) as e:
             report.skipped.append(f"{where}: {e}")
             continue
-        report.examples.append(Example(ids, labels, where))
+        report.examples.append(example)
     if report.skipped:
         if strict:
             raise DataError(f"{len(report.skipped)} bad record(s) (--strict):\n  " + "\n  ".join(report.skipped))

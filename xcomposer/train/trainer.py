@@ -106,10 +106,30 @@ def collate(batch: list[Example], pad_id: int, device) -> tuple[torch.Tensor, to
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def loss_sum(model, ids, mask, labels, autocast: bool) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over the labelled positions, and their count."""
+def vl_inputs(vl, batch: list[Example], ids: torch.Tensor) -> dict:
+    """XComposer2.5: the batch's embeddings with each image's tokens in its span (the frozen tower,
+    no gradient), and the image mask the Partial LoRA reads; {} for a batch without images."""
+    if vl is None or not any(e.images for e in batch):
+        return {}
+    with torch.no_grad():
+        x = vl.llm.model.embed_tokens(ids).clone()
+        image = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+        for i, e in enumerate(batch):
+            for start, path in e.images:
+                tokens = vl._image_tokens([path])[0]
+                x[i, start:start + tokens.shape[0]] = tokens.to(x.device, x.dtype)
+                image[i, start:start + tokens.shape[0]] = True
+    return {"inputs_embeds": x, "image_mask": image}
+
+
+def loss_sum(model, ids, mask, labels, autocast: bool, inputs_embeds=None, image_mask=None) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the labelled positions, and their count. With
+    `inputs_embeds` (XComposer2.5 image records) those are the input and `image_mask` marks the images."""
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = model(input_ids=ids, attention_mask=mask)
+        if inputs_embeds is not None:
+            logits = model(inputs_embeds=inputs_embeds, attention_mask=mask, image_mask=image_mask)
+        else:
+            logits = model(input_ids=ids, attention_mask=mask)
     target = labels[:, 1:]
     loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
                            ignore_index=IGNORE, reduction="sum")
@@ -134,13 +154,15 @@ def enable_gradient_checkpointing(model) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, device, autocast: bool) -> float:
+def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, device, autocast: bool,
+             vl=None) -> float:
     was = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        ids, mask, labels = collate(examples[i:i + batch_size], pad_id, device)
-        s, n = loss_sum(model, ids, mask, labels, autocast)
+        batch = examples[i:i + batch_size]
+        ids, mask, labels = collate(batch, pad_id, device)
+        s, n = loss_sum(model, ids, mask, labels, autocast, **vl_inputs(vl, batch, ids))
         total, count = total + float(s), count + n
     model.train(was)
     return total / max(1, count)
@@ -202,6 +224,43 @@ def _load_checkpoint(folder: Path, peft_model, optimizer, scheduler, c: Finetune
     return state
 
 
+def _vision_language(folder: str, device, dtype):
+    """The XComposer model to train on images, or None for a text InternLM folder (by config.json)."""
+    from ..llm.checkpoint import checkpoint_folder
+    from ..models.xcomposer2 import is_xcomposer2_config
+    path, cfg_file = checkpoint_folder(folder, "model")
+    try:
+        raw = json.loads(Path(cfg_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not any("XComposer" in a for a in raw.get("architectures") or []):
+        return None
+    from ..models.xcomposer import XComposer
+    from ..models.xcomposer2d5 import XComposer2d5
+    if not is_xcomposer2_config(raw):
+        raise ValueError(f"{folder}: XComposer 1.0 fine-tuning is not supported; XComposer2.5 and InternLM text "
+                         f"models are")
+    vl = XComposer.from_pretrained(path, device=device, dtype=dtype, fuse=False)
+    if not isinstance(vl, XComposer2d5):
+        raise ValueError(f"{folder}: XComposer2 fine-tuning is not supported yet (its image layout differs); "
+                         f"XComposer2.5 (internlm-xcomposer2d5-7b) and InternLM text models are")
+    vl.requires_grad_(False)  # the tower and the projector stay frozen: only the LoRA trains (upstream's LoRA)
+    return vl
+
+
+def vl_encoder(vl):
+    """XComposer2.5's record encoder for `load_examples`: upstream finetune's layout and labels, each
+    image's token count from its tiling (R560_HD18_Identity_transform)."""
+    from vision.image import load_image
+    from ..models.xcomposer2d5 import composition_tile, hd_tokens
+    from .vl_data import encode_vl_record
+
+    def image_len(path: str) -> int:
+        w, h = composition_tile(load_image(path)).size
+        return hd_tokens(w // 560, h // 560, vl.config.patch_grid)
+    return lambda record, base: encode_vl_record(vl.tokenizer, record, base, image_len)
+
+
 def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
     """Train a LoRA adapter on `config.data` over `config.folder` and write it to `config.out`."""
     c = config
@@ -231,12 +290,14 @@ def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
     torch.manual_seed(c.seed)
     dtype = c.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     autocast = (device.type == "cuda") if c.bf16 is None else c.bf16
-    model = InternLM.from_pretrained(c.folder, device=device, dtype=dtype, fuse=False)
-    tok = model.tokenizer
+    vl = _vision_language(c.folder, device, dtype)  # XComposer2.5: LoRA on its decoder, images from its tower
+    model = vl.llm if vl is not None else InternLM.from_pretrained(c.folder, device=device, dtype=dtype, fuse=False)
+    tok = vl.tokenizer if vl is not None else model.tokenizer
     if tok is None:
         raise FileNotFoundError(f"{c.folder} has no tokenizer.model: fine-tuning needs the checkpoint's tokenizer")
     family = model.config.family
-    report = load_examples(c.data, tok, family, model.chat_template, c.max_length, c.strict, log=log)
+    report = load_examples(c.data, tok, family, getattr(model, "chat_template", "chatml"), c.max_length, c.strict,
+                           log=log, encode=vl_encoder(vl) if vl is not None else None)
     examples = report.examples
     rng = random.Random(c.seed)
     held = int(len(examples) * c.eval_fraction)
@@ -305,7 +366,7 @@ def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
         step_loss = 0.0
         for batch in group[rank::world]:
             ids, mask, labels = collate(batch, pad_id, device)
-            s, _ = loss_sum(forward_model, ids, mask, labels, autocast)
+            s, _ = loss_sum(forward_model, ids, mask, labels, autocast, **vl_inputs(vl, batch, ids))
             (s * world / max(1, n_labels)).backward()
             step_loss += float(s.detach())
             tokens += int(mask.sum()) * world
@@ -329,7 +390,7 @@ def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
             print(f"step {step + 1}/{total_steps} loss {result.losses[-1]:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
                   f"{result.tokens_per_s:,.0f} tok/s", file=log)
         if eval_set and ((c.eval_every and (step + 1) % c.eval_every == 0) or step + 1 == total_steps):
-            loss = evaluate(peft_model, eval_set, c.batch_size, pad_id, device, autocast)
+            loss = evaluate(peft_model, eval_set, c.batch_size, pad_id, device, autocast, vl)
             result.eval_losses.append((step + 1, loss))
             print(f"step {step + 1}/{total_steps} eval loss {loss:.4f}", file=log)
     peft_model.eval()
