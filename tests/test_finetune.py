@@ -379,3 +379,46 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_adapter(tmp_path):
         finetune(FinetuneConfig(out=str(tmp_path / "saved"), resume=str(ckpt), **{**common, "lora_r": 8}))
     with pytest.raises(FileNotFoundError, match="trainer_state.pt"):
         finetune(FinetuneConfig(out=str(tmp_path / "x"), resume=str(tmp_path), **common))
+
+
+def test_tool_call_records_train_with_the_servers_tool_prompt(tmp_path):
+    """OpenAI records with tools: the prompt before each assistant message is the server's tool prompt
+    (`format_chatml_tool_prompt`) to the token, and the labels cover exactly the assistant messages (text
+    and calls as the model writes them) and their end token; a few steps train on them."""
+    from xcomposer.llm.chat import INTERNLM2_META_INSTRUCTION, format_chatml_tool_prompt, tool_call_text
+
+    folder = write_tiny_internlm2(tmp_path / "base")
+    tok = InternLM.from_pretrained(folder).tokenizer
+    fn = {"name": "get_weather", "description": "weather of a city",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    record = {"tools": [{"type": "function", "function": fn}], "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": '{"celsius": 21}'},
+        {"role": "assistant", "content": "It is 21 degrees."}]}
+    data = tmp_path / "tools.jsonl"
+    data.write_text(json.dumps(record) + "\n" + json.dumps({"messages": [{"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "yo"}]}) + "\n", encoding="utf-8")
+    report = load_examples(data, tok, "internlm2", "chatml", 4096, strict=True)
+    ex = report.examples[0]
+    turns = [("user", "Weather in Paris?", []), ("assistant", "", [("get_weather", {"city": "Paris"})]),
+             ("tool", '{"celsius": 21}', []), ("assistant", "It is 21 degrees.", [])]
+    meta = INTERNLM2_META_INSTRUCTION
+    first = tok.encode(format_chatml_tool_prompt(turns[:1], meta, [fn]), add_bos=True)
+    assert ex.input_ids[:len(first)] == first and all(lab == -100 for lab in ex.labels[:len(first)])
+    call = tok.encode("[UNUSED_TOKEN_145]" + tool_call_text("get_weather", {"city": "Paris"}) + "[UNUSED_TOKEN_145]",
+                      add_bos=False)[1:]
+    assert ex.input_ids[len(first):len(first) + len(call)] == call
+    assert ex.labels[len(first):len(first) + len(call)] == call  # the call and its end token are learnt
+    second = tok.encode(format_chatml_tool_prompt(turns[:3], meta, [fn]), add_bos=True)
+    assert ex.input_ids[:len(second)] == second  # the serving prompt of the final answer, to the token
+    tail = [t for t, lab in zip(ex.input_ids[len(second):], ex.labels[len(second):]) if lab != -100]
+    assert tok.decode(tail, skip_special_tokens=False).startswith("It is 21 degrees.")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": record["messages"]}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match="no 'tools' list"):
+        load_examples(bad, tok, "internlm2", "chatml", 4096, strict=True)
+    result = finetune(FinetuneConfig(folder=str(folder), data=str(data), out=str(tmp_path / "a"), lora_r=4,
+                                     lora_alpha=8, lr=1e-2, max_steps=2, grad_accum=1, weight_decay=0.0))
+    assert result.steps == 2 and result.examples == 2

@@ -59,6 +59,76 @@ def _text(value, where: str) -> str:
     raise ValueError(f"{where}: content must be a string, got {type(value).__name__}")
 
 
+def tool_conversation(record) -> tuple[str | None, list, list[tuple[str, str, list]]] | None:
+    """An OpenAI chat record with tools (`tools`, assistant `tool_calls`, `tool` results) -> (system,
+    functions, [(role, text, calls)]) as `format_chatml_tool_prompt` takes them; None for a record
+    without tools. ValueError with the reason for a bad one."""
+    if not isinstance(record, dict) or "messages" not in record:
+        return None
+    msgs = record["messages"]
+    tools = record.get("tools")
+    uses = isinstance(msgs, list) and any(isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool")
+                                          for m in msgs)
+    if not tools and not uses:
+        return None
+    if uses and not tools:
+        raise ValueError("has tool calls but no 'tools' list: give the functions the calls could choose from")
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("function"), dict)
+                                              and isinstance(t["function"].get("name"), str) for t in tools):
+        raise ValueError("'tools' must be a list of {'type': 'function', 'function': {'name', ...}}")
+    functions = [t["function"] for t in tools]
+    system, turns = None, []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m:
+            raise ValueError(f"messages[{i}] needs a 'role'")
+        role = m["role"]
+        if role == "system" and i == 0:
+            system = _text(m.get("content"), f"messages[{i}]")
+            continue
+        calls = []
+        for j, c in enumerate(m.get("tool_calls") or []):
+            fn = c.get("function") if isinstance(c, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise ValueError(f"messages[{i}].tool_calls[{j}] needs function.name")
+            args = fn.get("arguments", "{}")
+            try:
+                params = json.loads(args) if isinstance(args, str) else args
+            except json.JSONDecodeError as e:
+                raise ValueError(f"messages[{i}].tool_calls[{j}].function.arguments is not JSON ({e.msg})") from None
+            calls.append((fn["name"], params))
+        if role not in ("user", "assistant", "tool") or (calls and role != "assistant"):
+            raise ValueError(f"messages[{i}] has role {role!r}: a tool conversation takes user, assistant (with "
+                             f"tool_calls) and tool messages after an optional first system message")
+        content = m.get("content")
+        text = "" if content is None else _text(content, f"messages[{i}]")
+        turns.append((role, text, calls))
+    if not turns or turns[-1][0] != "assistant":
+        raise ValueError("a tool conversation must end with an assistant message")
+    return system, functions, turns
+
+
+def tool_segments(system: str | None, functions: list, turns: Sequence[tuple]) -> list[tuple[str, bool]]:
+    """(text, is_reply) pieces of a tool conversation whose concatenation is what the server's tool
+    prompt (`format_chatml_tool_prompt`) writes for it (checked): every assistant message (its text and
+    its calls, as the model writes them) is a reply, the rest prompt."""
+    from ..llm.chat import IM_START, format_chatml_tool_prompt, tool_call_text
+
+    meta = INTERNLM2_META_INSTRUCTION if system is None else check_meta_instruction(system)
+    head = format_chatml_tool_prompt([], meta, functions)[:-len(f"{IM_START}assistant\n")]
+    pieces: list[tuple[str, bool]] = [(head, False)]
+    for role, text, calls in turns:
+        if role == "assistant":
+            body = text + "".join(tool_call_text(n, p) for n, p in calls)
+            pieces += [(f"{IM_START}assistant\n", False), (body + IM_END, True), ("\n", False)]
+        else:
+            one = format_chatml_tool_prompt([(role, text, [])])
+            pieces.append((one[:-len(f"{IM_START}assistant\n")], False))
+    whole = format_chatml_tool_prompt(turns[:-1], meta, functions) + pieces[-2][0] + "\n"
+    if "".join(p for p, _ in pieces) != whole:
+        raise AssertionError("training pieces differ from the server's tool prompt")
+    return pieces[:-1]
+
+
 def parse_record(record) -> Conversation:
     """One record -> (system, turns); ValueError with the reason for a bad one."""
     if not isinstance(record, dict):
@@ -75,7 +145,7 @@ def parse_record(record) -> Conversation:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"messages[{i}] needs 'role' and 'content'")
             if m.get("tool_calls") or m["role"] == "tool":
-                raise ValueError(f"messages[{i}]: tool calls are not trained yet")
+                raise ValueError(f"messages[{i}]: a tool call needs the record's 'tools' list")
             roles.append((m["role"], _text(m["content"], f"messages[{i}]")))
         if roles[0][0] == "system":
             system = roles.pop(0)[1]
@@ -134,15 +204,18 @@ def chat_segments(tokenizer, family: str, template: str, system: str | None,
 
 
 def encode_conversation(tokenizer, family: str, template: str, system: str | None,
-                        turns: Sequence[tuple[str, str]]) -> tuple[list[int], list[int]]:
+                        turns: Sequence[tuple[str, str]], pieces=None) -> tuple[list[int], list[int]]:
     """(input_ids, labels): each piece encoded on its own (a prompt exactly as inference encodes it,
-    a reply as the tokens the model must generate after it), labels only on the reply pieces."""
+    a reply as the tokens the model must generate after it), labels only on the reply pieces.
+    `pieces` (a tool conversation's `tool_segments`) replace the chat pieces."""
     ids: list[int] = []
     labels: list[int] = []
     # a piece after the first continues the text: encoded after a special token (which ends the
     # tokenizer's start-of-text state, so no dummy-prefix space is added), that token dropped
     end = IM_END if family == "internlm2" else tokenizer.eoa
-    for i, (text, reply) in enumerate(_merge_prompts(chat_segments(tokenizer, family, template, system, turns))):
+    if pieces is None:
+        pieces = chat_segments(tokenizer, family, template, system, turns)
+    for i, (text, reply) in enumerate(_merge_prompts(pieces)):
         piece = tokenizer.encode(text, add_bos=True) if i == 0 else tokenizer.encode(end + text, add_bos=False)[1:]
         ids += piece
         labels += piece if reply else [IGNORE] * len(piece)
@@ -200,6 +273,11 @@ def load_examples(path: str | Path, tokenizer, family: str, template: str, max_l
             if encode is not None:
                 example = encode(record, Path(path).parent)
                 example.where = where
+            elif (tool := tool_conversation(record)) is not None:
+                if family != "internlm2":
+                    raise ValueError("has tool calls: only InternLM2 / 2.5 chat models have a tool-call format")
+                example = Example(*encode_conversation(tokenizer, family, template, None, (),
+                                                       pieces=tool_segments(*tool)), where)
             else:
                 system, turns = parse_record(record)
                 example = Example(*encode_conversation(tokenizer, family, template, system, turns), where)
@@ -221,4 +299,5 @@ def load_examples(path: str | Path, tokenizer, family: str, template: str, max_l
 
 
 __all__ = ["IGNORE", "DataError", "Example", "DataReport", "parse_record", "chat_segments", "encode_conversation",
+           "tool_conversation", "tool_segments",
            "read_records", "load_examples"]
