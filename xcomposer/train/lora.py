@@ -93,6 +93,10 @@ def quantize_base_(model, quantization) -> None:
                 parent = getattr(parent, name)
             setattr(parent, attr, _quantized(getattr(parent, attr), quantization, device, f"layer {i} {path}"))
     model.quantization = quantization
+    # what transformers marks on a bitsandbytes model: peft then wraps the projections in its own
+    # bitsandbytes LoRA layers (lora.bnb.Linear4bit / Linear8bitLt), as for a transformers QLoRA model
+    model.is_loaded_in_4bit = quantization.method in ("nf4", "fp4")
+    model.is_loaded_in_8bit = quantization.method == "int8"
 
 
 def lora_model(model, targets: list[str], r: int, alpha: float, dropout: float, quantization=None):
