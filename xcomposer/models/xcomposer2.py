@@ -4,7 +4,8 @@
     model = XComposer2.from_pretrained("internlm/internlm-xcomposer2-vl-7b", device="cuda", dtype=torch.float16)
     text = model.generate("<ImageHere>Please describe this image in detail.", image="cat.jpg")
     reply, history = model.chat("<ImageHere>Who is this?", image="a.jpg")
-    reply, history = model.chat("And then?", image="a.jpg", history=history)  # upstream: pass the image again
+    reply, history = model.chat("And then?", history=history)  # the returned history keeps the image
+    reply, history = model.chat("And then?", image="a.jpg", history=pairs)  # upstream's way: pairs + every image
     reply, history = model.chat(tokenizer, query="...", image="a.jpg", history=[])  # upstream's signature
 
 The checkpoint is read with upstream's key names (`model.*` InternLM2 with `Plora_A` / `Plora_B`,
