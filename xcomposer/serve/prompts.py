@@ -258,6 +258,30 @@ class ServedModel:
                                                        **meta)[0],
                       length=0 if counted is None else counted[0], task_loras=INFER_MODES[infer_mode])
 
+    def turn_prompt(self, query: str, refs: list[str], history: list, cfg: GenerationConfig):
+        """One chat turn from the model's own history format (what `chat()` takes and returns: pairs
+        or triples for InternLM and XComposer2 / 2.5, turn dicts for XComposer 1.0), for a front door
+        that keeps that history (the web demo): (the engine's Prompt, a function of the reply giving
+        the history `chat()` would return). The same model calls as `chat_prompt` makes."""
+        model = self.model
+        if self.xcomposer2:
+            pairs = [tuple(t) for t in history]
+            turn: dict[str, Any] = {}
+
+            def build():
+                inputs, turn["finish"] = model.prepare_chat(query, refs or None, pairs)
+                return inputs
+            prompt = Prompt(build=build)
+            # a 2.5 turn in the base mode; the history keeps each turn's images
+            return prompt, lambda reply: [list(t) for t in turn["finish"](reply)]
+        if self.vision:
+            turns, fresh, _ = model._prepare(query, refs or None, history, {})
+            return (Prompt(build=lambda: model.build_prompt(turns, cfg, fresh)[0]),
+                    lambda reply: turns + [bot_turn(reply)])
+        pairs = [tuple(t) for t in history]
+        return (Prompt(ids=model._chat_prompt(self.tokenizer, query, pairs, cfg)),
+                lambda reply: [list(t) for t in pairs] + [[query, reply]])
+
     def completion_prompt(self, text: str, cfg: GenerationConfig) -> Prompt:
         if self.xcomposer2:  # a complete prompt string: text only, its ids as the tokenizer gives them
             if IMAGE_PLACEHOLDER in text:

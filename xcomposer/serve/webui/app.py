@@ -357,32 +357,11 @@ class DemoApp:
     def _engine_pieces(self, query: str, refs: list[str], history: list, options: dict) -> Iterator[tuple[str, Any]]:
         """One chat turn through the batching engine, as ("piece", text) ... ("history", history); the
         prompt and options are the model's own (serve/prompts.py builds them with its chat code)."""
-        from ..engine import Prompt, QueueFullError
+        from ..engine import QueueFullError
 
-        model, cfg = self.model, self.served.config(options)
-        if self.xcomposer2:
-            pairs = [tuple(t) for t in history]
-            turn: dict[str, Any] = {}
-
-            def build():
-                inputs, turn["finish"] = model.prepare_chat(query, refs or None, pairs)
-                return inputs
-            prompt = Prompt(build=build)
-
-            def new_history(reply: str) -> list:  # as chat() returns it: turns with images keep them
-                return [list(t) for t in turn["finish"](reply)]
-        elif self.vision:
-            turns, fresh, _ = model._prepare(query, refs or None, history, {})
-            prompt = Prompt(build=lambda: model.build_prompt(turns, cfg, fresh)[0])
-
-            def new_history(reply: str) -> list:
-                return turns + [{"role": "bot", "text": reply}]
-        else:
-            pairs = [tuple(t) for t in history]
-            prompt = Prompt(ids=model._chat_prompt(model.tokenizer, query, pairs, cfg))
-
-            def new_history(reply: str) -> list:
-                return [list(t) for t in pairs] + [[query, reply]]
+        cfg = self.served.config(options)
+        # the prompt and the history after the reply come from the served model's one chat format
+        prompt, new_history = self.served.turn_prompt(query, refs, history, cfg)
         events: queue.Queue = queue.Queue()
         try:
             req = self.engine.submit(prompt, cfg, events.put)
