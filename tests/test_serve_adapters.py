@@ -181,3 +181,21 @@ def test_xcomposer2d5_adapter_merged_or_held(tmp_path):
     from xcomposer.tiny import write_tiny_xcomposer
     with pytest.raises(ValueError, match="XComposer 1.0"):
         XComposer.from_pretrained(write_tiny_xcomposer(tmp_path / "v1"), adapter=path)
+
+
+def test_text_turns_are_dropped_to_the_engines_session_not_the_window(setup):
+    """The served prompt of a long text conversation leaves out the oldest turns that do not fit the
+    engine's session length (the budget), where chat() sizes them to the context window."""
+    folder, _, _ = setup
+    model = InternLM.from_pretrained(folder)
+    served = ServedModel(model, "base")
+    cfg = served.config({"max_new_tokens": 16})
+    from xcomposer.serve.prompts import Message
+    long = [Message("system", "")]
+    for k in range(12):
+        long += [Message("user", f"question number {k} " * 6), Message("assistant", f"answer {k} " * 6)]
+    long.append(Message("user", "last?"))
+    full = served.chat_prompt(long, cfg)
+    cut = served.chat_prompt(long, cfg, budget=200)
+    assert len(cut.ids) + 16 <= 200 < len(full.ids) + 16
+    assert cut.ids[-20:] == full.ids[-20:]  # the newest turn is kept

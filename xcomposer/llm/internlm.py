@@ -243,12 +243,15 @@ class InternLM(InternLMForCausalLM):
         return GenerationConfig(eos_token_id=stop, pad_token_id=tokenizer.pad_token_id).replace(**merged)
 
     def _chat_prompt(self, tokenizer, query: str, history, cfg: GenerationConfig,
-                     meta_instruction: str | None = None) -> list[int]:
-        """The prompt ids; `meta_instruction` None means the template's default system text."""
+                     meta_instruction: str | None = None, window: int | None = None) -> list[int]:
+        """The prompt ids; `meta_instruction` None means the template's default system text. The
+        oldest turns that do not fit `window` tokens (prompt plus reply; default the context window,
+        a server passes its session length) are left out."""
+        window = self.context_window if window is None else min(window, self.context_window)
         if self.config.family == "internlm2":
             meta = INTERNLM2_META_INSTRUCTION if meta_instruction is None else meta_instruction
-            return build_chatml_ids(tokenizer, query, history, self.context_window, cfg.max_new_tokens, meta)[0]
-        ids, _dropped = build_chat_ids(tokenizer, query, history, self.context_window, cfg.max_new_tokens,
+            return build_chatml_ids(tokenizer, query, history, window, cfg.max_new_tokens, meta)[0]
+        ids, _dropped = build_chat_ids(tokenizer, query, history, window, cfg.max_new_tokens,
                                        self.chat_template, meta_instruction)
         return ids
 

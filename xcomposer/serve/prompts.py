@@ -143,8 +143,10 @@ class ServedModel:
     def chat_prompt(self, messages: Sequence[Message], cfg: GenerationConfig, *, hd_num: int | None = None,
                     infer_mode: str | None = None, budget: int | None = None) -> Prompt:
         """`hd_num` / `infer_mode`: XComposer2.5's chat() options (request fields of those names).
-        `budget`: the tokens a sequence holds (the engine's session_len): an XComposer2.5 prompt whose
-        images make it longer is refused here, with each image's share, before anything is encoded."""
+        `budget`: the tokens a sequence holds (the engine's session_len): a text model's oldest turns
+        that do not fit it are left out (as `chat()` leaves out those that do not fit the context
+        window); an XComposer2.5 prompt whose images make it longer is refused here, with each image's
+        share, before anything is encoded."""
         if not self.xcomposer2d5:
             for name, value in (("hd_num", hd_num), ("infer_mode", infer_mode)):
                 if value is not None:
@@ -189,8 +191,10 @@ class ServedModel:
             if not query.strip():
                 raise PromptError("the last user message is empty: send a question", f"messages[{len(messages) - 1}]"
                                                                                    ".content")
-            # no system message: the model's default system text, as its chat() uses
-            return Prompt(ids=self.model._chat_prompt(self.tokenizer, query, history, cfg, system))
+            # no system message: the model's default system text, as its chat() uses; the oldest turns
+            # that do not fit the engine's session (budget) are left out, as chat() leaves out those
+            # that do not fit the context window
+            return Prompt(ids=self.model._chat_prompt(self.tokenizer, query, history, cfg, system, window=budget))
         history: list[dict[str, Any]] = []
         for k in range(0, len(messages) - 1, 2):
             user, bot = messages[k], messages[k + 1]
@@ -258,7 +262,8 @@ class ServedModel:
                                                        **meta)[0],
                       length=0 if counted is None else counted[0], task_loras=INFER_MODES[infer_mode])
 
-    def turn_prompt(self, query: str, refs: list[str], history: list, cfg: GenerationConfig):
+    def turn_prompt(self, query: str, refs: list[str], history: list, cfg: GenerationConfig,
+                    budget: int | None = None):
         """One chat turn from the model's own history format (what `chat()` takes and returns: pairs
         or triples for InternLM and XComposer2 / 2.5, turn dicts for XComposer 1.0), for a front door
         that keeps that history (the web demo): (the engine's Prompt, a function of the reply giving
@@ -279,7 +284,7 @@ class ServedModel:
             return (Prompt(build=lambda: model.build_prompt(turns, cfg, fresh)[0]),
                     lambda reply: turns + [bot_turn(reply)])
         pairs = [tuple(t) for t in history]
-        return (Prompt(ids=model._chat_prompt(self.tokenizer, query, pairs, cfg)),
+        return (Prompt(ids=model._chat_prompt(self.tokenizer, query, pairs, cfg, window=budget)),
                 lambda reply: [list(t) for t in pairs] + [[query, reply]])
 
     def completion_prompt(self, text: str, cfg: GenerationConfig) -> Prompt:

@@ -361,7 +361,7 @@ class DemoApp:
 
         cfg = self.served.config(options)
         # the prompt and the history after the reply come from the served model's one chat format
-        prompt, new_history = self.served.turn_prompt(query, refs, history, cfg)
+        prompt, new_history = self.served.turn_prompt(query, refs, history, cfg, budget=self.engine.session_len)
         events: queue.Queue = queue.Queue()
         try:
             req = self.engine.submit(prompt, cfg, events.put)
