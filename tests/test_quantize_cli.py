@@ -247,6 +247,116 @@ def test_xcomposer2_export_keeps_partial_lora_and_vision_in_16_bit(tmp_path):
         assert (qm.llm(inputs_embeds=x, image_mask=mask) - qm.llm(inputs_embeds=x)).abs().amax() > 1e-3
 
 
+# -- XComposer2.5: loaded as 2.5, quantized as XComposer2, task LoRAs kept in 16-bit ------------------
+
+LAYER_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                     "mlp.up_proj", "mlp.down_proj")
+
+
+def test_xcomposer2d5_through_the_cli_loads_back_and_generates(tmp_path, capsys):
+    """internlm-xcomposer2d5-7b's layout (tiny): `python -m xcomposer quantize` loads it as 2.5
+    (XComposer2.from_pretrained refuses it), writes XComposer2's `.linear` GPTQ stems, copies the
+    Partial LoRA, the task LoRAs, the glb/sub GN tokens and the vision weights as stored; the folder
+    loads back through XComposer.from_pretrained as an XComposer2d5 whose logits are as near the
+    16-bit model's as XComposer2's export (every infer mode), and whose image chat answers
+    token for token as the 16-bit model holding the dequantized weights does."""
+    from torch import nn
+
+    from vl_util import picture
+    from xcomposer import XComposer
+    from xcomposer.models.xcomposer2d5 import XComposer2d5
+    from xcomposer.tiny import write_tiny_xcomposer2d5
+
+    src = write_tiny_xcomposer2d5(tmp_path / "src", **SHAPE)
+    out = tmp_path / "q"
+    assert cli_main(["quantize", "--folder", str(src), "--out", str(out), "--group-size", str(GROUP),
+                     "--calib-samples", "16", "--calib-seq-len", "64", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(out)
+    assert "(xcomposer2d5, 2 layers)" in captured.err and "10 quantized linears" in captured.err
+    got, orig = _tensors(out), _tensors(src)
+    for i in range(2):
+        for stem in INTERNLM2_STEMS:
+            s = f"model.layers.{i}.{stem}"
+            assert {f"{s}.linear.{t}" for t in ("qweight", "qzeros", "scales", "g_idx")} <= set(got)
+            assert f"{s}.weight" not in got and f"{s}.linear.weight" not in got
+    kept = [k for k in orig if not any(k.endswith(f".{stem}.weight") for stem in INTERNLM2_STEMS)]
+    for name in ("lora_web_A", "lora_web_B", "lora_sft_A", "lora_sft_B", "lora_dpo_A", "lora_dpo_B", "Plora_A"):
+        assert f"model.layers.1.feed_forward.w2.{name}.weight" in kept
+    assert {"plora_glb_GN", "plora_sub_GN"} <= set(kept) and any(k.startswith("vision_proj.") for k in kept)
+    assert any(k.startswith("vit.") for k in kept)
+    assert set(got) == set(kept) | {f"model.layers.{i}.{stem}.linear.{t}" for i in range(2)
+                                    for stem in INTERNLM2_STEMS for t in ("qweight", "qzeros", "scales", "g_idx")}
+    for k in kept:  # copied as stored
+        assert got[k].dtype == orig[k].dtype and torch.equal(got[k], orig[k])
+    cfg = json.loads((out / "config.json").read_text())
+    assert {k: v for k, v in cfg.items() if k != "quantization_config"} == json.loads((src / "config.json").read_text())
+    assert (cfg["quantization_config"]["bits"], cfg["quantization_config"]["group_size"]) == (4, GROUP)
+
+    qm, ref = XComposer.from_pretrained(out), XComposer.from_pretrained(src)
+    assert type(qm) is XComposer2d5 and qm.quantization == read_packed_quantization(out)
+    layer = qm.llm.model.layers[0]
+    assert all(type(layer.get_submodule(n)) is GPTQLinear for n in LAYER_PROJECTIONS)
+    assert type(layer.self_attn.qkv_task.loras["web"].A) is nn.Linear  # task LoRAs stay 16-bit
+    ids = calibration_ids(read_calibration(builtin_calibration())[:8], ref.tokenizer, "xcomposer2d5", samples=8,
+                          seq_len=48)
+    for loras in ((), ("web",), ("sft", "dpo")):  # infer_mode base, web, write
+        err, scale = _task_logit_rmse(qm.llm, ref.llm, ids, loras), _task_logit_std(ref.llm, ids, loras)
+        assert err < 0.6 * scale, (loras, err, scale)  # XComposer2's bound above
+    deq = XComposer.from_pretrained(src, fuse=False)  # the 16-bit model holding the written weights
+    with torch.no_grad():
+        for lq, ld in zip(qm.llm.model.layers, deq.llm.model.layers):
+            for n in LAYER_PROJECTIONS:
+                ld.get_submodule(n).weight.copy_(lq.get_submodule(n).dequantize(torch.float32))
+    pic = picture(1, (700, 300))
+    for mode in ("base", "web", "write"):
+        reply, _ = qm.chat("Describe it", image=[pic], infer_mode=mode, do_sample=False, max_new_tokens=6)
+        want, _ = deq.chat("Describe it", image=[pic], infer_mode=mode, do_sample=False, max_new_tokens=6)
+        assert reply == want and reply
+
+
+def _task_logit_rmse(model, ref, ids, loras) -> float:
+    num = den = 0.0
+    with torch.no_grad():
+        for s in ids:
+            t = torch.tensor([s])
+            d = model(t, task_loras=loras) - ref(t, task_loras=loras)
+            num += d.pow(2).sum().item()
+            den += d.numel()
+    return (num / den) ** 0.5
+
+
+def _task_logit_std(ref, ids, loras) -> float:
+    with torch.no_grad():
+        return torch.cat([ref(torch.tensor([s]), task_loras=loras).flatten() for s in ids]).std().item()
+
+
+def test_xcomposer2d5_chat_records_have_no_system_turn_unless_given(tmp_path):
+    """2.5's chat adds a system turn only with use_meta=True: calibration chats follow it."""
+    from xcomposer.llm.tokenizer import load_tokenizer
+    from xcomposer.tiny import write_xcomposer2_tokenizer
+
+    write_xcomposer2_tokenizer(tmp_path, 1000)
+    tok = load_tokenizer(tmp_path)
+    chat = read_calibration(builtin_calibration())[-5]
+    plain = type(chat)(messages=chat.messages[1:])  # the same chat without its system message
+    assert chat_text(plain, "xcomposer2d5", tok).startswith(f"<|im_start|>user\n{plain.messages[0][1]}<|im_end|>\n")
+    assert chat_text(chat, "xcomposer2d5", tok).startswith(f"<|im_start|>system\n{chat.messages[0][1]}<|im_end|>\n")
+    assert chat_text(plain, "xcomposer2", tok).startswith("<|im_start|>system\n")  # XComposer2's default text
+
+
+def test_xcomposer2_4khd_is_refused_with_the_reason(tmp_path, capsys):
+    """XComposer2-4KHD shares the architecture name and `plora_glb_GN`; its remote code tiles with
+    HD_transform. This project does not load it, so quantize refuses it before any work."""
+    from xcomposer.tiny import write_tiny_xcomposer2d5
+
+    src = write_tiny_xcomposer2d5(tmp_path / "src", **SHAPE)
+    (src / "ixc_utils.py").write_text("def HD_transform(img, hd_num=16):\n    return img\n", encoding="utf-8")
+    msg = _cli_error(capsys, "--folder", src, "--out", tmp_path / "q", "--group-size", GROUP, "--device", "cpu")
+    assert "InternLM-XComposer2-4KHD" in msg and "internlm-xcomposer2d5-7b" in msg
+    assert not (tmp_path / "q").exists()
+
+
 # -- calibration data ---------------------------------------------------------------------------------
 
 def test_calibration_files_and_chat_formats(tmp_path, src2):

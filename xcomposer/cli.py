@@ -78,7 +78,7 @@ def add_quantize_commands(groups: argparse._SubParsersAction) -> None:
     q = groups.add_parser("quantize", help="write a 4-bit / 8-bit GPTQ checkpoint of a 16-bit folder",
                           description="GPTQ (gptqmodel's algorithm and packer, run layer by layer on this decoder) "
                                       "into the published auto_gptq / gptqmodel layout under the checkpoint's own "
-                                      "keys: InternLM v1, InternLM2 / 2.5, InternLM-XComposer2 "
+                                      "keys: InternLM v1, InternLM2 / 2.5, InternLM-XComposer2 / 2.5 "
                                       "(docs/quantization-formats.md, 'Quantizing your own checkpoint'). Needs "
                                       "`pip install --no-deps -r requirements-quantize.txt`.")
     q.add_argument("--folder", required=True, metavar="MODEL", help="the 16-bit checkpoint folder")

@@ -1,4 +1,4 @@
-"""`python -m xcomposer quantize`: write a GPTQ checkpoint of a 16-bit InternLM / InternLM2 / XComposer2 folder.
+"""`python -m xcomposer quantize`: write a GPTQ checkpoint of a 16-bit InternLM / InternLM2 / XComposer2 / 2.5 folder.
 
     from xcomposer.quantize import quantize_checkpoint
     report = quantize_checkpoint("my-finetuned-internlm2", "my-finetuned-internlm2-4bit", bits=4, group_size=128)
@@ -18,6 +18,13 @@ The folder written is the published layout (auto_gptq / gptqmodel "gptq" v1; doc
 one quantized matrix in upstream's kv-group row layout; XComposer2's stems end in `.linear`, beside
 the 16-bit `Plora_A` / `Plora_B`), config.json's `quantization_config` plus `quantize_config.json`.
 Every other tensor is copied from the source shards as it is stored, and so is every non-weight file.
+
+XComposer2.5 (internlm-xcomposer2d5-7b: an XComposer2 architecture name whose weights hold
+`plora_glb_GN`) loads through `XComposer.from_pretrained` (class `XComposer2d5`) and is quantized as
+XComposer2 is: the same `.linear` stems, Partial LoRA, the task LoRAs (`lora_web` / `lora_sft` /
+`lora_dpo`), `plora_glb_GN` / `plora_sub_GN` and the vision weights copied in 16-bit. Calibration runs
+the base decoder (no task LoRA: chat's "base" mode) on text. XComposer2-4KHD is refused (not loadable
+here).
 
 gptqmodel is installed without its dependencies (requirements-quantize.txt, `INSTALL` below): its
 full dependency list wants pillow>=13, which gradio 6 (a core dependency here) refuses.
@@ -131,8 +138,8 @@ def _jsonl_record(line: str, where: str) -> CalibrationRecord:
 
 def chat_text(record: CalibrationRecord, family: str, tokenizer, template: str = "2023-12") -> str:
     """The text (without `<s>`) a chat record is in the checkpoint's own chat format: InternLM2 /
-    XComposer2 chatml (`xcomposer.llm.chat.format_chatml_prompt`; the model's default system text
-    when the chat has none) or internlm-chat-7b's template (`format_prompt`), each finished
+    XComposer2 / 2.5 chatml (`xcomposer.llm.chat.format_chatml_prompt`; the model's default system
+    text when the chat has none: none for 2.5, whose chat adds it only with use_meta=True) or internlm-chat-7b's template (`format_prompt`), each finished
     assistant turn closed as the model closes it (`<|im_end|>` / `<eoa>`)."""
     from .llm import chat
 
@@ -146,6 +153,8 @@ def chat_text(record: CalibrationRecord, family: str, tokenizer, template: str =
     if system is None:
         if family == "xcomposer2":
             from .models.xcomposer2 import XCOMPOSER2_META_INSTRUCTION as system
+        elif family == "xcomposer2d5":
+            system = ""  # XComposer2d5.chat: no system turn unless use_meta=True
         else:
             system = chat.INTERNLM2_META_INSTRUCTION
     text = chat.format_chatml_prompt(query, history, system)
@@ -173,7 +182,7 @@ class QuantizeReport:
     """What `quantize_checkpoint` wrote and how it went."""
 
     out: Path
-    family: str  # "internlm" | "internlm2" | "xcomposer2"
+    family: str  # "internlm" | "internlm2" | "xcomposer2" | "xcomposer2d5"
     quantization_config: dict
     samples: int
     tokens: int
@@ -212,8 +221,8 @@ def _read_config(folder: Path) -> dict:
                             f"(config.json, weight shards, tokenizer.model)")
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
-        raise QuantizeError(f"{folder} has no config.json: pass the folder of an InternLM / InternLM2 / XComposer2 "
-                            f"checkpoint")
+        raise QuantizeError(f"{folder} has no config.json: pass the folder of an InternLM / InternLM2 / XComposer2 / "
+                            f"XComposer2.5 checkpoint")
     try:
         d = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -234,15 +243,49 @@ def _family(folder: Path, d: dict) -> str:
             f"quantization_config {json.dumps(d['quantization_config'])[:80]}"
         raise QuantizeError(f"{folder} is quantized already ({what}): quantize the 16-bit checkpoint it was made from")
     if is_xcomposer2_config(d):
-        return "xcomposer2"
+        return _xcomposer2_family(folder)
     if is_xcomposer_config(d):
         raise QuantizeError(f"{folder} is an InternLM-XComposer 1.0 checkpoint, which quantize does not handle: it "
-                            f"quantizes InternLM (v1), InternLM2 / 2.5 and InternLM-XComposer2 checkpoints")
+                            f"quantizes InternLM (v1), InternLM2 / 2.5 and InternLM-XComposer2 / 2.5 checkpoints")
     from .llm.config import config_from_dict
     try:
         return config_from_dict(d).family
     except (TypeError, ValueError) as e:
         raise QuantizeError(f"{folder / 'config.json'} does not describe an InternLM model ({e})") from e
+
+
+def _xcomposer2_family(folder: Path) -> str:
+    """"xcomposer2" or "xcomposer2d5" for an InternLMXComposer2ForCausalLM folder (one architecture
+    name, three generations: `checkpoint_generation` reads the weights' names)."""
+    from .llm.checkpoint import CheckpointError
+    from .models.xcomposer2 import checkpoint_generation
+    try:
+        generation = checkpoint_generation(folder)
+    except (CheckpointError, OSError, ValueError) as e:
+        raise QuantizeError(f"cannot list the weights of {folder} ({e}): quantize tells XComposer2 from 2.5 by them")
+    if generation == "4khd":
+        raise QuantizeError(f"{folder} is InternLM-XComposer2-4KHD (336-px HD_transform tiling), which this project "
+                            f"does not load, so quantize does not handle it either: it quantizes "
+                            f"internlm-xcomposer2-vl-7b / -7b and internlm-xcomposer2d5-7b folders")
+    return "xcomposer2d5" if generation == "2.5" else "xcomposer2"
+
+
+def _decoder_config(d: dict, family: str):
+    """The decoder's config from config.json (XComposer2 / 2.5: its InternLM2 fields, as the model's
+    own loader reads them)."""
+    if family in _XCOMPOSER2_FAMILIES:
+        from .llm.checkpoint import CheckpointError
+        from .models.xcomposer2 import XComposer2Config
+        try:
+            return XComposer2Config.from_dict(d).llm
+        except (CheckpointError, TypeError, ValueError) as e:
+            raise QuantizeError(f"config.json does not describe an InternLM-XComposer2 decoder ({e})") from e
+    from .llm.config import config_from_dict
+    return config_from_dict({k: v for k, v in d.items() if k not in ("vision_config", "plora_rank", "img_size",
+                                                                      "max_length")})
+
+
+_XCOMPOSER2_FAMILIES = ("xcomposer2", "xcomposer2d5")
 
 
 def _check_shapes(llm_cfg, bits: int, group_size: int) -> None:
@@ -309,6 +352,13 @@ def _load_decoder(folder: Path, family: str, dtype: torch.dtype):
     if family == "xcomposer2":
         from .models.xcomposer2 import XComposer2
         model = XComposer2.from_pretrained(folder, device="cpu", dtype=dtype, fuse=False)
+        return model.llm, model.tokenizer, "2023-12"
+    if family == "xcomposer2d5":  # XComposer2.from_pretrained refuses 2.5: the loader of every generation
+        from .models.xcomposer import XComposer
+        from .models.xcomposer2d5 import XComposer2d5
+        model = XComposer.from_pretrained(folder, device="cpu", dtype=dtype, fuse=False)
+        if not isinstance(model, XComposer2d5):  # checkpoint_generation said 2.5: the two must agree
+            raise QuantizeError(f"{folder} was read as XComposer2.5 but loaded as {type(model).__name__}")
         return model.llm, model.tokenizer, "2023-12"
     from .llm.internlm import InternLM
     model = InternLM.from_pretrained(folder, device="cpu", dtype=dtype, fuse=False)
@@ -397,9 +447,7 @@ def quantize_checkpoint(folder: str | os.PathLike, out: str | os.PathLike, *, me
     _check_options(method, bits, group_size, calib_samples, calib_seq_len, damp_percent)
     d = _read_config(folder)
     family = _family(folder, d)
-    from .llm.config import config_from_dict
-    llm_cfg = config_from_dict({k: v for k, v in d.items() if k not in ("vision_config", "plora_rank", "img_size",
-                                                                          "max_length")})
+    llm_cfg = _decoder_config(d, family)
     _check_shapes(llm_cfg, bits, group_size)
     check_output_folder(folder, out, overwrite, "quantized checkpoint")
     version, GPTQ, QuantizeConfig, TorchLinear, to_v1 = _gptqmodel()
@@ -427,7 +475,7 @@ def quantize_checkpoint(folder: str | os.PathLike, out: str | os.PathLike, *, me
     fmt = "gptq" if sym else "gptq_v2"
     packed: dict[str, dict[str, torch.Tensor]] = {}  # checkpoint stem (as written) -> its tensors
     losses: dict[str, float] = {}
-    suffix = ".linear" if family == "xcomposer2" else ""
+    suffix = ".linear" if family in _XCOMPOSER2_FAMILIES else ""
 
     with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
         hidden, rest = _layer_inputs(llm, samples, device)
@@ -512,7 +560,7 @@ def _pack(TorchLinear, to_v1, qcfg, lin: nn.Linear, q: torch.Tensor, scale, zero
 
 def _quantized_source_keys(packed: dict[str, dict], family: str) -> dict[str, str]:
     """Source key (`<stem>.weight` / `.bias`) -> the written stem that replaces it."""
-    suffix = ".linear" if family == "xcomposer2" else ""
+    suffix = ".linear" if family in _XCOMPOSER2_FAMILIES else ""
     out = {}
     for written in packed:
         stem = written[: -len(suffix)] if suffix else written
