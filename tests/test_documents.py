@@ -162,3 +162,30 @@ def test_a_growing_document_chat_keeps_the_documents_and_drops_older_questions(t
             break
     else:
         raise AssertionError("no question was too long")
+
+
+def test_a_chat_past_the_window_says_how_many_exchanges_the_model_left_out(tmp_path):
+    """The chat tab's turn, eager (the chat format's stream_turn) or through the engine, fits a long
+    conversation the same way: the same exchanges left out, the same greedy reply, every exchange
+    kept in the history and on the page, and a note saying how many the model did not read."""
+    from xcomposer.serve.webui import ChatSession
+    from xcomposer.serve.webui.chat_tab import dropped_note
+    from xcomposer.tiny import write_tiny_internlm2
+    model = InternLM.from_pretrained(write_tiny_internlm2(tmp_path / "lm2", max_position_embeddings=512))
+    history = [[f"question {k} about the cherry trees " * 2, f"answer {k} about april " * 2] for k in range(14)]
+    opts = dict(do_sample=False, max_new_tokens=8, num_beams=1, repetition_penalty=1.0)
+    results = []
+    for batch in (1, 2):  # no engine, then the engine
+        app = DemoApp(model, None, tmp_path / f"out{batch}", max_batch_size=batch)
+        state = ChatSession(history=[list(t) for t in history])
+        try:
+            *_, (messages, new) = app.chat_turn("and now?", [], [], state, opts)
+        finally:
+            app.close()
+        results.append((new.dropped, messages[-1]["content"], new.history))
+    assert results[0] == results[1]
+    dropped, reply, kept_history = results[0]
+    assert 0 < dropped < 14 and len(kept_history) == 15 and kept_history[-1] == ["and now?", reply]
+    want, _ = model.chat(model.tokenizer, "and now?", history=[tuple(t) for t in history[dropped:]], **opts)
+    assert reply == want
+    assert f"left out the {dropped} oldest" in dropped_note(new, state) and dropped_note(state, state) == ""

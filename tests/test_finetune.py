@@ -323,7 +323,7 @@ def test_qlora_trains_over_a_4bit_base_and_the_adapter_serves_on_it(tmp_path):
     tok = served.tokenizer
     prompt = build_chatml_ids(tok, q, [], served.context_window, 8, meta_instruction="")[0]
     from xcomposer.llm.generation import generate
-    cfg_gen = served._chat_config(tok, {"do_sample": False, "max_new_tokens": 8})
+    cfg_gen = served.chat_format.generation_config({"do_sample": False, "max_new_tokens": 8})
     tuned = tok.decode(generate(served, [prompt], config=cfg_gen, task_loras=("tuned",)).tokens[0],
                        skip_special_tokens=True)
     assert a in tuned

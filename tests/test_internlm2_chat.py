@@ -211,10 +211,10 @@ def test_chat_builds_exact_chatml_ids_for_turns_1_and_2(ckpts, model, meta):
 
 def test_chat_defaults_and_stops_are_upstreams(model):
     tok = model.tokenizer
-    cfg = model._chat_config(tok, {})
+    cfg = model.chat_format.generation_config({})
     assert (cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p) == (1024, True, 0.8, 0.8)
     assert cfg.stop_ids == [2, tok.chat_token_id("<|im_end|>")]
-    assert model._chat_config(tok, {"top_p": 0.5}).top_p == 0.5  # meta_instruction is chat()'s own argument
+    assert model.chat_format.generation_config({"top_p": 0.5}).top_p == 0.5  # meta_instruction is chat()'s own argument
 
 
 def test_chat_matches_transformers_generate(model, hf):

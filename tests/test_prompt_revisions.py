@@ -131,7 +131,7 @@ def test_december_2023_turns(december, record):
 
 def test_internlm_chat_defaults_and_stops(july, december):
     for m in (july, december):
-        cfg = m._chat_config(m.tokenizer, {})
+        cfg = m.chat_format.generation_config({})
         assert (cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p) == (1024, True, 0.8, 0.8)
         assert cfg.stop_ids == [m.tokenizer.eos_token_id, m.tokenizer.eoa_token_id]
 

@@ -93,7 +93,7 @@ def test_engine_batches_base_and_adapters_each_as_alone(setup):
     want = {None: InternLM.from_pretrained(folder)}
     want.update({n: InternLM.from_pretrained(folder, adapter=p) for n, p in adapters.items()})
     jobs = [(name, ids) for name in (None, "a1", "a2") for ids in prompts]
-    cfg = served._chat_config(tok, {"do_sample": False, "max_new_tokens": 8, "repetition_penalty": 1.0})
+    cfg = served.chat_format.generation_config({"do_sample": False, "max_new_tokens": 8, "repetition_penalty": 1.0})
     with Engine(served, max_batch_size=len(jobs), session_len=256, prefill_chunk=4) as eng:
         with ThreadPoolExecutor(len(jobs)) as pool:
             futures = [pool.submit(eng.generate, Prompt(ids=ids, task_loras=(name,) if name else ()), cfg, (), 60)

@@ -530,7 +530,7 @@ def test_internlm2_system_message_is_the_chatml_system_turn(tmp_path):
 
     m = InternLM.from_pretrained(write_tiny_internlm2(tmp_path / "lm2"))
     served = ServedModel(m, "tiny2")
-    assert served.has_system_turn and m.chat_template == "chatml"
+    assert served.format.has_system_turn and m.chat_template == "chatml"
     cfg = served.config({"max_new_tokens": 8})
     tok = m.tokenizer
     for system, meta in (("Be brief.", "Be brief."), (None, INTERNLM2_META_INSTRUCTION)):
@@ -722,3 +722,39 @@ def test_schema_errors_name_nested_fields(lm_server):
         assert r.status_code == 400 and err["param"] == param and words in err["message"], err
     r = httpx.post(url + "/v1/completions", json={"prompt": "a", "max_tokens": 0})
     assert r.status_code == 400 and "echo" in r.json()["error"]["message"]
+
+
+def test_a_conversation_past_the_session_says_how_many_exchanges_it_left_out(lm_server):
+    """The chat format fits the conversation to --session-len (512 here) by leaving out its oldest
+    exchanges; the response says how many in X-XComposer-Turns-Dropped (streamed or not), the reply is
+    the model's to the prompt it kept, and /metrics counts them."""
+    from xcomposer.serve.api import DROPPED_TURNS_HEADER
+    messages = []
+    for k in range(10):
+        messages += [{"role": "user", "content": f"question {k} about the cherry trees " * 2},
+                     {"role": "assistant", "content": f"answer {k} about april " * 2}]
+    messages.append({"role": "user", "content": "and the last one?"})
+    before = _metric(lm_server, "xcomposer_chat_turns_dropped_total")
+    raw = lm_server.client.chat.completions.with_raw_response.create(
+        model="tiny-lm", messages=messages, max_tokens=8, temperature=0)
+    dropped = int(raw.headers[DROPPED_TURNS_HEADER])
+    assert 0 < dropped < 10
+    reply = raw.parse().choices[0].message.content
+    model = lm_server.state.served.model
+    kept = [(messages[2 * k]["content"], messages[2 * k + 1]["content"]) for k in range(dropped, 10)]
+    want, _ = model.chat(model.tokenizer, "and the last one?", history=kept, do_sample=False, max_new_tokens=8)
+    assert reply == want
+    # what was kept fits the session with the reply; with one exchange more it would not have
+    fmt = model.chat_format
+    cfg = fmt.generation_config({"max_new_tokens": 8})
+    assert fmt.ids("and the last one?", kept, cfg, budget=512)[1] == 0
+    one_more = [(messages[2 * (dropped - 1)]["content"], messages[2 * dropped - 1]["content"])] + kept
+    assert fmt.ids("and the last one?", one_more, cfg, budget=512)[1] == 1
+    with lm_server.client.chat.completions.with_streaming_response.create(
+            model="tiny-lm", messages=messages, max_tokens=8, temperature=0, stream=True) as streamed:
+        assert int(streamed.headers[DROPPED_TURNS_HEADER]) == dropped
+        assert "".join(c.choices[0].delta.content or "" for c in streamed.parse() if c.choices) == want
+    assert _metric(lm_server, "xcomposer_chat_turns_dropped_total") == before + 2 * dropped
+    short = lm_server.client.chat.completions.with_raw_response.create(
+        model="tiny-lm", messages=messages[-3:], max_tokens=8, temperature=0)
+    assert DROPPED_TURNS_HEADER not in short.headers

@@ -108,3 +108,24 @@ def test_lmdeploys_chat_sessions_ppl_and_model_format(tmp_path):
     with pytest.raises(ValueError, match="use 'hf', 'awq' or 'gptq'"):
         pipeline(model, backend_config=TurbomindEngineConfig(model_format="int4"))
     pipeline(model, backend_config=TurbomindEngineConfig(model_format="hf")).close()
+
+
+def test_a_conversation_past_the_session_is_fitted_and_says_so(tmp_path):
+    """A pipeline's conversation is fitted to its engine's session length (not refused): the oldest
+    exchanges are left out, the Response says how many, and the reply is chat()'s over what was kept."""
+    from xcomposer import pipeline
+    from xcomposer.serve.pipeline import TurbomindEngineConfig
+    folder = write_tiny_internlm(tmp_path / "lm", max_position_embeddings=1024)
+    model = InternLM.from_pretrained(folder)
+    conv = []
+    for k in range(8):
+        conv += [{"role": "user", "content": f"question {k} about the cherry trees " * 2},
+                 {"role": "assistant", "content": f"answer {k} about april " * 2}]
+    conv.append({"role": "user", "content": "and the last one?"})
+    with pipeline(str(folder), TurbomindEngineConfig(session_len=400, max_batch_size=2), device="cpu") as pipe:
+        r = pipe(conv, do_sample=False, max_new_tokens=8)
+        short = pipe(conv[-3:], do_sample=False, max_new_tokens=8)
+    assert 0 < r.dropped_turns < 8 and short.dropped_turns == 0
+    kept = [(conv[2 * k]["content"], conv[2 * k + 1]["content"]) for k in range(r.dropped_turns, 8)]
+    ref, _ = model.chat(model.tokenizer, "and the last one?", history=kept, do_sample=False, max_new_tokens=8)
+    assert r.text == ref and r.input_token_len + 8 <= 400

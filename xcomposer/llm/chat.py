@@ -103,27 +103,51 @@ def check_history(history) -> list[Turn]:
     return turns
 
 
+def kept_turns(turns: Sequence, dropped: int, keep_first: bool = False) -> list:
+    """`turns` with `dropped` of the oldest left out; with `keep_first` the first turn stays (a
+    document conversation's documents) and the ones after it go."""
+    turns = list(turns)
+    if keep_first and turns:
+        return turns[:1] + turns[1 + dropped:]
+    return turns[dropped:]
+
+
+def fit_turns(turns: Sequence, measure, window: int, reply_room: int, too_long, keep_first: bool = False):
+    """Leave out the oldest turns until the prompt plus `reply_room` new tokens fit `window`:
+    `measure(kept)` gives (prompt length or None when it cannot be known before building, what was
+    built). Returns (what was built, how many turns were left out, the length). With nothing left to
+    leave out, a prompt shorter than the window is accepted (generation shortens the reply); one that
+    is not raises PromptTooLongError(`too_long(length)`). The question itself is never cut."""
+    most = max(len(turns) - 1, 0) if keep_first else len(turns)
+    for dropped in range(most + 1):
+        length, built = measure(kept_turns(turns, dropped, keep_first))
+        if length is None or length + reply_room <= window:
+            return built, dropped, length
+    if length < window:
+        return built, most, length
+    raise PromptTooLongError(too_long(length))
+
+
 def build_chat_ids(tokenizer, query: str, history: Sequence[Turn], window: int, reply_room: int,
-                   template: str = DECEMBER_2023, meta_instruction: str | None = None) -> tuple[list[int], int]:
+                   template: str = DECEMBER_2023, meta_instruction: str | None = None,
+                   keep_first: bool = False) -> tuple[list[int], int]:
     """Token ids of the prompt and how many of the oldest turns were left out.
 
     Oldest turns are dropped from the *prompt* until the prompt plus `reply_room` new tokens
-    fit the context window (the caller's history list is never modified); the system turn stays. If the question alone
-    leaves no room for a reply it is an error: the question itself is never cut.
+    fit the context window (the caller's history list is never modified); the system turn stays
+    (`fit_turns`; `keep_first` keeps the first turn too). If the question alone leaves no room for
+    a reply it is an error: the question itself is never cut.
     """
     query = check_query(query)
     history = check_history(history)
-    for dropped in range(len(history) + 1):
-        ids = tokenizer.encode(format_prompt(tokenizer, query, history[dropped:], template, meta_instruction),
-                               add_bos=True)
-        if len(ids) + reply_room <= window:
-            return ids, dropped
-    if len(ids) < window:
-        return ids, len(history)  # generation shortens the reply to what fits
-    raise PromptTooLongError(
-        f"the question is {len(ids)} tokens with the chat template but the context window is {window}: "
-        f"shorten the question"
-    )
+
+    def measure(kept):
+        ids = tokenizer.encode(format_prompt(tokenizer, query, kept, template, meta_instruction), add_bos=True)
+        return len(ids), ids
+    ids, dropped, _ = fit_turns(history, measure, window, reply_room, keep_first=keep_first, too_long=lambda n: (
+        f"the question is {n} tokens with the chat template{' and the first turn' if keep_first else ''} but the "
+        f"context window is {window}: shorten the question"))
+    return ids, dropped
 
 
 # -- InternLM2 / InternLM2.5: chatml (facts and sources: docs/chat-template.md) ---------------
@@ -170,7 +194,8 @@ def chatml_stop_ids(tokenizer) -> list[int]:
 
 
 def build_chatml_ids(tokenizer, query: str, history: Sequence[Turn], window: int, reply_room: int,
-                     meta_instruction: str | None = INTERNLM2_META_INSTRUCTION) -> tuple[list[int], int]:
+                     meta_instruction: str | None = INTERNLM2_META_INSTRUCTION,
+                     keep_first: bool = False) -> tuple[list[int], int]:
     """Token ids of an InternLM2 chat prompt and how many of the oldest turns were left out; the
     same fitting rules as `build_chat_ids` (the system block is always kept)."""
     query = check_query(query)
@@ -178,16 +203,14 @@ def build_chatml_ids(tokenizer, query: str, history: Sequence[Turn], window: int
     meta = check_meta_instruction(meta_instruction)
     for name in (IM_START, IM_END):
         tokenizer.chat_token_id(name)  # a tokenizer without them would spell the markers out
-    for dropped in range(len(history) + 1):
-        ids = tokenizer.encode(format_chatml_prompt(query, history[dropped:], meta), add_bos=True)
-        if len(ids) + reply_room <= window:
-            return ids, dropped
-    if len(ids) < window:
-        return ids, len(history)
-    raise PromptTooLongError(
-        f"the question is {len(ids)} tokens with the chat template (system block included) but the context "
-        f"window is {window}: shorten the question or the meta instruction"
-    )
+
+    def measure(kept):
+        ids = tokenizer.encode(format_chatml_prompt(query, kept, meta), add_bos=True)
+        return len(ids), ids
+    ids, dropped, _ = fit_turns(history, measure, window, reply_room, keep_first=keep_first, too_long=lambda n: (
+        f"the question is {n} tokens with the chat template (system block{' and first turn' if keep_first else ''} "
+        f"included) but the context window is {window}: shorten the question or the meta instruction"))
+    return ids, dropped
 
 
 # -- InternLM2 tool calls (facts and sources: docs/chat-template.md, "Tool calls") ----------------

@@ -15,8 +15,8 @@ from typing import Any, Iterator
 
 import torch
 
-from .chat import (INTERNLM2_META_INSTRUCTION, Turn, build_chat_ids, build_chatml_ids, chat_template_of,
-                   chatml_stop_ids, check_history, check_template)
+from .chat import Turn, chat_template_of, check_history, check_template
+from .chat_format import CHAT_DEFAULTS, InternLMChatFormat
 from .checkpoint import CheckpointError, checkpoint_folder, load_checkpoint_into
 from .config import InternLMConfig, config_from_json
 from .decoder import InternLMForCausalLM, kv_cache_bytes
@@ -25,9 +25,6 @@ from .quant import (QuantizationError, checkpoint_quantization, model_weight_byt
                     prepare_packed_kernels, quantize_model_, quantized_target, resolve_quantization)
 from .generation import GenerationConfig, generate, stream_generate
 from .tokenizer import IncrementalDecoder, InternLMTokenizer, load_tokenizer
-
-# InternLM's own chat defaults (its modeling code): sample at temperature 0.8, nucleus 0.8
-CHAT_DEFAULTS = dict(max_new_tokens=1024, do_sample=True, temperature=0.8, top_p=0.8)
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -236,24 +233,11 @@ class InternLM(InternLMForCausalLM):
         return torch.cat([ids, new.to(ids.device)], dim=1)
 
     # -- chat --------------------------------------------------------------------------------
-    def _chat_config(self, tokenizer: InternLMTokenizer, options: dict[str, Any]) -> GenerationConfig:
-        merged = {**CHAT_DEFAULTS, **options}
-        stop = chatml_stop_ids(tokenizer) if self.config.family == "internlm2" else \
-            [tokenizer.eos_token_id, tokenizer.eoa_token_id]
-        return GenerationConfig(eos_token_id=stop, pad_token_id=tokenizer.pad_token_id).replace(**merged)
-
-    def _chat_prompt(self, tokenizer, query: str, history, cfg: GenerationConfig,
-                     meta_instruction: str | None = None, window: int | None = None) -> list[int]:
-        """The prompt ids; `meta_instruction` None means the template's default system text. The
-        oldest turns that do not fit `window` tokens (prompt plus reply; default the context window,
-        a server passes its session length) are left out."""
-        window = self.context_window if window is None else min(window, self.context_window)
-        if self.config.family == "internlm2":
-            meta = INTERNLM2_META_INSTRUCTION if meta_instruction is None else meta_instruction
-            return build_chatml_ids(tokenizer, query, history, window, cfg.max_new_tokens, meta)[0]
-        ids, _dropped = build_chat_ids(tokenizer, query, history, window, cfg.max_new_tokens,
-                                       self.chat_template, meta_instruction)
-        return ids
+    @property
+    def chat_format(self) -> InternLMChatFormat:
+        """This model's chat format (llm/chat_format.py): its prompts, defaults, stop tokens and history
+        rules, as `chat()` uses them and the server, the web demo and `pipeline` call them."""
+        return InternLMChatFormat(self)
 
     @torch.inference_mode()
     def chat(self, tokenizer: InternLMTokenizer, query: str, history: list[Turn] | None = None,
@@ -268,8 +252,9 @@ class InternLM(InternLMForCausalLM):
         has none).
         """
         history = check_history(history)
-        cfg = self._chat_config(tokenizer, options)
-        ids = self._chat_prompt(tokenizer, query, history, cfg, meta_instruction)
+        fmt = InternLMChatFormat(self, tokenizer=tokenizer)
+        cfg = fmt.generation_config(options)
+        ids = fmt.ids(query, history, cfg, meta_instruction)[0]
         if streamer is not None:
             streamer.put(torch.tensor([ids]))
             tokens: list[int] = []
@@ -289,8 +274,9 @@ class InternLM(InternLMForCausalLM):
         Text is released only in whole characters; the last yield equals `chat()`'s answer.
         """
         history = check_history(history)
-        cfg = self._chat_config(tokenizer, options)
-        ids = self._chat_prompt(tokenizer, query, history, cfg, meta_instruction)
+        fmt = InternLMChatFormat(self, tokenizer=tokenizer)
+        cfg = fmt.generation_config(options)
+        ids = fmt.ids(query, history, cfg, meta_instruction)[0]
         text = IncrementalDecoder(tokenizer, skip_special_tokens=True)
         response = ""
         for piece in stream_generate(self, ids, config=cfg):

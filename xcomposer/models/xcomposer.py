@@ -32,6 +32,8 @@ from vision.eva import EvaConfig, VisionTower, vision_key_map, vision_to_checkpo
 from vision.image import IMAGE_SIZE, ImageError, load_image, preprocess, to_data_uri, unnormalize
 
 from ..llm.checkpoint import CheckpointError, LoRAMerge, checkpoint_folder, load_checkpoint_into, remote_code_defines
+from ..llm.chat import fit_turns
+from ..llm.chat_format import ChatFormat, ChatFormatError, ChatPrompt
 from ..llm.config import InternLMConfig
 from ..llm.decoder import InternLMForCausalLM
 from ..llm.generation import GenerationConfig, GenerationOutput, PromptTooLongError, generate, stream_generate
@@ -462,32 +464,43 @@ class XComposer(nn.Module):
         return base.replace(**merged)
 
     @property
+    def chat_format(self) -> "XComposerChatFormat":
+        """This model's chat format: what the server, the web demo and `pipeline` build prompts with."""
+        return XComposerChatFormat(self)
+
+    @property
     def meta_instruction(self) -> str:
         """The text before the first user tag ("" for vl-7b)."""
         return VARIANTS[self.variant]["meta_instruction"]
+
+    def plan_prompt(self, turns: Sequence[dict[str, Any]], reply_room: int, window: int | None = None,
+                    keep_first: bool = False) -> tuple[list, list[str], int, int]:
+        """(segments, image references, how many of the oldest exchanges were left out, tokens) of
+        `turns` (history + the new user turn) so the prompt plus `reply_room` new tokens fit `window`
+        (default the context window); nothing is encoded."""
+        tok = self._require_tokenizer()
+        per_image = self.config.tokens_per_image
+        window = self.llm.context_window if window is None else min(window, self.llm.context_window)
+        turns = list(turns)
+        exchanges = [turns[k:k + 2] for k in range(0, len(turns) - 1, 2)]
+
+        def measure(kept):
+            segs, refs = prompt_segments(tok, [t for ex in kept for t in ex] + turns[-1:], self.meta_instruction)
+            return segments_length(segs, per_image), (segs, refs)
+        (segs, refs), dropped, n = fit_turns(exchanges, measure, window, reply_room, keep_first=keep_first,
+                                             too_long=lambda n: (
+            f"the question is {n} tokens (images count {per_image} each) but the context window is {window}: "
+            f"shorten the question or send fewer images"))
+        return segs, refs, dropped, n
 
     def build_prompt(self, turns: Sequence[dict[str, Any]], cfg: GenerationConfig,
                      fresh: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
         """Embeddings (L, hidden) of `turns` (history + the new user turn) and how many of the oldest
         exchanges were left out so the prompt plus the reply fit the context window."""
-        tok = self._require_tokenizer()
-        per_image = self.config.tokens_per_image
-        window = self.llm.context_window
-        turns = list(turns)
-        dropped = 0
-        while True:
-            segs, refs = prompt_segments(tok, turns[2 * dropped:], self.meta_instruction)
-            n = segments_length(segs, per_image)
-            if n + cfg.max_new_tokens <= window or 2 * dropped + 1 >= len(turns):
-                break
-            dropped += 1
-        if n >= window:
-            raise PromptTooLongError(
-                f"the question is {n} tokens (images count {per_image} each) but the context window is {window}: "
-                f"shorten the question or send fewer images")
-        return self._embed_segments(segs, refs, fresh), dropped
+        segs, refs, dropped, _ = self.plan_prompt(turns, cfg.max_new_tokens)
+        return self.embed_segments(segs, refs, fresh), dropped
 
-    def _embed_segments(self, segs, refs: Sequence[str], fresh: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    def embed_segments(self, segs, refs: Sequence[str], fresh: dict[str, torch.Tensor] | None) -> torch.Tensor:
         images = self._image_embeds(refs, fresh or {})
         emb = self.llm.model.embed_tokens
         parts = [images[s.index] if isinstance(s, ImageSlot)
@@ -516,7 +529,7 @@ class XComposer(nn.Module):
             raise PromptTooLongError(f"the prompt is {n} tokens (images count {self.config.tokens_per_image} "
                                      f"each); with {max_new_tokens} new tokens it exceeds the context window of "
                                      f"{self.llm.context_window}: shorten it")
-        return self._embed_segments(segs, refs, fresh)
+        return self.embed_segments(segs, refs, fresh)
 
     def _completion_config(self, options: dict[str, Any]) -> GenerationConfig:
         tok = self._require_tokenizer()
@@ -603,6 +616,69 @@ class XComposer(nn.Module):
         return past + [user_turn(text, refs)], fresh, cfg
 
 
+class XComposerChatFormat(ChatFormat):
+    """XComposer 1.0 (internlm-xcomposer-7b / -vl-7b): the turn dicts of its `chat()` (a user and a
+    bot entry per turn), `<ImageHere>` where each image sat, images encoded once per prompt. Its
+    template has no system turn. The oldest exchanges are left out whole."""
+
+    family = "xcomposer"
+    takes_images = True
+    history_entries_per_turn = 2
+
+    @property
+    def context_window(self) -> int:
+        return self.model.llm.context_window
+
+    def generation_config(self, options=None, *, completion: bool = False) -> GenerationConfig:
+        """Upstream's defaults (5 beams, repetition penalty 1.5, ...), stopping on `</s>`, `<eoa>`
+        and `<eoh>` (its answers end there too: `chat()` cuts there); completions as `complete()`."""
+        options = dict(options or {})
+        cfg = self.model._completion_config(options) if completion else self.model._gen_config(options)
+        return cfg.replace(eos_token_id=list(dict.fromkeys(cfg.stop_ids + [self.tokenizer.eoh_token_id])))
+
+    def check_history(self, history) -> list:
+        return check_history(history)
+
+    def _turns(self, text: str, images, history):
+        try:
+            turns, fresh, _ = self.model._prepare(text, list(images) or None, history, {})
+        except ValueError as e:
+            raise ChatFormatError(str(e), "messages") from e
+        return turns, fresh
+
+    def _planned(self, turns, fresh, cfg: GenerationConfig, budget, keep_first, history=None) -> ChatPrompt:
+        model = self.model
+        segs, refs, dropped, n = model.plan_prompt(turns, cfg.max_new_tokens, self.window(budget), keep_first)
+        return ChatPrompt(build=lambda: model.embed_segments(segs, refs, fresh), length=n, dropped=dropped,
+                          history=history)
+
+    def _prompt(self, messages, system, cfg, budget, keep_first, **request) -> ChatPrompt:
+        history: list[dict[str, Any]] = []
+        for k in range(0, len(messages) - 1, 2):
+            user, bot = messages[k], messages[k + 1]
+            history += [{"role": "user", "text": user.layout or user.text, "images": list(user.images)},
+                        bot_turn(bot.text)]
+        last = messages[-1]
+        turns, fresh = self._turns(last.layout if last.layout is not None else last.text, last.images, history)
+        return self._planned(turns, fresh, cfg, budget, keep_first)
+
+    def turn(self, query, images, history, cfg, *, budget=None, keep_first=False) -> ChatPrompt:
+        turns, fresh = self._turns(query, images, history)
+        return self._planned(turns, fresh, cfg, budget, keep_first, history=lambda reply: turns + [bot_turn(reply)])
+
+    def _stream_text(self, made: ChatPrompt, cfg: GenerationConfig) -> Iterator[str]:
+        with torch.inference_mode():
+            embeds = made.build()
+        return self.model._stream_text(embeds, cfg)
+
+    def completion_prompt(self, text: str, cfg: GenerationConfig) -> ChatPrompt:
+        if IMAGE_PLACEHOLDER in text:
+            raise ChatFormatError(f"/v1/completions takes text only; send images through /v1/chat/completions "
+                                  f"(the prompt contains {IMAGE_PLACEHOLDER})", "prompt")
+        model = self.model
+        return ChatPrompt(build=lambda: model.raw_prompt(text, None, 0))
+
+
 def _bicubic():
     from PIL import Image
     return Image.Resampling.BICUBIC
@@ -611,5 +687,5 @@ def _bicubic():
 _unnormalize = unnormalize
 
 
-__all__ = ["XComposer", "XComposerConfig", "ChatStream", "GEN_DEFAULTS", "VARIANTS", "XCOMPOSER_META_INSTRUCTION",
+__all__ = ["XComposer", "XComposerChatFormat", "XComposerConfig", "ChatStream", "GEN_DEFAULTS", "VARIANTS", "XCOMPOSER_META_INSTRUCTION",
            "checkpoint_key_map", "is_xcomposer_config", "variant_of", "xcomposer_7b_config", "IMAGE_SIZE"]

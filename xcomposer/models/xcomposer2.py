@@ -34,6 +34,8 @@ from vision.clip import ClipTower
 from vision.image import ImageError, load_image, preprocess, to_data_uri, unnormalize
 
 from ..llm.checkpoint import CheckpointError, SplitKey, _read_index, _shard_keys, checkpoint_folder, load_checkpoint_into
+from ..llm.chat import fit_turns
+from ..llm.chat_format import ChatFormat, ChatFormatError, ChatPrompt, Message
 from ..llm.config import InternLM2Config
 from ..llm.decoder import InternLMForCausalLM
 from ..llm.generation import GenerationConfig, PromptTooLongError, generate, stream_generate
@@ -196,18 +198,8 @@ def _check_query(query) -> str:
     return check_text(query, "the query")
 
 
-def check_history(history) -> list[tuple[str, str]]:
-    """Upstream's history: (query, response) pairs (lists after a JSON round trip are fine)."""
-    if history is None:
-        return []
-    if not isinstance(history, (list, tuple)):
-        raise TypeError(f"history must be a list of (query, response) pairs, got {type(history).__name__}")
-    out = []
-    for i, pair in enumerate(history):
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
-            raise ValueError(f"history[{i}] must be a (query, response) pair of strings, got {pair!r}")
-        out.append((check_text(pair[0], f"history[{i}] query"), check_text(pair[1], f"history[{i}] response")))
-    return out
+# upstream's (query, response) pairs, and ours with image references: one reader (vl_prompt) for both
+check_history = normalize_history
 
 
 def format_prompt(query: str, history: Sequence[tuple[str, str]] = (), meta_instruction: str = "") -> str:
@@ -454,6 +446,11 @@ class XComposer2(nn.Module):
                                "model.tokenizer = xcomposer.load_tokenizer(folder)")
         return self.tokenizer
 
+    @property
+    def chat_format(self) -> "XComposer2ChatFormat":
+        """This model's chat format: what the server, the web demo and `pipeline` build prompts with."""
+        return XComposer2ChatFormat(self)
+
     def gen_config(self, options: dict[str, Any]) -> GenerationConfig:
         tok = self._require_tokenizer()
         stops = [tok.eos_token_id, tok.token_to_id(IM_END)]
@@ -467,17 +464,29 @@ class XComposer2(nn.Module):
         start of the query (upstream's examples write them there; docs/checkpoint-format.md)."""
         return self._build(query, image, history, meta_instruction)[:3]
 
-    def _build(self, query, image, history, meta_instruction):
-        """`build_inputs` plus the history as read and where the images went (`PlacedPrompt`)."""
-        tok = self._require_tokenizer()
+    def _plan(self, query, image, history, meta_instruction):
+        """The prompt text (placeholders in), the history as read and where the images go."""
         query = _check_query(query)
         past = normalize_history(history)
         meta = self.meta_instruction if meta_instruction is None else check_text(meta_instruction, "meta_instruction")
         given = [] if image is None else (list(image) if isinstance(image, (list, tuple)) else [image])
         placed = place_images(past, query, given, label=lambda first, n: IMAGE_PLACEHOLDER * n, front_rule=False,
                               ref=self.reference)
-        images = self._image_tokens(placed.images) if placed.images else []
         text = format_prompt(placed.texts[-1], list(zip(placed.texts[:-1], [t[1] for t in past])), meta)
+        return text, past, placed
+
+    def prompt_length(self, query: str, image=None, history=None, meta_instruction: str | None = None) -> int:
+        """Tokens of the prompt `chat` would build, from the text alone (each image is
+        `tokens_per_image`): nothing is encoded. For budgets before prefill."""
+        text, _, placed = self._plan(query, image, history, meta_instruction)
+        parts = prompt_parts(self._require_tokenizer(), text, len(placed.images))
+        return sum(self.config.tokens_per_image if isinstance(p, int) else len(p) for p in parts)
+
+    def _build(self, query, image, history, meta_instruction):
+        """`build_inputs` plus the history as read and where the images went (`PlacedPrompt`)."""
+        tok = self._require_tokenizer()
+        text, past, placed = self._plan(query, image, history, meta_instruction)
+        images = self._image_tokens(placed.images) if placed.images else []
         parts = prompt_parts(tok, text, len(images))
         emb = self.llm.model.embed_tokens
         embeds, mask, ids = [], [], []
@@ -675,6 +684,127 @@ class XComposer2(nn.Module):
                        seed=seed, select=select, on_text=on_text, progress=progress, **gen)
 
 
-__all__ = ["XComposer2", "checkpoint_generation", "XComposer2Config", "ChatStream", "GEN_DEFAULTS", "XCOMPOSER2_META_INSTRUCTION",
+class XComposer2ChatFormat(ChatFormat):
+    """XComposer2 (internlm-xcomposer2-vl-7b, -7b): chatml with its system turn, (query, response)
+    pairs or (query, response, [image references]) triples, each image at its `<ImageHere>` (one per
+    image at the start of a message that has none). The oldest exchanges are left out with their
+    images; each image counts `tokens_per_image`, so the budget is known before anything is encoded."""
+
+    family = "xcomposer2"
+    takes_images = True
+    has_system_turn = True
+
+    @property
+    def context_window(self) -> int:
+        return self.model.llm.context_window
+
+    def generation_config(self, options=None, *, completion: bool = False) -> GenerationConfig:
+        """`chat()`'s defaults (sampling, temperature 1.0, top_p 0.8, repetition penalty 1.005, 1024 new
+        tokens); stops on `</s>` and `<|im_end|>`. Completions use the same."""
+        return self.model.gen_config(dict(options or {}))
+
+    def check_history(self, history) -> list:
+        return normalize_history(history)
+
+    # -- the family's hooks (XComposer2.5 overrides them) ------------------------------------------
+    def _message_text(self, m: Message) -> str:
+        return m.layout if m.layout is not None else m.text
+
+    def _meta(self, system: str | None) -> dict[str, Any]:
+        return {} if system is None else {"meta_instruction": system}
+
+    def _request(self, request: dict[str, Any]) -> tuple[str, ...]:
+        """The request's own options checked; the task LoRAs it selects."""
+        return ()
+
+    def _count(self, query, images, past, meta, request) -> tuple[int | None, list[int]]:
+        n = self.model.prompt_length(query, images or None, past, **meta)
+        count = len(images) + sum(len(t[2]) for t in past if len(t) == 3)
+        return n, [self.model.config.tokens_per_image] * count
+
+    def _prepare(self, query, images, past, meta, request):
+        return self.model.prepare_chat(query, images or None, past, **meta)
+
+    # -- prompts -------------------------------------------------------------------------------
+    def _placed(self, query: str, images, history) -> tuple[list[tuple], list]:
+        """The history with each turn's images (triples) and the query's images: upstream's way of
+        passing every image again, or the triples `chat()` returns, read as `chat()` reads them."""
+        past = normalize_history(history)
+        placed = place_images(past, query, list(images), label=lambda first, n: "", front_rule=False,
+                              ref=self.model.reference)
+        turns = [(t[0], t[1], [self.model.reference(i) for i in imgs]) if imgs else (t[0], t[1])
+                 for t, imgs in zip(past, placed.turn_images[:-1])]
+        return turns, list(placed.turn_images[-1])
+
+    def _fitted(self, query: str, images: list, past: list, system: str | None, cfg: GenerationConfig,
+                budget: int | None, keep_first: bool, request: dict[str, Any], with_history: bool) -> ChatPrompt:
+        loras = self._request(request)
+        meta = self._meta(system)
+        window = self.window(budget)
+        shares: list[int] = []
+
+        def measure(kept):
+            n, per_image = self._count(query, images, kept, meta, request)
+            shares[:] = per_image
+            return n, kept
+
+        def too_long(n: int) -> str:
+            sizes = ", ".join(f"{k:,}" for k in shares) or "none"
+            return (f"the prompt is {n:,} tokens (images: {sizes}) but a sequence holds {window:,} (prompt plus "
+                    f"reply; the context window, or the server's --session-len): send fewer or smaller images, or "
+                    f"shorten the conversation{self._too_long_hint()}")
+        kept, dropped, length = fit_turns(past, measure, window, cfg.max_new_tokens, too_long, keep_first)
+        history = None
+        if with_history:  # chat()'s history: every turn, the left-out ones too, as the whole conversation reads
+            after = self._finish(query, images, past, meta, request)
+            history = lambda reply: [list(t) for t in after(reply)]  # noqa: E731
+        return ChatPrompt(build=lambda: self._prepare(query, images, kept, meta, request)[0], length=length or 0,
+                          dropped=dropped, history=history, task_loras=loras)
+
+    def _finish(self, query, images, past, meta, request):
+        """A function of the reply giving the history `chat()` returns after this turn (nothing encoded)."""
+        _, read, placed = self.model._plan(query, images or None, past, meta.get("meta_instruction"))
+        return lambda reply: self.model._history_after(read, placed, reply)
+
+    def _too_long_hint(self) -> str:
+        return ""
+
+    def _prompt(self, messages, system, cfg, budget, keep_first, **request) -> ChatPrompt:
+        past = []
+        for k in range(0, len(messages) - 1, 2):
+            user, bot = messages[k], messages[k + 1]
+            text = self._message_text(user)
+            past.append((text, bot.text, list(user.images)) if user.images else (text, bot.text))
+        last = messages[-1]
+        try:
+            return self._fitted(self._message_text(last), list(last.images), past, system, cfg, budget, keep_first,
+                                request, False)
+        except (ChatFormatError, PromptTooLongError):
+            raise
+        except ValueError as e:  # placeholders and images that do not match, hd_num, infer_mode
+            raise ChatFormatError(str(e), "infer_mode" if "infer_mode" in str(e) else
+                                  "hd_num" if "hd_num" in str(e) else "messages") from e
+
+    def turn(self, query, images, history, cfg, *, budget=None, keep_first=False) -> ChatPrompt:
+        past, given = self._placed(query, images, history)
+        return self._fitted(query, given, past, None, cfg, budget, keep_first, {}, True)
+
+    def _stream_text(self, made: ChatPrompt, cfg: GenerationConfig) -> Iterator[str]:
+        with torch.inference_mode():
+            x, m, ids = made.build()
+        chunks = stream_generate(self.model.llm, inputs_embeds=x, image_mask=m, penalty_ids=ids, config=cfg,
+                                 task_loras=made.task_loras or None)
+        return text_until_stop(self.tokenizer, chunks, set(cfg.stop_ids))
+
+    def completion_prompt(self, text: str, cfg: GenerationConfig) -> ChatPrompt:
+        """A complete prompt string: text only, its ids as the tokenizer gives them."""
+        if IMAGE_PLACEHOLDER in text:
+            raise ChatFormatError(f"/v1/completions takes text only; send images through /v1/chat/completions "
+                                  f"(the prompt contains {IMAGE_PLACEHOLDER})", "prompt")
+        ids = self.tokenizer.encode(text, add_bos=True)
+        return ChatPrompt(ids=ids, length=len(ids))
+
+
+__all__ = ["XComposer2", "XComposer2ChatFormat", "checkpoint_generation", "XComposer2Config", "ChatStream", "GEN_DEFAULTS", "XCOMPOSER2_META_INSTRUCTION",
            "ARCHITECTURE", "IM_START", "IM_END", "PLORA_RANK", "is_xcomposer2_config", "format_prompt",
            "prompt_parts", "check_history", "xcomposer2_vl_7b_config", "composition_stop_ids"]

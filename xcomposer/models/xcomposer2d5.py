@@ -52,7 +52,9 @@ from ..llm.generation import GenerationConfig, PromptTooLongError, generate, str
 from ..llm.tokenizer import check_text
 from .vl_prompt import (IMAGE_PLACEHOLDER, multi_image_label, normalize_history, place_images,
                         text_until_stop)
+from ..llm.chat_format import Message
 from .xcomposer2 import (ARCHITECTURE, GEN_DEFAULTS, IM_END, IM_START, XCOMPOSER2_META_INSTRUCTION, XComposer2,
+                         XComposer2ChatFormat,
                          XComposer2Config, _check_query, _tensor_shape, checkpoint_generation, is_xcomposer2_config)
 
 CROP = 560  # upstream build_mlp.CLIPVisionTower: 560-px crops, 40 x 40 patches, merged 2 x 2
@@ -394,6 +396,11 @@ class XComposer2d5(XComposer2):
         return super().reference(item)
 
     # -- prompts -----------------------------------------------------------------------------
+    @property
+    def chat_format(self) -> "XComposer2d5ChatFormat":
+        """This model's chat format: what the server, the web demo and `pipeline` build prompts with."""
+        return XComposer2d5ChatFormat(self)
+
     def gen_config(self, options: dict[str, Any], defaults: dict[str, Any] | None = None) -> GenerationConfig:
         tok = self._require_tokenizer()
         stops = [tok.eos_token_id, tok.token_to_id(IM_END)]
@@ -613,6 +620,50 @@ class XComposer2d5(XComposer2):
         return fix_image_urls(self._web_html(SCREENSHOT_PROMPT, images, seed, options))
 
 
+class XComposer2d5ChatFormat(XComposer2ChatFormat):
+    """XComposer2.5: XComposer2's format with upstream 2.5's image rules (a lone image before the
+    prompt, several labelled `Image1 <ImageHere>; ...`, `<ImageHere>` written in the text places
+    them: an image part's place among the text parts is not used), each turn's images kept with it,
+    high-resolution tiling (`hd_num`), video, and the task LoRAs of `infer_mode`, both per request.
+    A system message becomes the system turn (`use_meta`). An image's tokens come from its size and
+    `hd_num`; a video's only once its frames are decoded, so a prompt with one is not fitted."""
+
+    family = "xcomposer2d5"
+    takes_video = True
+    request_options = ("hd_num", "infer_mode")
+
+    def generation_config(self, options=None, *, completion: bool = False) -> GenerationConfig:
+        return self.model.gen_config(dict(options or {}))
+
+    def _message_text(self, m: Message) -> str:
+        return m.text
+
+    def _meta(self, system: str | None) -> dict[str, Any]:
+        return {} if system is None else {"use_meta": True, "meta_instruction": system}
+
+    def _request(self, request: dict[str, Any]) -> tuple[str, ...]:
+        loras = INFER_MODES[check_infer_mode(request.get("infer_mode") or "base")]
+        self.model._check_loras(loras)
+        if request.get("hd_num") is not None:
+            check_hd_num(request["hd_num"])
+        return loras
+
+    def _count(self, query, images, past, meta, request) -> tuple[int | None, list[int]]:
+        counted = self.model.prompt_length(query, images or None, past, hd_num=request.get("hd_num"), **meta)
+        return (None, []) if counted is None else counted
+
+    def _prepare(self, query, images, past, meta, request):
+        return self.model.prepare_chat(query, images or None, past, hd_num=request.get("hd_num"), **meta)
+
+    def _finish(self, query, images, past, meta, request):
+        _, placed, read, _ = self.model._plan25(query, images or None, past, meta.get("meta_instruction"),
+                                                meta.get("use_meta", False), request.get("hd_num"))
+        return lambda reply: self.model._history_after(read, placed, reply)
+
+    def _too_long_hint(self) -> str:
+        return f"; or lower hd_num (each {CROP}-px crop is {(self.model.config.patch_grid // 2) ** 2} tokens)"
+
+
 def merge_script(html: str, js_reply: str) -> str:
     """resume_2_webpage's merge: with a `</script>` in the page, the `<script>` bodies of the second
     reply go before it; else the whole reply goes before `</html>`. (Upstream formats the list of
@@ -645,7 +696,7 @@ def save_html(html: str, path: str | os.PathLike) -> Path:
 
 
 
-__all__ = ["XComposer2d5", "XComposer2d5Config", "Video", "hd_tokens", "check_hd_num", "check_infer_mode",
+__all__ = ["XComposer2d5", "XComposer2d5ChatFormat", "XComposer2d5Config", "Video", "hd_tokens", "check_hd_num", "check_infer_mode",
            "INFER_MODES", "DEFAULT_HD_NUM", "MULTI_IMAGE_HD_NUM", "checkpoint_generation", "place_images",
            "multi_image_label", "chat_prompt", "normalize_history", "merge_script", "save_html", "fix_image_urls",
            "xcomposer2d5_7b_config", "ARTICLE_META_INSTRUCTION", "WEB_DEFAULTS", "ARTICLE_DEFAULTS", "is_video_ref",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import os
 import sys
 import threading
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..llm.generation import GenerationConfig
@@ -208,15 +209,17 @@ def create_app(state: ServerState) -> FastAPI:
                       f"your schema; send one of them (or tool_choice 'none')", "response_format")
         sampling = parse_sampling(req)
         cfg = _config(served, sampling)
+        dropped = [0]  # the oldest exchanges the prompt leaves out to fit the session (a response header)
 
         def build():  # image fetching and decoding, tokenization: in a worker thread, off the event loop
             messages = parse_messages(req, state.media)
             if tools.active:
                 prompt = served.with_adapter(served.tool_prompt(messages, tools.functions, tools.reply_prefix))
                 return [prompt] * len(_per_choice(cfg, sampling))
-            return [served.with_adapter(served.chat_prompt(messages, c, hd_num=req.hd_num, infer_mode=req.infer_mode,
-                                                           budget=engine.session_len))
-                    for c in _per_choice(cfg, sampling)]
+            made = [served.chat_prompt_dropped(messages, c, hd_num=req.hd_num, infer_mode=req.infer_mode,
+                                               budget=engine.session_len) for c in _per_choice(cfg, sampling)]
+            dropped[0] = max(n for _, n in made)
+            return [served.with_adapter(p) for p, _ in made]
 
         def grammar():  # compiling a schema takes milliseconds to seconds: off the event loop too
             if tools.active and tools.choice != "auto" and served.tool_format:
@@ -242,8 +245,14 @@ def create_app(state: ServerState) -> FastAPI:
             raise bad(str(e), e.param) from e
         except ValueError as e:  # the model's own checks (history shape, too long ...)
             raise bad(str(e), "messages") from e
+        headers = {}
+        if dropped[0]:
+            state.metrics.turns_dropped.inc(dropped[0])
+            log.info("a chat request's prompt leaves out its %d oldest exchange(s) to fit --session-len %d",
+                     dropped[0], engine.session_len)
+            headers[DROPPED_TURNS_HEADER] = str(dropped[0])
         return await _run(request, engine, served, prompts, _per_choice(cfg, sampling), sampling, chat=True,
-                          tools=tools, grammar=compiled)
+                          tools=tools, grammar=compiled, headers=headers)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -273,7 +282,11 @@ def create_app(state: ServerState) -> FastAPI:
     return app
 
 
+log = logging.getLogger("xcomposer.serve.api")
 START_TIME = time.time()
+# a chat response whose prompt left out the conversation's oldest exchanges (to fit --session-len) says
+# how many here; the reply itself is unchanged (docs/serving.md)
+DROPPED_TURNS_HEADER = "X-XComposer-Turns-Dropped"
 
 
 def _served_names(served: ServedModel) -> list[str]:
@@ -308,7 +321,8 @@ def _per_choice(cfg: GenerationConfig, sampling: Sampling) -> list[GenerationCon
 
 
 async def _run(request: Request, engine: Engine, served: ServedModel, prompts, cfgs, sampling: Sampling,
-               chat: bool, echoed: list[str] | None = None, tools: "Tools | None" = None, grammar=None):
+               chat: bool, echoed: list[str] | None = None, tools: "Tools | None" = None, grammar=None,
+               headers: dict[str, str] | None = None):
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     reqs = []
@@ -350,9 +364,10 @@ async def _run(request: Request, engine: Engine, served: ServedModel, prompts, c
         raise _event_error(first[1], chat)
     fmt = _Logprobs(served.tokenizer, chat)
     if not sampling.stream:
-        return await _collect(request, events, first, reqs, served, rid, created, chat, sampling, echoed, fmt, tools)
+        body = await _collect(request, events, first, reqs, served, rid, created, chat, sampling, echoed, fmt, tools)
+        return JSONResponse(body, headers=headers) if headers and isinstance(body, dict) else body
     gen = _stream(events, first, reqs, served, rid, created, chat, sampling, echoed, fmt, tools)
-    return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache", **(headers or {})})
 
 
 # -- running a server --------------------------------------------------------------------------

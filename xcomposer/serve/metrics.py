@@ -29,6 +29,8 @@ class Metrics:
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.cache = Gauge("xcomposer_kv_cache", "KV block pool and prefix cache: blocks_total/used/free/cached, "
                            "prefix_queried_tokens, prefix_hit_tokens, prefix_hit_rate, evictions", ["stat"], registry=r)
+        self.turns_dropped = Counter("xcomposer_chat_turns_dropped", "Oldest exchanges left out of chat prompts to fit "
+                                     "the session length", registry=r)
         self.itl = Histogram("xcomposer_inter_token_latency_seconds", "Time between two tokens of a sequence",
                              buckets=_LATENCY_BUCKETS, registry=r)
 

@@ -39,6 +39,9 @@ class Response:
     finish_reason: str | None
     token_ids: list[int]
     index: int = 0
+    # ours, beyond LMDeploy's fields: the oldest exchanges of a conversation the prompt left out to fit
+    # the session length (the chat format's budget)
+    dropped_turns: int = 0
 
 
 @dataclass
@@ -182,20 +185,21 @@ class Pipeline:
         items = [prompts] if single else list(prompts)
         gen_options, gen_stop = _gen_options(gen_config)
         cfg = self.served.config({**gen_options, **options})
-        queues = []
+        queues, dropped = [], []
         for item in items:
-            prompt = self.served.chat_prompt(self._messages(item), cfg)
+            prompt, n = self.served.chat_prompt_dropped(self._messages(item), cfg, budget=self.engine.session_len)
             q: "queue.Queue" = queue.Queue()
             self.engine.submit(prompt, cfg, q.put, list(stop) + gen_stop)
             queues.append(q)
-        return single, queues
+            dropped.append(n)
+        return single, queues, dropped
 
     def __call__(self, prompts, gen_config=None, *, stop: Sequence[str] = (), **options: Any) -> list[Response] | Response:
         """Answer one prompt or a list; `gen_config` (ours or LMDeploy's `GenerationConfig`, or a dict)
         and `options` (transformers' names, `ignore_eos` too) apply to every prompt. A prompt is a
         string, a list of OpenAI-style messages (one conversation), or for XComposer a (text, image
         or list of images) pair."""
-        single, queues = self._submit(prompts, gen_config, stop, options)
+        single, queues, dropped = self._submit(prompts, gen_config, stop, options)
         out = []
         for i, q in enumerate(queues):
             text = []
@@ -207,14 +211,14 @@ class Pipeline:
                     raise EngineError(ev.text)
                 else:
                     out.append(Response("".join(text), ev.completion_tokens, ev.prompt_tokens, ev.finish_reason,
-                                        ev.tokens, i))
+                                        ev.tokens, i, dropped[i]))
                     break
         return out[0] if single else out
 
     def stream_infer(self, prompts, gen_config=None, *, stop: Sequence[str] = (), **options: Any):
         """LMDeploy's `stream_infer`: Responses as text arrives, each naming its prompt (`index`), all
         prompts decoding together; the last one of each prompt carries its finish reason and counts."""
-        _, queues = self._submit(prompts, gen_config, stop, options)
+        _, queues, dropped = self._submit(prompts, gen_config, stop, options)
         merged: "queue.Queue" = queue.Queue()
         import threading
 
@@ -235,7 +239,7 @@ class Pipeline:
                 raise EngineError(ev.text)
             else:
                 left -= 1
-                yield Response("", ev.completion_tokens, ev.prompt_tokens, ev.finish_reason, ev.tokens, i)
+                yield Response("", ev.completion_tokens, ev.prompt_tokens, ev.finish_reason, ev.tokens, i, dropped[i])
 
     # LMDeploy's other pipeline words
     def infer(self, prompts, gen_config=None, **options: Any):
@@ -280,7 +284,7 @@ class Pipeline:
                 last = r
                 yield r
             finish(Response("".join(text), last.generate_token_len, last.input_token_len, last.finish_reason,
-                            last.token_ids, 0))
+                            last.token_ids, 0, last.dropped_turns))
         return pieces()
 
     def get_ppl(self, input_ids) -> list[float]:

@@ -45,12 +45,9 @@ log = logging.getLogger("xcomposer.serve.webui")
 COMPOSE_DEFAULTS = dict(max_new_tokens=1000, num_beams=5, repetition_penalty=5.0, do_sample=False, num_images=5)
 CHAT_DEFAULTS = dict(max_new_tokens=512, num_beams=3, repetition_penalty=1.0, do_sample=True, temperature=1.0,
                      top_p=1.0)
-# a text-only InternLM: its own chat() defaults (llm/internlm.py CHAT_DEFAULTS), one beam
-TEXT_CHAT_DEFAULTS = dict(max_new_tokens=1024, num_beams=1, repetition_penalty=1.0, do_sample=True, temperature=0.8,
-                          top_p=0.8)
-# XComposer2: its own chat() defaults (models/xcomposer2.py GEN_DEFAULTS), one beam
-XCOMPOSER2_CHAT_DEFAULTS = dict(max_new_tokens=1024, num_beams=1, repetition_penalty=1.005, do_sample=True,
-                                temperature=1.0, top_p=0.8)
+# a text-only InternLM and XComposer2 / 2.5: the chat() defaults their chat format owns, one beam
+# (`_own_chat_defaults`)
+CHAT_OPTION_NAMES = ("max_new_tokens", "repetition_penalty", "do_sample", "temperature", "top_p")
 # XComposer2 (InternLM-XComposer-2.0/examples/gradio_demo_composition.py): 6 images, sampling with
 # repetition penalty 1.005, up to 4096 tokens, one beam, seed 8909, no meta instruction
 XCOMPOSER2_COMPOSE_DEFAULTS = dict(max_new_tokens=4096, num_beams=1, repetition_penalty=1.005, do_sample=True,
@@ -114,6 +111,7 @@ class ChatSession:
     messages: list[dict[str, Any]] = field(default_factory=list)  # what the chatbot shows
     last: tuple[str, list[str], list[str]] | None = None           # last question: text, model refs, shown files
     images: list[str] = field(default_factory=list)  # XComposer2: earlier turns' images, passed again each turn
+    dropped: int = 0  # oldest exchanges the last reply's prompt left out (to fit the window or session)
 
 
 @dataclass
@@ -146,7 +144,9 @@ class DemoApp:
         own_compose = (XCOMPOSER2D5_COMPOSE_DEFAULTS if self.xcomposer2d5 else XCOMPOSER2_COMPOSE_DEFAULTS
                        if self.xcomposer2 else COMPOSE_DEFAULTS)
         self.compose_defaults = {**own_compose, **(compose_defaults or {})}
-        own = XCOMPOSER2_CHAT_DEFAULTS if self.xcomposer2 else CHAT_DEFAULTS if self.vision else TEXT_CHAT_DEFAULTS
+        # the model's one chat format: prompts, defaults, stop tokens and history rules of every turn
+        self.chat_format = model.chat_format
+        own = CHAT_DEFAULTS if self.vision and not self.xcomposer2 else self._own_chat_defaults()
         self.chat_defaults = {**own, **(chat_defaults or {})}
         self.lock = threading.Lock()
         # one-beam chats of several sessions run together in the batching engine (serve/engine.py),
@@ -159,6 +159,12 @@ class DemoApp:
             self.engine = Engine(model, max_batch_size=max_batch_size, model_lock=self.lock)
         self.download_root = Path(tempfile.mkdtemp(prefix="xcomposer-downloads-"))
         self._thumbs: OrderedDict[tuple, str] = OrderedDict()
+
+    def _own_chat_defaults(self) -> dict[str, Any]:
+        """The model's chat() defaults from its chat format, with one beam (XComposer 1.0 keeps
+        upstream's web demo settings instead: CHAT_DEFAULTS)."""
+        cfg = self.chat_format.generation_config({})
+        return {**{k: getattr(cfg, k) for k in CHAT_OPTION_NAMES}, "num_beams": 1}
 
     # -- running model work ------------------------------------------------------------------
     def stream_locked(self, make: Callable[[], Iterator[Any]]) -> Iterator[Any]:
@@ -243,10 +249,13 @@ class DemoApp:
         return stored, paths
 
     def chat_turn(self, text: str, refs: list[str], shown: list[str], state: ChatSession,
-                  options: dict, model_text: str | None = None) -> Iterator[tuple[list[dict], ChatSession]]:
+                  options: dict, model_text: str | None = None,
+                  keep_first: bool = False) -> Iterator[tuple[list[dict], ChatSession]]:
         """Stream one turn: yields (messages to show, state); the state changes only when the
-        reply is complete. `model_text`, if given, is what the model reads instead of `text` (a
-        question with its documents in front)."""
+        reply is complete (its `dropped` says how many of the oldest exchanges the model did not
+        read). `model_text`, if given, is what the model reads instead of `text` (a question with its
+        documents in front); `keep_first` keeps the first exchange (the documents) when older ones
+        must be left out."""
         user_content: list[Any] = [{"path": p} for p in shown]
         if text:
             user_content.append(text)
@@ -263,85 +272,59 @@ class DemoApp:
                 query = "<ImageHere>" * len(refs) + query
             images += refs
 
-        def make():
-            if self.xcomposer2:
-                stream = self.model.stream_chat(query, image=images or None, history=history, **options)
-                for piece in stream:
-                    yield ("piece", piece)
-                yield ("history", [list(t) for t in stream.history])
-                return
-            if self.vision:
-                stream = self.model.stream_chat(query, image=refs or None, history=history, **options)
-                for piece in stream:
-                    yield ("piece", piece)
-                yield ("history", stream.history)
-                return
-            # InternLM's README form: (query, response) pairs in, (response so far, history) out
-            sent, pairs = 0, None
-            for response, pairs in self.model.stream_chat(self.model.tokenizer, query,
-                                                          history=[tuple(t) for t in history], **options):
-                yield ("piece", response[sent:])
-                sent = len(response)
-            yield ("history", [list(t) for t in pairs])
+        turn_images = images if self.xcomposer2 else refs
 
-        reply, new_history = "", None
+        def make():  # beam search (or no engine): the model generates here, from the same chat format
+            return self.chat_format.stream_turn(query, turn_images, history, options, keep_first=keep_first)
+
+        reply, new_history, dropped = "", None, 0
         batched = self.engine is not None and int(options.get("num_beams", 1)) == 1
-        source = (self._engine_pieces(query, images if self.xcomposer2 else refs, history, options) if batched
+        source = (self._engine_pieces(query, turn_images, history, options, keep_first) if batched
                   else self.stream_locked(make))
         for kind, value in source:
             if kind == "piece":
                 reply += value
                 messages[-1] = {"role": "assistant", "content": reply}
                 yield messages, state
+            elif kind == "dropped":
+                dropped = value
             else:
                 new_history = value
         if not reply.strip():
             messages[-1] = {"role": "assistant", "content": "(the model gave an empty reply)"}
         new = ChatSession(history=new_history, messages=messages, last=(text, refs, shown),
-                          images=images if self.xcomposer2 else [])
+                          images=images if self.xcomposer2 else [], dropped=dropped)
         yield messages, new
 
     def fit_document_chat(self, chat: ChatSession, question: str, max_new_tokens: int) -> tuple[ChatSession, int]:
         """A document conversation (text InternLM: the documents are in the first question) with the
-        oldest question/answer pairs *after* the first dropped until `question` and room for the reply
-        fit the context window (with only the documents left, a shorter reply is accepted, as
-        generation shortens it), so the documents are never the turn that falls out (the model's own
-        chat() would drop the oldest turn: the one holding them). Returns the session and how many pairs
-        were dropped; UserError when the documents and the question alone no longer fit."""
-        from ...llm.chat import build_chat_ids, build_chatml_ids
+        oldest question/answer pairs *after* the first left out until `question` and room for the reply
+        fit (the context window, or the engine's session length; with only the documents left, a
+        shorter reply is accepted, as generation shortens it), so the documents are never the turn
+        that falls out (the chat format's `keep_first`; the model's own chat() would drop the oldest
+        turn: the one holding them). Returns the session and how many pairs were left out; UserError
+        when the documents and the question alone no longer fit."""
         from ...llm.generation import PromptTooLongError
-        model, tok = self.model, self.model.tokenizer
-        window = model.context_window
-        hist = [tuple(t) for t in chat.history]
-
-        def left_out(h, room: int = max_new_tokens) -> int:
-            if model.config.family == "internlm2":
-                return build_chatml_ids(tok, question, h, window, room)[1]
-            return build_chat_ids(tok, question, h, window, room, model.chat_template)[1]
-        removed = 0
+        fmt = self.chat_format
+        budget = self.engine.session_len if self.engine is not None else None
+        cfg = fmt.generation_config({"max_new_tokens": max_new_tokens})
         try:
-            while hist and left_out(hist) > 0:
-                if len(hist) == 1:
-                    if left_out(hist, room=1) == 0:
-                        break  # the documents and the question fit: the reply is cut to the room left
-                    raise UserError(f"the documents, the first answer and this question no longer fit the model's "
-                                    f"{window:,}-token context window with {max_new_tokens} tokens for the reply: "
-                                    f"press Clear to start a new conversation, or ask for a shorter reply")
-                del hist[1]
-                removed += 1
+            kept, removed = fmt.fit(question, chat.history, cfg, budget=budget, keep_first=True)
         except PromptTooLongError as e:
-            raise UserError(str(e)) from e
+            raise UserError(f"the documents, the first answer and this question no longer fit the model's "
+                            f"{fmt.window(budget):,}-token window with {max_new_tokens} tokens for the reply: press "
+                            f"Clear to start a new conversation, or ask for a shorter reply") from e
         if not removed:
             return chat, 0
         # the page keeps showing every turn; only what the model reads leaves them out
-        return ChatSession(history=[list(t) for t in hist], messages=list(chat.messages), last=chat.last,
+        return ChatSession(history=[list(t) for t in kept], messages=list(chat.messages), last=chat.last,
                            images=list(chat.images)), removed
 
     @property
     def history_entries_per_turn(self) -> int:
         """XComposer 1.0 keeps a user and a bot entry per turn; InternLM and XComposer2 keep
-        upstream's one (query, response) pair."""
-        return 2 if self.vision and not self.xcomposer2 else 1
+        upstream's one (query, response) pair (the chat format's history codec)."""
+        return self.chat_format.history_entries_per_turn
 
     def regenerate_turn(self, state: ChatSession) -> tuple[str, list[str], list[str], ChatSession]:
         """The last question (text, model refs, shown files) and the session as it was before it,
@@ -354,14 +337,18 @@ class DemoApp:
         previous = ChatSession(history=state.history[:-per], messages=state.messages[:-2], last=None, images=images)
         return text, refs, shown, previous
 
-    def _engine_pieces(self, query: str, refs: list[str], history: list, options: dict) -> Iterator[tuple[str, Any]]:
-        """One chat turn through the batching engine, as ("piece", text) ... ("history", history); the
-        prompt and options are the model's own (serve/prompts.py builds them with its chat code)."""
+    def _engine_pieces(self, query: str, refs: list[str], history: list, options: dict,
+                       keep_first: bool = False) -> Iterator[tuple[str, Any]]:
+        """One chat turn through the batching engine, as ("dropped", n), ("piece", text) ...,
+        ("history", history); the prompt and options are the model's chat format's, fitted to the
+        engine's session length."""
         from ..engine import QueueFullError
 
         cfg = self.served.config(options)
         # the prompt and the history after the reply come from the served model's one chat format
-        prompt, new_history = self.served.turn_prompt(query, refs, history, cfg, budget=self.engine.session_len)
+        prompt, new_history, dropped = self.served.turn_prompt(query, refs, history, cfg,
+                                                               budget=self.engine.session_len, keep_first=keep_first)
+        yield "dropped", dropped
         events: queue.Queue = queue.Queue()
         try:
             req = self.engine.submit(prompt, cfg, events.put)

@@ -8,6 +8,16 @@ from ...llm.tokenizer import check_text
 from .app import MAX_QUESTION_CHARS, ChatSession, DemoApp, UserError, _error_md, describe_error, without_surrogates
 
 
+def dropped_note(new: ChatSession, before: ChatSession) -> str:
+    """Once a reply is complete: a note when its prompt left out the oldest exchanges (the page still
+    shows them; the model did not read them)."""
+    if new is before or not new.dropped:
+        return ""
+    return (f'<span class="xc-note">The conversation outgrew what the model reads at once: it left out the '
+            f'{new.dropped} oldest exchange(s) for this reply (they are still shown here). Press Clear to start '
+            f'afresh.</span>')
+
+
 def chat_tab(app: DemoApp, model_job: dict) -> None:
     """Lay out the tab inside the open `gr.Blocks` and wire its handlers; `model_job` holds the queue
     options for handlers that use the model."""
@@ -56,7 +66,7 @@ def chat_tab(app: DemoApp, model_job: dict) -> None:
             return
         try:
             for messages, new in app.chat_turn(text, refs, shown, state, options):
-                yield messages, new, {"text": "", "files": []}, ""
+                yield messages, new, {"text": "", "files": []}, dropped_note(new, state)
         except Exception as e:
             yield state.messages, state, gr.update(value=without_surrogates(message)), _error_md(describe_error(e))
 
@@ -73,7 +83,7 @@ def chat_tab(app: DemoApp, model_job: dict) -> None:
         try:
             options = app.chat_options(*opts)
             for messages, new in app.chat_turn(text, refs, shown, previous, options):
-                yield messages, new, ""
+                yield messages, new, dropped_note(new, previous)
         except Exception as e:
             yield state.messages, state, _error_md(describe_error(e))
 

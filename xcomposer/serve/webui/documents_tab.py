@@ -60,6 +60,12 @@ def load_documents(app: DemoApp, files: list, reply_room: int) -> DocSession:
     return DocSession(documents=tuple(docs), tokens=tokens)
 
 
+def left_out_note(removed: int) -> str:
+    """The documents stay; older questions make room, and the page says so."""
+    return (f'<span class="xc-note">Kept the documents; left out the {removed} oldest question(s) after them '
+            f'to fit the context window.</span>') if removed else ""
+
+
 def documents_tab(app: DemoApp, model_job: dict) -> None:
     """Lay out the tab inside the open `gr.Blocks` and wire its handlers."""
     d = LONG_INPUT_DEFAULTS
@@ -119,14 +125,13 @@ def documents_tab(app: DemoApp, model_job: dict) -> None:
         except Exception as e:
             yield state.chat.messages, state, gr.update(), _error_md(describe_error(e)), document_list(app, state)
             return
-        # the documents stay; older questions make room, and the page says so
-        note = (f'<span class="xc-note">Kept the documents; left out the {removed} oldest question(s) after them '
-                f'to fit the context window.</span>') if removed else ""
         try:
-            for messages, new_chat in app.chat_turn(text, [], [], chat, options, model_text=model_text):
+            for messages, new_chat in app.chat_turn(text, [], [], chat, options, model_text=model_text,
+                                                    keep_first=True):
                 done = new_chat is not chat
                 new = DocSession(state.documents, state.tokens, used=True, chat=new_chat) if done else state
-                yield messages, new, "", note, document_list(app, new)
+                yield messages, new, "", left_out_note(removed + (new_chat.dropped if done else 0)), \
+                    document_list(app, new)
         except Exception as e:
             yield (state.chat.messages, state, gr.update(value=without_surrogates(text)), _error_md(describe_error(e)),
                    document_list(app, state))
