@@ -682,7 +682,7 @@ def test_lmdeploys_api_server_line_means_the_same_here(tmp_path):
     cmd = [sys.executable, "-m", "xcomposer", "serve", str(folder), "--model-name", "internlm2-chat", "--session-len",
            "1024", "--server-port", str(port), "--server-name", "127.0.0.1", "--max-batch-size", "1",
            "--cache-max-entry-count", "0.7", "--api-keys", "k1", "k2", "--rope-scaling-factor", "2.5",
-           "--enable-prefix-caching", "--log-level", "warning"]
+           "--enable-prefix-caching", "--tool-call-parser", "internlm", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -702,6 +702,9 @@ def test_lmdeploys_api_server_line_means_the_same_here(tmp_path):
     both = subprocess.run([sys.executable, "-m", "xcomposer", "serve", str(folder), "--folder", str(folder)],
                           env=env, capture_output=True, text=True, timeout=60)
     assert both.returncode == 2 and "give the checkpoint once" in both.stderr
+    qwen = subprocess.run([sys.executable, "-m", "xcomposer", "serve", str(folder), "--tool-call-parser", "qwen"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert qwen.returncode == 2 and "--tool-call-parser internlm" in qwen.stderr
 
 
 def test_schema_errors_name_nested_fields(lm_server):
@@ -758,3 +761,30 @@ def test_a_conversation_past_the_session_says_how_many_exchanges_it_left_out(lm_
     short = lm_server.client.chat.completions.with_raw_response.create(
         model="tiny-lm", messages=messages[-3:], max_tokens=8, temperature=0)
     assert DROPPED_TURNS_HEADER not in short.headers
+
+
+def test_lmdeploys_tool_call_parser_on_a_model_without_tool_calls_is_refused_by_name(lm_folder):
+    """`--tool-call-parser internlm` on internlm-chat-7b (no tool-call format): the server stays up and
+    answers 503 saying why, instead of serving tools it cannot parse."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([sys.executable, "-m", "xcomposer", "serve", str(lm_folder), "--server-port", str(port),
+                             "--tool-call-parser", "internlm", "--log-level", "warning"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    answer = {}
+
+    def refused():
+        try:
+            r = httpx.get(url + "/health")
+        except httpx.TransportError:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            return False
+        answer["r"] = r
+        return r.status_code == 503 and "tool-call-parser" in r.text
+    try:
+        _wait(refused, 120)
+        assert "InternLM2 / 2.5 chat model" in answer["r"].json()["error"]["message"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)

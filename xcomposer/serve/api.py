@@ -543,6 +543,9 @@ def serve(args) -> int:
                 for adapter_name, path in adapters.items():
                     print(attach_adapter_(decoder_of(model), adapter_name, path), file=sys.stderr, flush=True)
             served = ServedModel(model, name, adapters)
+            if getattr(args, "tool_call_parser", None) and not served.tool_format:
+                raise ValueError(f"--tool-call-parser {args.tool_call_parser} needs an InternLM2 / 2.5 chat model "
+                                 f"(the <|plugin|> tool-call format); {name!r} has none: leave the flag out")
             engine = Engine(model, metrics=state.metrics, tp_group=group, **_engine_kwargs(args))
             state.served, state.engine = served, engine
             print(engine.plan.describe(), file=sys.stderr, flush=True)

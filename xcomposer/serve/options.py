@@ -55,6 +55,10 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--rope-scaling-factor", type=float, default=None,
                    help="InternLM2: the dynamic-NTK factor, overriding config.json (LMDeploy's flag; e.g. 2.5 with "
                         "--session-len 1048576 for internlm2_5-7b-chat-1m)")
+    p.add_argument("--tool-call-parser", default=None, metavar="internlm",
+                   help="LMDeploy's flag: InternLM2 / 2.5 chat models parse tool calls in their <|plugin|> format "
+                        "whether or not it is given; 'internlm' (LMDeploy's name for that format) is the only "
+                        "value, and it makes the server refuse to start on a model without that format")
     p.add_argument("--api-key", "--api-keys", dest="api_key", nargs="+", default=None,
                    help="require 'Authorization: Bearer KEY', one of these keys (or set XCOMPOSER_API_KEY; "
                         "--api-keys as LMDeploy)")
@@ -129,6 +133,12 @@ def quant_policy_arg(text: str) -> int:
     return value
 
 
+# LMDeploy's --tool-call-parser name for InternLM2's <|action_start|><|plugin|> format (its
+# lmdeploy/serve/openai/tool_parser/internlm2_parser.py registers "internlm", and "intern-s1" for
+# another model this server does not load)
+TOOL_CALL_PARSERS = ("internlm",)
+
+
 def resolve_serve_arguments(args) -> None:
     """The checkpoint is the positional PATH or --folder (exactly one); the quantization flags agree
     with each other and with --tp. Raises ValueError otherwise."""
@@ -140,6 +150,10 @@ def resolve_serve_arguments(args) -> None:
                          "--tp 1 (a 4-bit 7B model fits one 8 GB GPU), or drop the quantization flag")
     if isinstance(args.api_key, str):
         args.api_key = [args.api_key]
+    parser = getattr(args, "tool_call_parser", None)
+    if parser is not None and parser.strip().lower() not in TOOL_CALL_PARSERS:
+        raise ValueError(f"--tool-call-parser {parser!r}: this server parses InternLM2 / 2.5's tool-call format only, "
+                         f"LMDeploy's 'internlm' parser: pass --tool-call-parser internlm, or leave it out")
     args.adapters = parse_adapters(getattr(args, "adapters", None) or [])
     if args.adapters and (getattr(args, "tp", 1) or 1) > 1:
         raise ValueError("--adapter is not combined with --tp yet: serve the adapters with --tp 1, or merge one "
