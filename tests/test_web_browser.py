@@ -144,13 +144,32 @@ def _attach(page, files):
                            f"{before + len(files)}")
 
 
+CHAT_STATE = """() => {
+  const root = document.querySelector('#chatbot');
+  const tracker = root.querySelector('[data-testid=status-tracker]');
+  return {users: root.querySelectorAll('[data-testid=user]').length,
+          bots: Array.from(root.querySelectorAll('[data-testid=bot]')).map(b => b.innerText.slice(0, 80)),
+          tracker: tracker ? tracker.className : null,
+          input: document.querySelector('#chat-input textarea').value,
+          files: document.querySelectorAll('#chat-input .thumbnail-item').length,
+          error: document.querySelector('#chat-error').innerText};
+}"""
+
+
 def _ask(page, text, files=(), bots_after=None):
     if files:
         _attach(page, files)
     page.fill("#chat-input textarea", text)
     page.press("#chat-input textarea", "Enter")
     if bots_after is not None:
-        page.wait_for_function(CHAT_IDLE, arg=[bots_after])
+        try:
+            page.wait_for_function(CHAT_IDLE, arg=[bots_after])
+        except playwright_sync.TimeoutError:  # say what the page showed, for a failure seen once and not since
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            shot = ARTIFACTS / f"chat-timeout-{int(time.time())}.png"
+            page.screenshot(path=str(shot), full_page=True)
+            pytest.fail(f"no idle chat with {bots_after} replies after {JOB_TIMEOUT_MS // 1000} s; the page: "
+                        f"{page.evaluate(CHAT_STATE)}; screenshot {shot}")
 
 
 def _bot_texts(page):
