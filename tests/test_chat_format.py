@@ -159,17 +159,18 @@ def model_chat(model, family, query, imgs, history, **options):
     return model.chat(query, image=imgs or None, history=history, **opts)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_the_eager_turn_is_chats_greedy_reply_and_history(models, images, family):
+@pytest.mark.parametrize("family,beams", [(f, 1) for f in FAMILIES] + [("internlm2", 3), ("xcomposer", 3)])
+def test_the_eager_turn_is_chats_reply_and_history(models, images, family, beams):
     """The web demo's beam-search / no-engine path generates from the chat format's prompt: the
-    reply and history equal the model's own chat()."""
+    reply and history equal the model's own chat(), greedy or with beams."""
     model = models[family]
     fmt = model.chat_format
     vision = family.startswith("xcomposer")
     _, history = model_chat(model, family, "what is here?", [images[0]] if vision else [], [])
     query, imgs = "and the colour?", ([images[1]] if vision else [])
-    reply, want = model_chat(model, family, query, imgs, history)
-    events = list(fmt.stream_turn(query, imgs, history, GREEDY))
+    options = {**GREEDY, "num_beams": beams, "max_new_tokens": 12}
+    reply, want = model_chat(model, family, query, imgs, history, **options)
+    events = list(fmt.stream_turn(query, imgs, history, options))
     assert events[0] == ("dropped", 0) and events[-1][0] == "history"
     assert "".join(v for k, v in events if k == "piece") == reply
     got = events[-1][1]
@@ -183,7 +184,9 @@ def test_defaults_stops_and_history_codec_are_the_familys(models):
     assert (cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p) == (1024, True, 0.8, 0.8)
     assert lm2.chat_format.stop_ids == [lm2.tokenizer.eos_token_id, lm2.tokenizer.chat_token_id("<|im_end|>")]
     tok = xc.tokenizer
-    assert set(xc.chat_format.stop_ids) == {tok.eos_token_id, tok.eoa_token_id, tok.eoh_token_id}
+    assert set(xc.chat_format.generation_config({"num_beams": 1}).stop_ids) == {
+        tok.eos_token_id, tok.eoa_token_id, tok.eoh_token_id}
+    assert set(xc.chat_format.stop_ids) == set(xc._gen_config({}).stop_ids)  # 5 beams: upstream's stops
     assert xc.chat_format.generation_config({}).num_beams == 5  # upstream's default; the server asks for 1
     assert xc2.chat_format.generation_config({}).repetition_penalty == 1.005
     assert [f.history_entries_per_turn for f in (lm2.chat_format, xc.chat_format, xc2.chat_format)] == [1, 2, 1]

@@ -630,10 +630,14 @@ class XComposerChatFormat(ChatFormat):
         return self.model.llm.context_window
 
     def generation_config(self, options=None, *, completion: bool = False) -> GenerationConfig:
-        """Upstream's defaults (5 beams, repetition penalty 1.5, ...), stopping on `</s>`, `<eoa>`
-        and `<eoh>` (its answers end there too: `chat()` cuts there); completions as `complete()`."""
+        """Upstream's defaults (5 beams, repetition penalty 1.5, ...), stopping on `</s>` and `<eoa>`;
+        with one beam on `<eoh>` too (`chat()` cuts its answer there, so the text is the same and the
+        tokens after it are not generated; beam search keeps upstream's stops, whose scores they
+        change). Completions as `complete()`."""
         options = dict(options or {})
         cfg = self.model._completion_config(options) if completion else self.model._gen_config(options)
+        if cfg.num_beams > 1:
+            return cfg
         return cfg.replace(eos_token_id=list(dict.fromkeys(cfg.stop_ids + [self.tokenizer.eoh_token_id])))
 
     def check_history(self, history) -> list:
