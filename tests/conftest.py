@@ -127,3 +127,18 @@ class FedTokens:
 
     def remove(self) -> None:
         self.handle.remove()
+
+
+def torchrun_xcomposer(args: list[str], nproc: int = 2, timeout: float = 300):
+    """`torchrun --nproc_per_node N -m xcomposer ARGS` on a free port (gloo on the CPU, one thread a
+    process, offline): the CompletedProcess, output captured."""
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+           "-m", "xcomposer", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})

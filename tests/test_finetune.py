@@ -332,22 +332,16 @@ def test_qlora_trains_over_a_4bit_base_and_the_adapter_serves_on_it(tmp_path):
 def test_two_processes_give_the_single_process_adapter(tmp_path):
     """torchrun --nproc_per_node 2 (gloo on the CPU, accelerate's DDP): each step's 4 micro-batches shared
     out 2 and 2 give the adapter one process gives running all 4."""
-    import os
     folder = write_tiny_internlm2(tmp_path / "base")
     data = _write_task(tmp_path / "task.jsonl", copies=4)
     common = dict(folder=str(folder), data=str(data), lora_r=4, lora_alpha=8, lora_dropout=0.0, lr=1e-2,
                   weight_decay=0.0, max_steps=3, batch_size=2, grad_accum=4, seed=3)
     finetune(FinetuneConfig(out=str(tmp_path / "one"), **common))
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "xcomposer", "finetune", "--folder", str(folder), "--data", str(data), "--out", str(tmp_path / "two"),
-           "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0", "--lr", "1e-2", "--weight-decay", "0",
-           "--max-steps", "3", "--batch-size", "2", "--grad-accum", "4", "--seed", "3"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    from conftest import torchrun_xcomposer
+    r = torchrun_xcomposer(["finetune", "--folder", str(folder), "--data", str(data), "--out", str(tmp_path / "two"),
+                            "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0", "--lr", "1e-2",
+                            "--weight-decay", "0", "--max-steps", "3", "--batch-size", "2", "--grad-accum", "4",
+                            "--seed", "3"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "(2 processes)" in r.stderr
     one = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))

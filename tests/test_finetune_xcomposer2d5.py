@@ -140,3 +140,92 @@ def test_adapter_loads_with_from_pretrained_and_answers(setup):
         out = generate(tuned.llm, inputs_embeds=[x], image_mask=[m], do_sample=False, max_new_tokens=end - cut)
         assert out.tokens[0][:end - cut] == ex.input_ids[cut:end]
     assert batch[0].input_ids != batch[1].input_ids or batch[0].images[0][1] != batch[1].images[0][1]
+
+
+def test_the_tower_and_projector_train_in_full_when_asked_and_reload(setup, tmp_path):
+    """--train-vision / --train-projector (upstream's fix_vit / fix_sampler False): the tower (but its
+    unused post_layernorm) and the projector train beside the LoRA, are written under upstream's keys
+    to vision_trainables.safetensors, reload with from_pretrained(adapter=) to the trained model's
+    logits, and are refused as a served adapter held beside a shared tower."""
+    from safetensors.torch import load_file
+    from xcomposer.llm.adapter import VISION_FILE, AdapterError, attach_adapter_
+    root, ckpt, data, _ = setup
+    out = tmp_path / "vision-adapter"
+    result = finetune(FinetuneConfig(folder=str(ckpt), data=str(data), out=str(out), lora_r=4, lora_alpha=8,
+                                     lora_dropout=0.0, lr=1e-2, weight_decay=0.0, max_steps=4, batch_size=2,
+                                     grad_accum=1, log_every=0, train_vision=True, train_projector=True))
+    base = XComposer.from_pretrained(ckpt)
+    vl = result.vl
+    trained = {n for n, p in vl.named_parameters() if p.requires_grad and not n.startswith("llm.")}
+    assert trained and all(n.startswith(("vit.", "vision_proj.")) and "post_layernorm" not in n for n in trained)
+    assert {n for n, _ in vl.vision_proj.named_parameters()} <= {n[len("vision_proj."):] for n in trained}
+    before, after = dict(base.named_parameters()), dict(vl.named_parameters())
+    changed = {n for n in trained if not torch.equal(before[n], after[n])}
+    assert any(n.startswith("vit.") for n in changed) and any(n.startswith("vision_proj.") for n in changed)
+    assert all(torch.equal(before[n], after[n]) for n in after if "post_layernorm" in n)
+    saved = load_file(str(out / VISION_FILE))
+    assert set(saved) == {vl.checkpoint_name(n) for n in trained}
+    assert all(k.startswith(("vit.vision_tower.vision_model.", "vision_proj.")) for k in saved)
+
+    tuned = XComposer.from_pretrained(ckpt, adapter=out)
+    assert any(VISION_FILE in note for note in tuned.load_notes)
+    from xcomposer.train.trainer import collate, vl_encoder
+    report = load_examples(data, tuned.tokenizer, "internlm2", "chatml", 100000, strict=True, encode=vl_encoder(tuned))
+    batch = report.examples[:2]
+    ids, mask, _ = collate(batch, tuned.tokenizer.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        got = tuned.llm(**vl_inputs(tuned, batch, ids), attention_mask=mask)
+        want = result.model(**vl_inputs(vl, batch, ids, trained=True), attention_mask=mask)
+        frozen = base.llm(**vl_inputs(base, batch, ids), attention_mask=mask)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got, frozen, atol=1e-3)
+    with pytest.raises(AdapterError, match=VISION_FILE):
+        attach_adapter_(base.llm, "tuned", out)
+
+
+def test_training_the_tower_of_a_text_model_is_refused(tmp_path):
+    from xcomposer.tiny import write_tiny_internlm2
+    folder = write_tiny_internlm2(tmp_path / "lm2")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="--train-vision / --train-projector apply to XComposer2.5"):
+        finetune(FinetuneConfig(folder=str(folder), data=str(data), out=str(tmp_path / "o"), train_projector=True))
+
+
+def test_resuming_a_run_that_trains_the_projector_equals_running_straight(setup, tmp_path):
+    root, ckpt, data, _ = setup
+    kw = dict(folder=str(ckpt), data=str(data), lora_r=4, lora_alpha=8, lora_dropout=0.0, lr=1e-2,
+              weight_decay=0.0, max_steps=4, batch_size=2, grad_accum=1, log_every=0, train_projector=True)
+    straight = finetune(FinetuneConfig(out=str(tmp_path / "straight"), **kw))
+    finetune(FinetuneConfig(out=str(tmp_path / "cut"), save_every=2, **{**kw, "max_steps": 4}))
+    resumed = finetune(FinetuneConfig(out=str(tmp_path / "cut"), resume=str(tmp_path / "cut" / "checkpoint-2"), **kw))
+    assert resumed.losses == straight.losses
+    a, b = straight.vl.vision_trainables(), resumed.vl.vision_trainables()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from peft import get_peft_model_state_dict
+    la, lb = get_peft_model_state_dict(straight.model), get_peft_model_state_dict(resumed.model)
+    assert all(torch.equal(la[k], lb[k]) for k in la)
+
+
+def test_two_processes_train_the_projector_as_one_does(setup, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo, accelerate's DDP around the decoder): the projector, which
+    runs outside DDP, gets its gradients averaged over the ranks, so the LoRA and the projector equal
+    one process's running the same global batch."""
+    from conftest import torchrun_xcomposer
+    from safetensors.torch import load_file
+    from xcomposer.llm.adapter import VISION_FILE
+    root, ckpt, data, _ = setup
+    finetune(FinetuneConfig(folder=str(ckpt), data=str(data), out=str(tmp_path / "one"), lora_r=4, lora_alpha=8,
+                            lora_dropout=0.0, lr=1e-2, weight_decay=0.0, max_steps=2, batch_size=1, grad_accum=2,
+                            seed=3, log_every=0, train_projector=True))
+    r = torchrun_xcomposer(["finetune", "--folder", str(ckpt), "--data", str(data), "--out", str(tmp_path / "two"),
+                            "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0", "--lr", "1e-2",
+                            "--weight-decay", "0", "--max-steps", "2", "--batch-size", "1", "--grad-accum", "2",
+                            "--seed", "3", "--log-every", "0", "--train-projector"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("adapter_model.safetensors", VISION_FILE):
+        one, two = load_file(str(tmp_path / "one" / name)), load_file(str(tmp_path / "two" / name))
+        assert one.keys() == two.keys() and one
+        for k in one:
+            torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)

@@ -26,6 +26,9 @@ from .config import InternLMConfig
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
+# beside the LoRA, what `finetune --train-vision / --train-projector` trained in full: the tower's and the
+# projector's tensors under upstream's checkpoint keys (`vit.*`, `vision_proj.*`); not part of peft's format
+VISION_FILE = "vision_trainables.safetensors"
 
 # upstream module (inside a layer) -> our module, InternLM2
 INTERNLM2_MODULES = {"attention.wqkv": "self_attn.qkv", "attention.wo": "self_attn.o_proj",
@@ -174,6 +177,10 @@ def attach_adapter_(llm, name: str, path: str | Path) -> str:
     their B's block-diagonal, which is the same sum. Returns a note for load_notes."""
     from .decoder import PartialLoRA, TaskLoRA
 
+    if (Path(path) / VISION_FILE).is_file():
+        raise AdapterError(f"adapter {str(path)!r} also trained the vision tower or projector ({VISION_FILE}): adapters "
+                           f"held beside the weights share the base's tower, so serve it alone, loaded with "
+                           f"from_pretrained(adapter=...) (web_demo.py --adapter does), not with serve --adapter")
     if not name.isidentifier() or name in getattr(llm, "task_lora_names", ()):
         raise AdapterError(f"adapter name {name!r}: use a new name of letters, digits and underscores "
                            f"(taken: {list(getattr(llm, 'task_lora_names', ()))})")

@@ -267,6 +267,33 @@ class XComposer2(nn.Module):
             return internlm2_upstream_name(name[len("llm."):])
         return name
 
+    def vision_trainables(self) -> dict[str, torch.Tensor]:
+        """The tower's and the projector's tensors being trained (requires_grad), under upstream's keys."""
+        return {self.checkpoint_name(n): p.detach().cpu().contiguous() for n, p in self.named_parameters()
+                if p.requires_grad and n.startswith(("vit.", "vision_proj."))}
+
+    def load_vision_trainables(self, folder) -> list[str]:
+        """Replace the tower's / projector's tensors an adapter folder carries (`finetune --train-vision /
+        --train-projector`: adapter.VISION_FILE, upstream's keys), strictly; notes for load_notes."""
+        from ..llm.adapter import VISION_FILE, AdapterError
+        path = Path(folder) / VISION_FILE
+        if not path.is_file():
+            return []
+        from safetensors.torch import load_file
+        tensors = load_file(str(path))
+        params = dict(self.named_parameters())
+        for key, value in tensors.items():
+            name = self.key_map(key) if key.startswith(("vit.", "vision_proj.")) else None
+            p = params.get(name) if isinstance(name, str) else None
+            if p is None:
+                raise AdapterError(f"{path}: {key!r} is not a vision tower or projector weight of this model")
+            if tuple(p.shape) != tuple(value.shape):
+                raise AdapterError(f"{path}: {key!r} has shape {tuple(value.shape)} but the model's is "
+                                   f"{tuple(p.shape)}: the adapter was trained on another base")
+            with torch.no_grad():
+                p.copy_(value.to(p.device, p.dtype))
+        return [f"{len(tensors)} vision tower / projector tensors from {VISION_FILE}"]
+
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
         """Upstream's keys: `model.*` / `output.*` for the decoder (wqkv packed), `vit.*`, `vision_proj.*`."""
         sd = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
@@ -327,6 +354,7 @@ class XComposer2(nn.Module):
                                       "adapter into the 16-bit checkpoint first: python -m xcomposer merge)")
             from ..llm.adapter import merge_adapter_
             model.load_notes.append(merge_adapter_(model.llm, adapter))
+            model.load_notes += model.load_vision_trainables(adapter)
         if quant is not None:
             quantize_model_(model, quant, device)
         if packed is not None:

@@ -312,9 +312,13 @@ class XComposer2d5(XComposer2):
             return hd.video_to_image(src, font=self.font)
         return hd.hd_transform(load_image(item), hd_num)
 
-    @torch.inference_mode()
-    def encode_tiled(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(1, 3, rows*560, cols*560) normalized pixels -> (tokens, hidden) image tokens."""
+    def encode_tiled(self, pixels: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
+        """(1, 3, rows*560, cols*560) normalized pixels -> (tokens, hidden) image tokens; `grad`: with
+        autograd (fine-tuning the tower or the projector), else in inference mode."""
+        with torch.inference_mode(not grad):
+            return self._encode_tiled(pixels)
+
+    def _encode_tiled(self, pixels: torch.Tensor) -> torch.Tensor:
         if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or pixels.shape[0] != 1 or pixels.shape[1] != 3 \
                 or pixels.shape[2] % CROP or pixels.shape[3] % CROP or pixels.shape[2] == 0 or pixels.shape[3] == 0:
             got = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
@@ -347,6 +351,11 @@ class XComposer2d5(XComposer2):
             return []
         items = list(image) if isinstance(image, (list, tuple)) else [image]
         return self._visual_tokens(items, "compose", lambda item, _: composition_tile(load_image(item)))
+
+    def training_image_tokens(self, path) -> torch.Tensor:
+        """One training image's tokens as upstream's finetune makes them (R560_HD18 tiling,
+        `composition_tile`), with autograd and no cache: for fine-tuning the tower or the projector."""
+        return self.encode_tiled(self._pixels(composition_tile(load_image(path))), grad=True)
 
     def _pixels(self, picture) -> torch.Tensor:
         return _hd().hd_pixels(picture, None)  # already tiled: CLIP's normalization only

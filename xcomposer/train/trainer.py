@@ -60,6 +60,10 @@ class FinetuneConfig:
     strict: bool = False             # refuse the data file on any bad record
     # QLoRA: the base projections in bitsandbytes' 4-bit (nf4 with double quantization, fp4) or int8
     quantization: str | None = None
+    # XComposer2.5: train the vision tower / the projector in full beside the LoRA (upstream finetune.py's
+    # fix_vit / fix_sampler set to False); saved to the adapter folder's vision_trainables.safetensors
+    train_vision: bool = False
+    train_projector: bool = False
     save_every: int = 0              # optimizer steps between checkpoints (out/checkpoint-STEP); 0: none
     resume: str | None = None        # a checkpoint folder to continue from ("latest": the newest under out)
     log_every: int = 1
@@ -77,6 +81,7 @@ class FinetuneResult:
     examples: int = 0
     skipped: int = 0
     model: object = field(default=None, repr=False)  # the in-memory peft model, in eval mode
+    vl: object = field(default=None, repr=False)  # XComposer2.5: the whole model (its tower and projector)
 
 
 def _batches(examples: list[Example], batch_size: int, rng: random.Random) -> list[list[Example]]:
@@ -106,17 +111,20 @@ def collate(batch: list[Example], pad_id: int, device) -> tuple[torch.Tensor, to
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def vl_inputs(vl, batch: list[Example], ids: torch.Tensor) -> dict:
-    """XComposer2.5: the batch's embeddings with each image's tokens in its span (the frozen tower,
-    no gradient), and the image mask the Partial LoRA reads; {} for a batch without images."""
+def vl_inputs(vl, batch: list[Example], ids: torch.Tensor, trained: bool = False) -> dict:
+    """XComposer2.5: the batch's embeddings with each image's tokens in its span, and the image mask
+    the Partial LoRA reads; {} for a batch without images. The frozen tower runs without gradient;
+    with `trained` (it or the projector is being trained) every image is encoded afresh
+    (`training_image_tokens`: no cache), with gradient where grad mode is on."""
     if vl is None or not any(e.images for e in batch):
         return {}
-    with torch.no_grad():
-        x = vl.llm.model.embed_tokens(ids).clone()
+    with torch.set_grad_enabled(trained and torch.is_grad_enabled()):
+        with torch.no_grad():
+            x = vl.llm.model.embed_tokens(ids).clone()
         image = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
         for i, e in enumerate(batch):
             for start, path in e.images:
-                tokens = vl._image_tokens([path])[0]
+                tokens = vl.training_image_tokens(path) if trained else vl._image_tokens([path])[0]
                 x[i, start:start + tokens.shape[0]] = tokens.to(x.device, x.dtype)
                 image[i, start:start + tokens.shape[0]] = True
     return {"inputs_embeds": x, "image_mask": image}
@@ -155,14 +163,14 @@ def enable_gradient_checkpointing(model) -> None:
 
 @torch.no_grad()
 def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, device, autocast: bool,
-             vl=None) -> float:
+             vl=None, trained: bool = False) -> float:
     was = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = examples[i:i + batch_size]
         ids, mask, labels = collate(batch, pad_id, device)
-        s, n = loss_sum(model, ids, mask, labels, autocast, **vl_inputs(vl, batch, ids))
+        s, n = loss_sum(model, ids, mask, labels, autocast, **vl_inputs(vl, batch, ids, trained))
         total, count = total + float(s), count + n
     model.train(was)
     return total / max(1, count)
@@ -171,11 +179,21 @@ def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, devic
 # what a checkpoint must agree on with the run that resumes it (anything else may change, e.g. log_every)
 RESUME_FIELDS = ("folder", "data", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr", "weight_decay",
                  "adam_beta2", "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum", "max_length",
-                 "eval_fraction", "seed", "quantization")
+                 "eval_fraction", "seed", "quantization", "train_vision", "train_projector")
 STATE_FILE = "trainer_state.pt"
 
 
-def _save_checkpoint(peft_model, optimizer, scheduler, c: FinetuneConfig, step: int, losses: list[float]) -> Path:
+def _save_outputs(peft_model, vl, folder: Path, base_name: str) -> None:
+    """The adapter in peft's format, and beside it the tower / projector tensors trained in full."""
+    save_adapter(peft_model, folder, base_name=base_name)
+    if vl is not None and (trained := vl.vision_trainables()):
+        from safetensors.torch import save_file
+        from ..llm.adapter import VISION_FILE
+        save_file(trained, str(Path(folder) / VISION_FILE), metadata={"format": "pt"})
+
+
+def _save_checkpoint(peft_model, optimizer, scheduler, c: FinetuneConfig, step: int, losses: list[float],
+                     vl=None) -> Path:
     """out/checkpoint-STEP: the adapter as `save_adapter` writes it (usable as it is) and the trainer
     state (LoRA tensors exactly, optimizer, schedule, random state, losses), written under a temporary
     name and renamed when complete."""
@@ -185,8 +203,8 @@ def _save_checkpoint(peft_model, optimizer, scheduler, c: FinetuneConfig, step: 
     final = Path(c.out) / f"checkpoint-{step}"
     tmp = Path(c.out) / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(peft_model, tmp / "adapter", base_name=str(c.folder))
-    torch.save({"step": step, "lora": get_peft_model_state_dict(peft_model), "optimizer": optimizer.state_dict(),
+    _save_outputs(peft_model, vl, tmp / "adapter", str(c.folder))
+    torch.save({"step": step, "vision": vl.vision_trainables() if vl is not None else {}, "lora": get_peft_model_state_dict(peft_model), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "losses": list(losses),
                 "config": {k: getattr(c, k) for k in RESUME_FIELDS}}, tmp / STATE_FILE)
     shutil.rmtree(final, ignore_errors=True)
@@ -208,7 +226,7 @@ def _resume_folder(c: FinetuneConfig) -> Path:
     return folder
 
 
-def _load_checkpoint(folder: Path, peft_model, optimizer, scheduler, c: FinetuneConfig) -> dict:
+def _load_checkpoint(folder: Path, peft_model, optimizer, scheduler, c: FinetuneConfig, vl=None) -> dict:
     from peft import set_peft_model_state_dict
 
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
@@ -218,13 +236,15 @@ def _load_checkpoint(folder: Path, peft_model, optimizer, scheduler, c: Finetune
             raise ValueError(f"--resume {folder}: the checkpoint was trained with {k}={saved.get(k)!r} but this run "
                              f"has {k}={getattr(c, k)!r}; resume with the same settings")
     set_peft_model_state_dict(peft_model, state["lora"])
+    if vl is not None and state.get("vision"):
+        vl.load_vision_trainables(folder / "adapter")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     return state
 
 
-def _vision_language(folder: str, device, dtype):
+def _vision_language(folder: str, device, dtype, train_vision: bool = False, train_projector: bool = False):
     """The XComposer model to train on images, or None for a text InternLM folder (by config.json)."""
     from ..llm.checkpoint import checkpoint_folder
     from ..models.xcomposer2 import is_xcomposer2_config
@@ -234,6 +254,9 @@ def _vision_language(folder: str, device, dtype):
     except (OSError, ValueError):
         return None
     if not any("XComposer" in a for a in raw.get("architectures") or []):
+        if train_vision or train_projector:
+            raise ValueError(f"{folder} is a text model: --train-vision / --train-projector apply to XComposer2.5 "
+                             f"checkpoints (internlm-xcomposer2d5-7b)")
         return None
     from ..models.xcomposer import XComposer
     from ..models.xcomposer2d5 import XComposer2d5
@@ -244,7 +267,14 @@ def _vision_language(folder: str, device, dtype):
     if not isinstance(vl, XComposer2d5):
         raise ValueError(f"{folder}: XComposer2 fine-tuning is not supported yet (its image layout differs); "
                          f"XComposer2.5 (internlm-xcomposer2d5-7b) and InternLM text models are")
-    vl.requires_grad_(False)  # the tower and the projector stay frozen: only the LoRA trains (upstream's LoRA)
+    vl.requires_grad_(False)  # the tower and the projector stay frozen by default: only the LoRA trains
+    if train_vision:  # upstream's fix_vit=False: the whole tower but its post_layernorm, which no output reads
+        vl.vit.requires_grad_(True)
+        for n, p in vl.vit.named_parameters():
+            if "post_layernorm" in n:
+                p.requires_grad_(False)
+    if train_projector:  # upstream's fix_sampler=False
+        vl.vision_proj.requires_grad_(True)
     return vl
 
 
@@ -290,7 +320,9 @@ def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
     torch.manual_seed(c.seed)
     dtype = c.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     autocast = (device.type == "cuda") if c.bf16 is None else c.bf16
-    vl = _vision_language(c.folder, device, dtype)  # XComposer2.5: LoRA on its decoder, images from its tower
+    # XComposer2.5: LoRA on its decoder, images from its tower (trained too when asked)
+    vl = _vision_language(c.folder, device, dtype, c.train_vision, c.train_projector)
+    vision_params = [p for p in vl.parameters() if p.requires_grad] if vl is not None else []
     model = vl.llm if vl is not None else InternLM.from_pretrained(c.folder, device=device, dtype=dtype, fuse=False)
     tok = vl.tokenizer if vl is not None else model.tokenizer
     if tok is None:
@@ -319,12 +351,15 @@ def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
     peft_model = lora_model(model, targets, c.lora_r, c.lora_alpha, c.lora_dropout, quantization=quant)
     if c.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
+    params = [p for p in peft_model.parameters() if p.requires_grad] + vision_params
     trainable = sum(p.numel() for p in params)
-    total_params = sum(p.numel() for p in peft_model.parameters())
+    total_params = sum(p.numel() for p in peft_model.parameters()) + (
+        sum(p.numel() for n, p in vl.named_parameters() if not n.startswith("llm.")) if vl is not None else 0)
     print(f"finetune: {len(examples)} training / {len(eval_set)} eval records ({len(report.skipped)} skipped); "
           f"LoRA r {c.lora_r} alpha {c.lora_alpha} on {', '.join(targets)}: {trainable:,} trainable of "
-          f"{total_params:,} parameters" + (f"; base in {quant.describe()} (QLoRA)" if quant else ""), file=log)
+          f"{total_params:,} parameters" + (f"; base in {quant.describe()} (QLoRA)" if quant else "")
+          + (f"; vision {'tower' if c.train_vision else ''}{' and ' if c.train_vision and c.train_projector else ''}"
+             f"{'projector' if c.train_projector else ''} trained in full" if vision_params else ""), file=log)
     optimizer = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, c.adam_beta2), weight_decay=c.weight_decay)
 
     per_epoch = math.ceil(math.ceil(len(examples) / c.batch_size) / c.grad_accum)
@@ -343,7 +378,7 @@ def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
     first_step = 0
     if c.resume:
         folder = _resume_folder(c)
-        state = _load_checkpoint(folder, peft_model, optimizer, scheduler, c)
+        state = _load_checkpoint(folder, peft_model, optimizer, scheduler, c, vl)
         first_step = int(state["step"])
         result.losses = list(state["losses"])
         for _ in range(first_step * c.grad_accum):  # the same draws as the interrupted run made
@@ -366,7 +401,8 @@ def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
         step_loss = 0.0
         for batch in group[rank::world]:
             ids, mask, labels = collate(batch, pad_id, device)
-            s, _ = loss_sum(forward_model, ids, mask, labels, autocast, **vl_inputs(vl, batch, ids))
+            s, _ = loss_sum(forward_model, ids, mask, labels, autocast,
+                            **vl_inputs(vl, batch, ids, trained=bool(vision_params)))
             (s * world / max(1, n_labels)).backward()
             step_loss += float(s.detach())
             tokens += int(mask.sum()) * world
@@ -374,6 +410,11 @@ def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
             total = torch.tensor([step_loss], dtype=torch.float64, device=device)
             torch.distributed.all_reduce(total)
             step_loss = float(total)
+            for p in vision_params:  # the tower runs outside DDP: average its gradients as DDP does the LoRA's
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= world
         if c.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
         optimizer.step()
@@ -384,24 +425,24 @@ def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
         elapsed = time.perf_counter() - start
         result.tokens_per_s = tokens / max(elapsed, 1e-9)
         if c.save_every and (step + 1) % c.save_every == 0 and step + 1 < total_steps and rank == 0:
-            saved = _save_checkpoint(peft_model, optimizer, scheduler, c, step + 1, result.losses)
+            saved = _save_checkpoint(peft_model, optimizer, scheduler, c, step + 1, result.losses, vl)
             print(f"step {step + 1}/{total_steps} checkpoint {saved}", file=log)
         if c.log_every and (step + 1) % c.log_every == 0 or step + 1 == total_steps:
             print(f"step {step + 1}/{total_steps} loss {result.losses[-1]:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
                   f"{result.tokens_per_s:,.0f} tok/s", file=log)
         if eval_set and ((c.eval_every and (step + 1) % c.eval_every == 0) or step + 1 == total_steps):
-            loss = evaluate(peft_model, eval_set, c.batch_size, pad_id, device, autocast, vl)
+            loss = evaluate(peft_model, eval_set, c.batch_size, pad_id, device, autocast, vl, bool(vision_params))
             result.eval_losses.append((step + 1, loss))
             print(f"step {step + 1}/{total_steps} eval loss {loss:.4f}", file=log)
     peft_model.eval()
     if rank == 0:
-        save_adapter(peft_model, c.out, base_name=str(c.folder))
+        _save_outputs(peft_model, vl, Path(c.out), str(c.folder))
         (Path(c.out) / "finetune_config.json").write_text(
             json.dumps(dataclasses.asdict(c), indent=2), encoding="utf-8")
         print(f"finetune: adapter written to {c.out}" + (f" ({world} processes)" if world > 1 else ""), file=log)
     if acc is not None:
         acc.wait_for_everyone()
-    result.model = peft_model
+    result.model, result.vl = peft_model, vl
     return result
 
 
