@@ -229,3 +229,26 @@ def test_two_processes_train_the_projector_as_one_does(setup, tmp_path):
         assert one.keys() == two.keys() and one
         for k in one:
             torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+
+
+def test_packed_image_records_give_the_padded_loss(setup):
+    """--pack on image records: each image's tokens land at its span in the packed row, the Partial LoRA
+    reads them there, and the summed loss equals the padded batch's."""
+    import random
+    from xcomposer.train.trainer import collate, loss_sum, pack_examples, segment_ids, vl_encoder
+    root, ckpt, data, result = setup
+    model = XComposer.from_pretrained(ckpt, fuse=False)
+    report = load_examples(data, model.tokenizer, "internlm2", "chatml", 100000, strict=True,
+                           encode=vl_encoder(model))
+    examples = report.examples[:4]
+    rows = pack_examples(examples, 2 * max(len(e.input_ids) for e in examples), random.Random(0))
+    assert len(rows) < len(examples) and sum(len(r.images) for r in rows) == sum(len(e.images) for e in examples)
+    pad = model.tokenizer.pad_token_id
+    with torch.no_grad():
+        ids, mask, labels = collate(examples, pad, "cpu")
+        want, n_want = loss_sum(model.llm, ids, mask, labels, False, **vl_inputs(model, examples, ids))
+        ids, mask, labels = collate(rows, pad, "cpu")
+        got, n_got = loss_sum(model.llm, ids, mask, labels, False, **vl_inputs(model, rows, ids),
+                              segments=segment_ids(rows, ids.shape[1], "cpu"))
+    assert n_got == n_want
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

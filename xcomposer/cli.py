@@ -143,6 +143,9 @@ def add_finetune_commands(groups: argparse._SubParsersAction) -> None:
     f.add_argument("--eval-fraction", type=float, default=0.0, help="held-out share for evaluation loss")
     f.add_argument("--eval-every", type=int, default=0, help="optimizer steps between evaluations (0: at the end)")
     f.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in the backward pass")
+    f.add_argument("--pack", action="store_true",
+                   help="pack several records into each row of --max-length tokens (each attends only to itself) "
+                        "instead of padding rows to their longest record")
     f.add_argument("--train-vision", action="store_true",
                    help="XComposer2.5: train the vision tower in full beside the LoRA (upstream's --fix_vit False); "
                         "written to OUT/vision_trainables.safetensors")
@@ -174,7 +177,7 @@ def _finetune(args: argparse.Namespace) -> int:
     names = ("folder", "data", "out", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr", "weight_decay",
              "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum", "max_length", "eval_fraction",
              "eval_every", "gradient_checkpointing", "device", "dtype", "bf16", "seed", "strict", "log_every",
-             "quantization", "save_every", "resume", "train_vision", "train_projector")
+             "quantization", "save_every", "resume", "train_vision", "train_projector", "pack")
     result = finetune(FinetuneConfig(**{n: getattr(args, n) for n in names}))
     print(result.out)
     return 0

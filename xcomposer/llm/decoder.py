@@ -631,6 +631,7 @@ class InternLMForCausalLM(nn.Module):
         image_mask: torch.Tensor | None = None,
         logits_rows: torch.Tensor | None = None,
         task_loras: Sequence[str] | dict[str, torch.Tensor | None] | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab), or (B, 1, vocab) with `last_only`.
 
@@ -646,6 +647,10 @@ class InternLMForCausalLM(nn.Module):
         (text, every decode step) runs the base projections only. `task_loras` (a model with
         `add_task_loras`, XComposer2.5): names of task LoRAs applied to every token, or name ->
         (B, T) bool mask of the tokens they apply to (the engine's rows of several requests).
+        `segment_ids` (B, T) int (uncached calls, instead of `attention_mask`): rows packed with several
+        sequences (fine-tuning's `pack`), each numbered from 1 and 0 for padding; a token attends only
+        to its own sequence's earlier tokens and positions restart at 0 for each, so every sequence
+        gives the logits it gives alone.
 
         The serving engine (`xcomposer.engine.model_runner`) installs its paged KV pool in the layers
         and calls with one packed row (1, T) of several sequences' tokens, each at its own position
@@ -656,7 +661,22 @@ class InternLMForCausalLM(nn.Module):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
-        if cache_pos is None and attention_mask is None:  # no padding: SDPA's causal kernels
+        if segment_ids is not None:
+            if cache_pos is not None or attention_mask is not None:
+                raise ValueError("segment_ids packs sequences in an uncached forward: without attention_mask "
+                                 "or cache_pos")
+            if segment_ids.shape != (B, T):
+                raise ValueError(f"segment_ids must be (batch, tokens) = {(B, T)}, got {tuple(segment_ids.shape)}")
+            seg = segment_ids.to(x.device)
+            idx = torch.arange(T, device=x.device)
+            if position_ids is None:  # each sequence from 0: index minus its first index
+                starts = torch.ones_like(seg, dtype=torch.bool)
+                starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+                first = torch.where(starts, idx[None], torch.zeros_like(seg)).cummax(-1).values
+                position_ids = idx[None] - first
+            same = (seg[:, :, None] == seg[:, None, :]) & (idx[None, :] <= idx[:, None])[None]
+            mask = (same | torch.eye(T, dtype=torch.bool, device=x.device)[None])[:, None]
+        elif cache_pos is None and attention_mask is None:  # no padding: SDPA's causal kernels
             if position_ids is None:
                 position_ids = torch.arange(T, device=x.device)[None].expand(B, T)
             mask = Causal(T)

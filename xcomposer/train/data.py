@@ -37,6 +37,8 @@ class Example:
     where: str  # "train.jsonl line 3": for messages about it
     # XComposer2.5 records: (start position, image path) of each image; its tokens replace the ids there
     images: list = field(default_factory=list)
+    # a packed row (trainer.pack_examples): the lengths of the records it holds, in order
+    segments: list[int] | None = None
 
 
 @dataclass

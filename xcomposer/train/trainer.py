@@ -53,6 +53,7 @@ class FinetuneConfig:
     eval_fraction: float = 0.0       # held-out share of the records for evaluation loss
     eval_every: int = 0              # optimizer steps between evaluations (0: at the end only)
     gradient_checkpointing: bool = False
+    pack: bool = False               # several records per row of max_length tokens, each attending only to itself
     device: str = "cpu"
     dtype: str | None = None         # base weights; default float32 on CPU, bfloat16 on GPU
     bf16: bool | None = None         # autocast; default on for CUDA
@@ -97,6 +98,51 @@ def _batches(examples: list[Example], batch_size: int, rng: random.Random) -> li
     return batches
 
 
+def pack_examples(examples: list[Example], max_length: int, rng: random.Random) -> list[Example]:
+    """Rows of at most `max_length` tokens, each holding several records (first fit, longest first,
+    ties shuffled): their ids, labels and image spans end to end and `segments` their lengths. A
+    record's first label is never learnt across the boundary (the next-token loss at the last token of
+    one record would otherwise predict the next record's first token); records start with their prompt,
+    which is unlabelled anyway."""
+    order = examples[:]
+    rng.shuffle(order)
+    order.sort(key=lambda e: -len(e.input_ids))
+    rows: list[list[Example]] = []
+    room: list[int] = []
+    for e in order:
+        n = len(e.input_ids)
+        k = next((i for i, r in enumerate(room) if r >= n), None)
+        if k is None:
+            rows.append([e])
+            room.append(max_length - n)
+        else:
+            rows[k].append(e)
+            room[k] -= n
+    packed = []
+    for row in rows:
+        ids, labels, images, offset = [], [], [], 0
+        for e in row:
+            ids += e.input_ids
+            labels += [IGNORE] + e.labels[1:] if offset else e.labels
+            images += [(start + offset, path) for start, path in e.images]
+            offset += len(e.input_ids)
+        packed.append(Example(ids, labels, f"{len(row)} packed records ({row[0].where}, ...)", images,
+                              [len(e.input_ids) for e in row]))
+    return packed
+
+
+def segment_ids(batch: list[Example], length: int, device) -> torch.Tensor:
+    """(B, length) int: each record of a packed row numbered from 1, padding 0 (the decoder's
+    `segment_ids`); a row that is one record is segment 1."""
+    seg = torch.zeros((len(batch), length), dtype=torch.long)
+    for i, e in enumerate(batch):
+        at = 0
+        for k, n in enumerate(e.segments or [len(e.input_ids)]):
+            seg[i, at:at + n] = k + 1
+            at += n
+    return seg.to(device)
+
+
 def collate(batch: list[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right padding: (input_ids, attention_mask, labels) of (B, longest)."""
     T = max(len(e.input_ids) for e in batch)
@@ -130,14 +176,17 @@ def vl_inputs(vl, batch: list[Example], ids: torch.Tensor, trained: bool = False
     return {"inputs_embeds": x, "image_mask": image}
 
 
-def loss_sum(model, ids, mask, labels, autocast: bool, inputs_embeds=None, image_mask=None) -> tuple[torch.Tensor, int]:
+def loss_sum(model, ids, mask, labels, autocast: bool, inputs_embeds=None, image_mask=None,
+             segments=None) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the labelled positions, and their count. With
-    `inputs_embeds` (XComposer2.5 image records) those are the input and `image_mask` marks the images."""
+    `inputs_embeds` (XComposer2.5 image records) those are the input and `image_mask` marks the images;
+    with `segments` (packed rows: `segment_ids`) each record attends only to itself."""
+    masking = {"attention_mask": mask} if segments is None else {"segment_ids": segments}
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
         if inputs_embeds is not None:
-            logits = model(inputs_embeds=inputs_embeds, attention_mask=mask, image_mask=image_mask)
+            logits = model(inputs_embeds=inputs_embeds, image_mask=image_mask, **masking)
         else:
-            logits = model(input_ids=ids, attention_mask=mask)
+            logits = model(input_ids=ids, **masking)
     target = labels[:, 1:]
     loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
                            ignore_index=IGNORE, reduction="sum")
@@ -179,7 +228,7 @@ def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, devic
 # what a checkpoint must agree on with the run that resumes it (anything else may change, e.g. log_every)
 RESUME_FIELDS = ("folder", "data", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr", "weight_decay",
                  "adam_beta2", "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum", "max_length",
-                 "eval_fraction", "seed", "quantization", "train_vision", "train_projector")
+                 "eval_fraction", "seed", "quantization", "train_vision", "train_projector", "pack")
 STATE_FILE = "trainer_state.pt"
 
 
@@ -343,6 +392,11 @@ def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
     else:
         eval_set = []
 
+    if c.pack:
+        before = len(examples)
+        examples = pack_examples(examples, c.max_length, random.Random(c.seed))
+        print(f"finetune: {before} records packed into {len(examples)} rows of at most {c.max_length} tokens",
+              file=log)
     targets = c.target_modules or default_targets(family)
     quant = None
     if c.quantization is not None:
@@ -402,7 +456,8 @@ def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
         for batch in group[rank::world]:
             ids, mask, labels = collate(batch, pad_id, device)
             s, _ = loss_sum(forward_model, ids, mask, labels, autocast,
-                            **vl_inputs(vl, batch, ids, trained=bool(vision_params)))
+                            **vl_inputs(vl, batch, ids, trained=bool(vision_params)),
+                            segments=segment_ids(batch, ids.shape[1], device) if c.pack else None)
             (s * world / max(1, n_labels)).backward()
             step_loss += float(s.detach())
             tokens += int(mask.sum()) * world
@@ -446,4 +501,5 @@ def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
     return result
 
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "cosine_lr", "collate", "loss_sum"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "cosine_lr", "collate", "loss_sum", "pack_examples",
+           "segment_ids"]
