@@ -252,3 +252,32 @@ def test_packed_image_records_give_the_padded_loss(setup):
                               segments=segment_ids(rows, ids.shape[1], "cpu"))
     assert n_got == n_want
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_merge_writes_an_xcomposer2d5_checkpoint_equal_to_the_adapter_model(setup, tmp_path):
+    """`python -m xcomposer merge` on XComposer2.5: the LoRA merged into the decoder, the Partial LoRA and
+    task LoRAs kept, the tower / projector an adapter trained written in; the merged folder loads to the
+    adapter model's logits; XComposer 1.0 is refused by name."""
+    from xcomposer.train import merge_checkpoint
+    from xcomposer.train.trainer import collate, vl_encoder
+    root, ckpt, data, _ = setup
+    adapter = tmp_path / "adapter"
+    finetune(FinetuneConfig(folder=str(ckpt), data=str(data), out=str(adapter), lora_r=4, lora_alpha=8,
+                            lora_dropout=0.0, lr=1e-2, weight_decay=0.0, max_steps=2, batch_size=2, grad_accum=1,
+                            log_every=0, train_projector=True))
+    report = merge_checkpoint(ckpt, adapter, tmp_path / "merged")
+    assert "vision" in report.note
+    merged = XComposer.from_pretrained(tmp_path / "merged")
+    held = XComposer.from_pretrained(ckpt, adapter=adapter)
+    assert type(merged).__name__ == "XComposer2d5" and merged.config.task_lora_ranks == held.config.task_lora_ranks
+    rep = load_examples(data, held.tokenizer, "internlm2", "chatml", 100000, strict=True, encode=vl_encoder(held))
+    batch = rep.examples[:2]
+    ids, mask, _ = collate(batch, held.tokenizer.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        for loras in ((), ("web",)):
+            got = merged.llm(**vl_inputs(merged, batch, ids), attention_mask=mask, task_loras=loras)
+            want = held.llm(**vl_inputs(held, batch, ids), attention_mask=mask, task_loras=loras)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    from xcomposer.tiny import write_tiny_xcomposer
+    with pytest.raises(ValueError, match="XComposer 1.0"):
+        merge_checkpoint(write_tiny_xcomposer(tmp_path / "v1"), adapter, tmp_path / "m1")

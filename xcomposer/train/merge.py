@@ -37,7 +37,11 @@ def merge_checkpoint(folder: str | os.PathLike, adapter: str | os.PathLike, out:
                      overwrite: bool = False, max_shard_bytes: int = 5 * 2**30) -> MergeReport:
     """Write `folder` with `adapter` merged into its weights to `out` (a new folder; `overwrite`
     replaces a non-empty one once the new checkpoint is complete). Text InternLM checkpoints
-    (InternLM2/2.5 and v1), plain 16/32-bit: a GPTQ / AWQ folder or a Partial LoRA model is refused."""
+    (InternLM2/2.5 and v1) and XComposer2 / 2.5, plain 16/32-bit: a GPTQ / AWQ folder is refused. On
+    XComposer2 / 2.5 the adapter's LoRA (every token) merges into the decoder's base weights, exactly,
+    the Partial LoRA (image tokens) and XComposer2.5's task LoRAs stay as they are, and the tower /
+    projector tensors an adapter trained (`--train-vision` / `--train-projector`) replace the base's;
+    XComposer 1.0 is refused (its adapters are its own checkpoint's)."""
     source, _ = checkpoint_folder(folder, "InternLM")
     out = Path(out)
     check_output_folder(source, out, overwrite, "merged checkpoint")
@@ -48,10 +52,18 @@ def merge_checkpoint(folder: str | os.PathLike, adapter: str | os.PathLike, out:
     name = str(config.get("torch_dtype") or "float32").replace("torch.", "")
     if name not in _DTYPES:
         raise ValueError(f"{source}/config.json has torch_dtype {name!r}: expected float16, bfloat16 or float32")
-    model = InternLM.from_pretrained(source, dtype=torch.float32, fuse=False, adapter=adapter)  # merge in float32
+    if any("XComposer" in a for a in config.get("architectures") or []):
+        from ..models.xcomposer import XComposer
+        from ..models.xcomposer2 import is_xcomposer2_config
+        if not is_xcomposer2_config(config):
+            raise ValueError(f"{source} is an InternLM-XComposer 1.0 checkpoint: merge handles InternLM text models "
+                             f"and XComposer2 / 2.5, whose adapters `finetune` trains")
+        model = XComposer.from_pretrained(source, dtype=torch.float32, fuse=False, adapter=adapter)
+    else:
+        model = InternLM.from_pretrained(source, dtype=torch.float32, fuse=False, adapter=adapter)  # in float32
     state = {k: (v.to(_DTYPES[name]) if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
     write_derived_folder(source, out, state, config=config, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
-    note = next((n for n in model.load_notes if "adapter" in n), "adapter merged")
+    note = "; ".join(n for n in model.load_notes if "adapter" in n or "vision" in n) or "adapter merged"
     return MergeReport(out, name, len(state), note)
 
 
