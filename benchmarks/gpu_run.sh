@@ -30,6 +30,9 @@
 #    internlm2_5-7b-chat shape, fp16 random weights, 16 concurrent requests through the engine: base only, all on one
 #    adapter, spread over 4 (r=16 on wqkv/wo/w1/w2/w3, ~75 MB each), eager and CUDA graphs, ratios, outputs against
 #    generate() alone; ~16 GB, a minute or two; results in $OUT/bench_adapters.json. ADAPTERS_ARGS passes options.
+# 8. (STEPS="train") LoRA training (benchmarks/bench_finetune.py --device cuda --mode small: ours against peft on
+#    transformers' Llama, tokens/s and peak memory) and packed rows against padded batches (benchmarks/bench_pack.py
+#    --device cuda); needs peft, which the image lacks: pip download peft --no-deps -d gpu_wheels first.
 # One device call may run 10 minutes at most: STEPS="tests" or STEPS="bench" runs one part, and
 # BENCH_ARGS passes options to the benchmark, e.g. BENCH_ARGS="--variants ours ours-graph --repeats 3"
 # (the compiled variant compiles once per batch shape: budget a minute or more per shape).
@@ -83,5 +86,11 @@ fi
 if [[ " $steps " == *" adapters "* ]]; then  # served throughput with LoRA adapters, STEPS="adapters"
     python3 benchmarks/bench_adapters.py --device cuda --json "$out/bench_adapters.json" ${ADAPTERS_ARGS:-} 2>&1 \
         | tee "$out/bench_adapters.txt" || rc=1
+fi
+if [[ " $steps " == *" train "* ]]; then  # LoRA training and packing, STEPS="train" (peft from gpu_wheels/)
+    python3 benchmarks/bench_finetune.py --device cuda --mode small --json "$out/bench_finetune.json" 2>&1 \
+        | tee "$out/bench_finetune.txt" || rc=1
+    python3 benchmarks/bench_pack.py --device cuda --mode small --json "$out/bench_pack.json" 2>&1 \
+        | tee "$out/bench_pack.txt" || rc=1
 fi
 exit $rc

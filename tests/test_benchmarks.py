@@ -36,3 +36,15 @@ def test_decoder_benchmark_internlm2_gqa_smoke_run():
     assert not any(row["name"].startswith("image") for row in r["rows"])
     assert r["greedy_tokens_match"] == {"ours": True}  # same GQA weights, same greedy tokens as transformers
     bench_decoder.print_report(r)
+
+
+def test_pack_benchmark_smoke_run():
+    """bench_pack.py (packed rows against padded batches, one epoch each) runs at the tiny shape: both
+    sides train on every record once, packing feeds fewer micro-batches."""
+    import bench_pack
+    r = bench_pack.bench("cpu", "tiny")
+    padded, packed = r["padded"], r["packed"]
+    assert padded["real_tokens"] == packed["real_tokens"] > 0
+    assert packed["micro_batches"] < padded["micro_batches"]
+    assert all(math.isfinite(v) for side in (padded, packed) for v in side.values())
+    assert r["ratio_padded_over_packed_time"] > 0
