@@ -7,9 +7,12 @@ Both sides train the same LoRA model (xcomposer.train's `lora_model` on an Inter
 upstream layout) on the same records, through the trainer's own functions:
 
 * padded (the default): `trainer._batches` (shuffle, sort windows by length) -> `collate` (right
-  padding to the batch's longest record) -> `loss_sum` with the attention mask;
+  padding to the batch's longest record) -> `loss_sum` with `segment_ids` (each row's record one
+  span, its padding another: causal attention per span, as the trainer runs it);
 * packed: `trainer.pack_examples` (rows of --max-length tokens, first fit, longest first) ->
-  `collate` -> `loss_sum` with `segment_ids` (each record attends only to itself).
+  `collate` -> `loss_sum` with `segment_ids` (each record attends only to itself);
+* padded with the dense mask: the padded batches through `attention_mask` instead (a (B, 1, T, T)
+  boolean mask; how the trainer ran before it passed `segment_ids`), for reference.
 
 Records: seeded random token ids, lengths uniform in [min, max] (default 32..512 at "small"), labels
 on the second half. Each side runs one epoch over all records (a step per micro-batch: forward,
@@ -19,8 +22,9 @@ timing on a GPU.
 Reported per side: micro-batches, tokens fed (with padding), real tokens, padding share, the epoch's
 wall time, real tokens/s, and the loss of the first micro-batch per real token (both sides see the
 same model then: a check that the two compute the same thing is in tests/test_finetune.py, not here).
-The ratio is padded time / packed time for the epoch (> 1: packing faster). Absolute times are only
-meaningful on a GPU; on the CPU the ratio is the figure.
+The ratios: padded time / packed time for the epoch (> 1: packing faster), and dense-mask time /
+per-span time of the padded batches. Absolute times are only meaningful on a GPU; on the CPU the ratios
+are the figures.
 """
 from __future__ import annotations
 
@@ -61,7 +65,7 @@ def make_records(n: int, lo: int, hi: int, vocab: int, seed: int):
     return out
 
 
-def run_side(packed: bool, folder: Path, device: str, spec: dict, records, seed: int) -> dict:
+def run_side(packed: bool, folder: Path, device: str, spec: dict, records, seed: int, dense: bool = False) -> dict:
     from xcomposer.llm.internlm import InternLM
     from xcomposer.train.lora import default_targets, lora_model
     from xcomposer.train.trainer import _batches, collate, loss_sum, pack_examples, segment_ids
@@ -81,7 +85,7 @@ def run_side(packed: bool, folder: Path, device: str, spec: dict, records, seed:
 
     def step(batch):
         ids, mask, labels = collate(batch, pad, device)
-        seg = segment_ids(batch, ids.shape[1], device) if packed else None
+        seg = None if dense else segment_ids(batch, ids.shape[1], device)
         s, n = loss_sum(peft_model, ids, mask, labels, autocast, segments=seg)
         (s / max(1, n)).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -109,14 +113,16 @@ def bench(device: str = "cpu", mode: str = "small", seed: int = 0) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_tiny_internlm2(Path(tmp) / "m", seed=seed, std=0.02, **spec["model"])
         records = make_records(spec["records"], spec["min_len"], spec["max_len"], spec["model"]["vocab_size"], seed)
+        dense = run_side(False, folder, device, spec, records, seed, dense=True)
         padded = run_side(False, folder, device, spec, records, seed)
         packed = run_side(True, folder, device, spec, records, seed)
     return {"benchmark": "bench_pack", "date": date.today().isoformat(), "device": device_name(device),
             "mode": mode, "shape": spec["model"], "records": spec["records"],
             "lengths": [spec["min_len"], spec["max_len"]], "row": spec["row"], "batch": spec["batch"],
             "command": "python benchmarks/bench_pack.py " + " ".join(sys.argv[1:]),
-            "padded": padded, "packed": packed,
-            "ratio_padded_over_packed_time": round(padded["epoch_s"] / packed["epoch_s"], 3)}
+            "padded_dense_mask": dense, "padded": padded, "packed": packed,
+            "ratio_padded_over_packed_time": round(padded["epoch_s"] / packed["epoch_s"], 3),
+            "ratio_dense_over_segments_time": round(dense["epoch_s"] / padded["epoch_s"], 3)}
 
 
 def main(argv=None) -> dict:
@@ -127,11 +133,12 @@ def main(argv=None) -> dict:
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
     r = bench(args.device, args.mode, args.seed)
-    for side in ("padded", "packed"):
+    for side in ("padded_dense_mask", "padded", "packed"):
         s = r[side]
-        print(f"{side:7s} {s['micro_batches']:4d} micro-batches, {s['tokens_fed']:7,d} tokens fed, "
+        print(f"{side:17s} {s['micro_batches']:4d} micro-batches, {s['tokens_fed']:7,d} tokens fed, "
               f"{s['padding_share']:.1%} padding, {s['epoch_s']:.2f} s, {s['real_tokens_per_s']:,.0f} real tokens/s")
-    print(f"padded / packed epoch time: {r['ratio_padded_over_packed_time']:.2f}x")
+    print(f"padded / packed epoch time: {r['ratio_padded_over_packed_time']:.2f}x; padded with the dense mask / "
+          f"with per-record attention: {r['ratio_dense_over_segments_time']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=2) + "\n", encoding="utf-8")
     return r

@@ -230,6 +230,27 @@ class Causal:
         return f"Causal({self.length})"
 
 
+class Segments:
+    """The mask of an uncached forward whose rows are packed with several sequences (`segment_ids`):
+    per row, the (start, end) spans of its sequences, end to end. Attention runs each span on its own
+    with SDPA's causal kernels, so a row costs what its sequences cost alone (no dense T x T mask)."""
+
+    __slots__ = ("spans",)
+
+    def __init__(self, segment_ids: torch.Tensor):
+        self.spans = []
+        for row in segment_ids.tolist():
+            spans, start = [], 0
+            for i in range(1, len(row) + 1):
+                if i == len(row) or row[i] != row[start]:
+                    spans.append((start, i))
+                    start = i
+            self.spans.append(spans)
+
+    def __repr__(self) -> str:
+        return f"Segments({self.spans})"
+
+
 class TaskLoRAState:
     """Which task LoRAs the forward running now applies: None (none), or a dict name -> None (every
     token) or a (B, T) bool mask of the tokens whose request asked for that task. Set by
@@ -338,23 +359,30 @@ class Attention(nn.Module):
             # keys/values in their blocks and attends each packed sequence over its own blocks
             y = self.kv_cache.attend(q, k, v).transpose(1, 2).reshape(B, T, -1)
             return _lora(self, "o_lora", _task(self, "o_task", self.o_proj(y), y), y, image_mask)
+        if isinstance(mask, Segments):  # packed rows: each sequence attends over itself only
+            y = torch.cat([torch.cat([self._sdpa(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
+                                                 {"is_causal": True}) for s, e in spans], dim=2)
+                           for b, spans in enumerate(mask.spans)])
+            y = y.transpose(1, 2).reshape(B, T, -1)
+            return _lora(self, "o_lora", _task(self, "o_task", self.o_proj(y), y), y, image_mask)
         causal = isinstance(mask, Causal)
         if self.kv_cache is not None and cache_pos is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)
             filled = mask.length if causal else mask.shape[-1]
             if filled < k.shape[2]:  # the mask covers the filled prefix: skip the empty tail
                 k, v = k[:, :, :filled], v[:, :, :filled]
-        attn = {"is_causal": True} if causal else {"attn_mask": mask}
-        if self.n_kv_heads != self.n_heads and _SDPA_GQA:  # grouped-query attention: kv head i // g
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **attn)
-        elif self.n_kv_heads != self.n_heads:  # torch < 2.5: repeat each kv head for its query group
-            g = self.n_heads // self.n_kv_heads
-            y = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), **attn)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, **attn)
+        y = self._sdpa(q, k, v, {"is_causal": True} if causal else {"attn_mask": mask})
         # -1, not C: under tensor parallelism this rank holds n_heads * head_dim < C features
         y = y.transpose(1, 2).reshape(B, T, -1)
         return _lora(self, "o_lora", _task(self, "o_task", self.o_proj(y), y), y, image_mask)
+
+    def _sdpa(self, q, k, v, attn: dict):
+        if self.n_kv_heads != self.n_heads and _SDPA_GQA:  # grouped-query attention: kv head i // g
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **attn)
+        if self.n_kv_heads != self.n_heads:  # torch < 2.5: repeat each kv head for its query group
+            g = self.n_heads // self.n_kv_heads
+            return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), **attn)
+        return F.scaled_dot_product_attention(q, k, v, **attn)
 
 
 class MLP(nn.Module):
@@ -648,8 +676,9 @@ class InternLMForCausalLM(nn.Module):
         `add_task_loras`, XComposer2.5): names of task LoRAs applied to every token, or name ->
         (B, T) bool mask of the tokens they apply to (the engine's rows of several requests).
         `segment_ids` (B, T) int (uncached calls, instead of `attention_mask`): rows packed with several
-        sequences (fine-tuning's `pack`), each numbered from 1 and 0 for padding; a token attends only
-        to its own sequence's earlier tokens and positions restart at 0 for each, so every sequence
+        sequences (fine-tuning's `pack`; a padded row is one sequence and its padding), each numbered
+        from 1 and 0 for padding; a token attends only to its own sequence's earlier tokens (SDPA's
+        causal kernel span by span: `Segments`) and positions restart at 0 for each, so every sequence
         gives the logits it gives alone.
 
         The serving engine (`xcomposer.engine.model_runner`) installs its paged KV pool in the layers
@@ -674,8 +703,7 @@ class InternLMForCausalLM(nn.Module):
                 starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
                 first = torch.where(starts, idx[None], torch.zeros_like(seg)).cummax(-1).values
                 position_ids = idx[None] - first
-            same = (seg[:, :, None] == seg[:, None, :]) & (idx[None, :] <= idx[:, None])[None]
-            mask = (same | torch.eye(T, dtype=torch.bool, device=x.device)[None])[:, None]
+            mask = Segments(seg)
         elif cache_pos is None and attention_mask is None:  # no padding: SDPA's causal kernels
             if position_ids is None:
                 position_ids = torch.arange(T, device=x.device)[None].expand(B, T)
@@ -751,6 +779,6 @@ def kv_cache_bytes(cfg: InternLMConfig, batch: int, length: int, dtype=torch.flo
     return 2 * cfg.num_hidden_layers * batch * length * cfg.kv_heads * cfg.head_dim * elem
 
 
-__all__ = ["InternLMForCausalLM", "PackedLinear", "PartialLoRA", "TaskLoRA", "TaskLoRAState", "Causal", "RMSNorm", "KVCache", "rope_tables", "rope_from_positions",
+__all__ = ["InternLMForCausalLM", "PackedLinear", "PartialLoRA", "TaskLoRA", "TaskLoRAState", "Causal", "Segments", "RMSNorm", "KVCache", "rope_tables", "rope_from_positions",
            "apply_rope", "kv_cache_bytes",
            "num_parameters"]

@@ -219,7 +219,8 @@ def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, devic
     for i in range(0, len(examples), batch_size):
         batch = examples[i:i + batch_size]
         ids, mask, labels = collate(batch, pad_id, device)
-        s, n = loss_sum(model, ids, mask, labels, autocast, **vl_inputs(vl, batch, ids, trained))
+        s, n = loss_sum(model, ids, mask, labels, autocast, **vl_inputs(vl, batch, ids, trained),
+                        segments=segment_ids(batch, ids.shape[1], device))
         total, count = total + float(s), count + n
     model.train(was)
     return total / max(1, count)
@@ -457,7 +458,7 @@ def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
             ids, mask, labels = collate(batch, pad_id, device)
             s, _ = loss_sum(forward_model, ids, mask, labels, autocast,
                             **vl_inputs(vl, batch, ids, trained=bool(vision_params)),
-                            segments=segment_ids(batch, ids.shape[1], device) if c.pack else None)
+                            segments=segment_ids(batch, ids.shape[1], device))
             (s * world / max(1, n_labels)).backward()
             step_loss += float(s.detach())
             tokens += int(mask.sum()) * world
