@@ -2,6 +2,7 @@
 gives for each prompt alone."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from xcomposer import InternLM
@@ -129,3 +130,27 @@ def test_a_conversation_past_the_session_is_fitted_and_says_so(tmp_path):
     kept = [(conv[2 * k]["content"], conv[2 * k + 1]["content"]) for k in range(r.dropped_turns, 8)]
     ref, _ = model.chat(model.tokenizer, "and the last one?", history=kept, do_sample=False, max_new_tokens=8)
     assert r.text == ref and r.input_token_len + 8 <= 400
+
+
+def test_upstream_xcomposer_readmes_lmdeploy_lines_run_with_our_import(tmp_path):
+    """InternLM-XComposer's README: `from lmdeploy import pipeline; from lmdeploy.vl import load_image;
+    pipe = pipeline('internlm/internlm-xcomposer2d5-7b'); pipe(('describe this image', load_image(path)))`.
+    With `xcomposer` / `xcomposer.vl` in the imports it runs as written (a tiny 2.5 folder here) and
+    answers what chat() answers; a picture that is not one is refused by name."""
+    from PIL import Image
+    from xcomposer import XComposer, pipeline
+    from xcomposer.tiny import write_tiny_xcomposer2d5
+    from xcomposer.vl import ImageError, load_image
+    folder = write_tiny_xcomposer2d5(tmp_path / "xc25", max_length=8192)
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(tmp_path / "dubai.png")
+    model = XComposer.from_pretrained(folder)
+    want, _ = model.chat("describe this image", image=[str(tmp_path / "dubai.png")], do_sample=False,
+                         max_new_tokens=8)
+    with pipeline(str(folder), device="cpu") as pipe:
+        image = load_image(str(tmp_path / "dubai.png"))
+        response = pipe(("describe this image", image), do_sample=False, max_new_tokens=8)
+        assert response.text == want
+        assert pipe(("describe this image", [tmp_path / "dubai.png"]), do_sample=False,
+                    max_new_tokens=8).text == want  # a path, in a list
+        with pytest.raises(ImageError):
+            pipe(("describe this image", b"not a picture"), max_new_tokens=2)

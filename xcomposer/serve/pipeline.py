@@ -19,9 +19,12 @@ models with them):
 """
 from __future__ import annotations
 
+import os
 import queue
 from dataclasses import dataclass, field
 from typing import Any, Sequence
+
+from vision.image import load_image, to_data_uri
 
 from ..engine.engine import check_serving_quant_policy
 from .engine import Engine, EngineError
@@ -175,7 +178,10 @@ class Pipeline:
                 out.append(Message(m["role"], plain, [v for k, v in parts if k == "image"], layout))
             return out
         text, images = (item if isinstance(item, tuple) else (item, []))
-        images = [images] if isinstance(images, str) else list(images or [])
+        # one image or a list: paths, data URIs, or pictures (PIL, as LMDeploy's `load_image` returns,
+        # bytes, arrays), the latter kept as PNG data URIs
+        images = list(images) if isinstance(images, (list, tuple)) else [] if images is None else [images]
+        images = [os.fspath(i) if isinstance(i, (str, os.PathLike)) else to_data_uri(load_image(i)) for i in images]
         parts = [("image", i) for i in images] + [("text", text)]
         plain, layout = layout_text(parts)
         return [Message("user", plain, images, layout)]
