@@ -154,3 +154,11 @@ def test_upstream_xcomposer_readmes_lmdeploy_lines_run_with_our_import(tmp_path)
                     max_new_tokens=8).text == want  # a path, in a list
         with pytest.raises(ImageError):
             pipe(("describe this image", b"not a picture"), max_new_tokens=2)
+        # LMDeploy's multi-turn form with a picture: the session's history keeps it for the next turn
+        sess = pipe.chat(("describe this image", image), do_sample=False, max_new_tokens=8)
+        assert sess.response.text == want
+        sess = pipe.chat("and the colour?", session=sess, do_sample=False, max_new_tokens=8)
+        _, history = model.chat("describe this image", image=[str(tmp_path / "dubai.png")], do_sample=False,
+                                max_new_tokens=8)
+        again, _ = model.chat("and the colour?", history=history, do_sample=False, max_new_tokens=8)
+        assert sess.response.text == again

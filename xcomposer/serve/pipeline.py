@@ -149,6 +149,12 @@ def _user_message(prompt) -> dict:
     raise TypeError(f"a chat prompt is a string or a (text, image) pair, got {type(prompt).__name__}")
 
 
+def _image_ref(item) -> str:
+    """An image of a prompt as a reference the models keep: a path or data URI as given, a picture
+    (PIL as LMDeploy's `load_image` returns it, bytes, an array) as a PNG data URI."""
+    return os.fspath(item) if isinstance(item, (str, os.PathLike)) else to_data_uri(load_image(item))
+
+
 def _is_conversation(item) -> bool:
     return isinstance(item, list) and bool(item) and all(isinstance(m, dict) for m in item)
 
@@ -174,6 +180,7 @@ class Pipeline:
                 parts = [("text", p["text"]) if p.get("type") == "text" else
                          ("image", p["image_url"]["url"] if isinstance(p["image_url"], dict) else p["image_url"])
                          for p in content]
+                parts = [(k, _image_ref(v) if k == "image" else v) for k, v in parts]
                 plain, layout = layout_text(parts)
                 out.append(Message(m["role"], plain, [v for k, v in parts if k == "image"], layout))
             return out
@@ -181,7 +188,7 @@ class Pipeline:
         # one image or a list: paths, data URIs, or pictures (PIL, as LMDeploy's `load_image` returns,
         # bytes, arrays), the latter kept as PNG data URIs
         images = list(images) if isinstance(images, (list, tuple)) else [] if images is None else [images]
-        images = [os.fspath(i) if isinstance(i, (str, os.PathLike)) else to_data_uri(load_image(i)) for i in images]
+        images = [_image_ref(i) for i in images]
         parts = [("image", i) for i in images] + [("text", text)]
         plain, layout = layout_text(parts)
         return [Message("user", plain, images, layout)]
